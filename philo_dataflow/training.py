@@ -1,0 +1,190 @@
+"""Stage 5 — LoRA training with the transformers ``Trainer``.
+
+Exactly one node, ``fitted_and_evaluated_trainer`` (``start="base"``), calls ``trainer.train()``;
+saving, prediction and metrics depend on its outputs. Under ``start="presaved"`` the same names are
+filled from the presaved adapter: the validation loss is recomputed, the loss history is read back.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from datasets import Dataset
+from hamilton.function_modifiers import config, extract_fields
+from peft import PeftModel
+from transformers import (
+    DataCollatorForSeq2Seq,
+    EarlyStoppingCallback,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+
+logger = logging.getLogger(__name__)
+
+#: File beside a saved adapter holding the Trainer's log history (train and validation loss by step).
+LOG_HISTORY_FILE = "training_log_history.json"
+
+
+def training_args(
+    output_dir: str = "outputs",
+    learning_rate: float = 5e-4,
+    num_train_epochs: int = 3,
+    max_steps: int = -1,
+    per_device_train_batch_size: int = 8,
+    per_device_eval_batch_size: int = 16,
+    gradient_accumulation_steps: int = 1,
+    warmup_ratio: float = 0.05,
+    lr_scheduler_type: str = "cosine",
+    weight_decay: float = 0.0,
+    eval_steps: Optional[int] = None,
+    logging_steps: int = 5,
+    neftune_noise_alpha: Optional[float] = None,
+    bf16: bool = False,
+    seed: int = 42,
+) -> TrainingArguments:
+    """The Trainer's arguments. Tokens per optimizer step = batch size x gradient accumulation x
+    (mean) sequence length.
+
+    :param output_dir: run directory; checkpoints go to ``<output_dir>/checkpoints``.
+    :param learning_rate: peak AdamW learning rate.
+    :param num_train_epochs: passes over ``train_set`` (upper bound: early stopping may end sooner).
+    :param max_steps: optimizer steps to stop after; -1 means use ``num_train_epochs``.
+    :param per_device_train_batch_size: examples per forward pass in training.
+    :param per_device_eval_batch_size: examples per forward pass in evaluation.
+    :param gradient_accumulation_steps: forward passes per optimizer step.
+    :param warmup_ratio: share of all optimizer steps spent warming the learning rate up linearly.
+    :param lr_scheduler_type: schedule after warm-up (``"cosine"``, ``"linear"``, ``"constant"``...).
+    :param weight_decay: AdamW decoupled weight decay.
+    :param eval_steps: optimizer steps between validation-loss evaluations (and checkpoints);
+        None evaluates once per epoch.
+    :param logging_steps: optimizer steps between training-loss log entries.
+    :param neftune_noise_alpha: NEFTune embedding-noise scale (Jain et al. 2023); None disables it.
+    :param bf16: bf16 autocast (needs a GPU or a CPU with bf16 support).
+    :param seed: seeds model init, dropout and data order (``seed`` and ``data_seed``).
+    """
+    strategy = "epoch" if eval_steps is None else "steps"
+    return TrainingArguments(
+        output_dir=str(Path(output_dir) / "checkpoints"),
+        learning_rate=learning_rate,
+        num_train_epochs=num_train_epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device_train_batch_size,
+        per_device_eval_batch_size=per_device_eval_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        warmup_steps=warmup_ratio,
+        lr_scheduler_type=lr_scheduler_type,
+        weight_decay=weight_decay,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=eval_steps,
+        save_steps=eval_steps,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        save_total_limit=2,
+        train_sampling_strategy="group_by_length",
+        neftune_noise_alpha=neftune_noise_alpha,
+        bf16=bf16,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Pads each batch to its own longest example (dynamic padding, right side); labels are padded
+    with -100 by position, so padding is never supervised and the EOS always is."""
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def trainer(
+    peft_model: PeftModel,
+    training_args: TrainingArguments,
+    data_collator: DataCollatorForSeq2Seq,
+    tokenized_train: Dataset,
+    tokenized_validation: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    early_stopping_patience: int = 2,
+) -> Trainer:
+    """The Trainer, with early stopping on validation loss; not yet trained.
+
+    :param early_stopping_patience: evaluations without a lower validation loss before training stops;
+        the checkpoint with the lowest validation loss is restored at the end.
+    """
+    columns = ["input_ids", "attention_mask", "labels"]
+    return Trainer(
+        model=peft_model,
+        args=training_args,
+        data_collator=data_collator,
+        train_dataset=tokenized_train.select_columns(columns),
+        eval_dataset=tokenized_validation.select_columns(columns),
+        processing_class=tokenizer,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)],
+    )
+
+
+def _ready_for_generation(model: PeftModel) -> PeftModel:
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
+_TRAINER_FIELDS = {
+    "fit_trainer": Trainer,
+    "fit_trainer_eval_metrics": dict,
+    "finetuned_model": PeftModel,
+    "training_log_history": list,
+}
+
+
+@extract_fields(_TRAINER_FIELDS)
+@config.when(start="base")
+def fitted_and_evaluated_trainer__base(trainer: Trainer, resume_from_checkpoint: Optional[str] = None) -> dict:
+    """Trains (the only node that does), restores the best checkpoint, evaluates on ``validation_set``.
+
+    Mutates ``trainer`` and its model; only this node's outputs are used downstream.
+
+    :param resume_from_checkpoint: a checkpoint directory of an interrupted run to continue from.
+    :return: ``fit_trainer``, ``fit_trainer_eval_metrics`` (``eval_loss`` of the kept checkpoint, its
+        path, steps and epochs done, whether early stopping ended the run), ``finetuned_model``
+        (ready for generation), ``training_log_history`` (the Trainer's log entries).
+    """
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    eval_metrics = trainer.evaluate()
+    state = trainer.state
+    eval_metrics.update(
+        best_model_checkpoint=state.best_model_checkpoint,
+        global_step=state.global_step,
+        epochs_trained=state.epoch,
+        max_steps=state.max_steps,
+        stopped_early=state.global_step < state.max_steps,
+        train_runtime_s=result.metrics.get("train_runtime"),
+        train_loss=result.training_loss,
+    )
+    return {
+        "fit_trainer": trainer,
+        "fit_trainer_eval_metrics": eval_metrics,
+        "finetuned_model": _ready_for_generation(trainer.model),
+        "training_log_history": list(state.log_history),
+    }
+
+
+@extract_fields(_TRAINER_FIELDS)
+@config.when(start="presaved")
+def fitted_and_evaluated_trainer__presaved(trainer: Trainer, presaved_model_dir: str) -> dict:
+    """The presaved adapter, evaluated on ``validation_set`` (no training), with its saved log history."""
+    eval_metrics = trainer.evaluate()
+    history_path = Path(presaved_model_dir) / LOG_HISTORY_FILE
+    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
+    return {
+        "fit_trainer": trainer,
+        "fit_trainer_eval_metrics": eval_metrics,
+        "finetuned_model": _ready_for_generation(trainer.model),
+        "training_log_history": history,
+    }

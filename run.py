@@ -1,0 +1,227 @@
+"""philo_dataflow command line: fine-tune (or load) a LoRA adapter, compare it with its base model on
+held-out questions, and write the adapter, predictions, metrics, figures, report and dataflow graph.
+
+    python run.py                                   # embedded SmolLM2-135M-Instruct on example_data/
+    python run.py --data-path ../shared/data/phillm/main_data.json --output-dir outputs/phillm
+    python run.py --start presaved --presaved-model-dir outputs/adapter --output-dir outputs/re-eval
+    python run.py --visualize dataflow.png          # only draw the dataflow graph
+
+Every hyperparameter flag defaults to the library's documented default (shown in --help).
+"""
+
+import argparse
+import inspect
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA_PATH = "example_data/philosophy_qa.jsonl"
+
+#: (flag name = input name, type, help). Defaults are read from the library's function signatures.
+HYPERPARAMETERS = (
+    ("input_text_key", str, "record key of the question (default: alpaca instruction/input)"),
+    ("output_text_key", str, "record key of the answer (default: alpaca output)"),
+    ("category_key", str, "record key of the category / school of thought"),
+    ("validation_fraction", float, "share of each category held for validation (early stopping)"),
+    ("hold_out_fraction", float, "share of each category held out for the final comparison"),
+    ("seed", int, "seed of the split, model init, dropout and data order"),
+    ("max_seq_length", int, "tokens per training example, prompt included"),
+    ("lora_r", int, "LoRA rank"),
+    ("lora_alpha", int, "LoRA scaling numerator (update scaled by alpha / r)"),
+    ("lora_dropout", float, "dropout on the LoRA input"),
+    ("lora_target_modules", str, "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"),
+    ("learning_rate", float, "peak AdamW learning rate"),
+    ("num_train_epochs", int, "passes over the train split (early stopping may end sooner)"),
+    ("max_steps", int, "optimizer steps to stop after; -1 uses --num-train-epochs"),
+    ("per_device_train_batch_size", int, "examples per training forward pass"),
+    ("per_device_eval_batch_size", int, "examples per evaluation forward pass"),
+    ("gradient_accumulation_steps", int, "forward passes per optimizer step"),
+    ("warmup_ratio", float, "share of optimizer steps of linear warm-up"),
+    ("lr_scheduler_type", str, "learning-rate schedule after warm-up"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("eval_steps", int, "optimizer steps between evaluations; unset = once per epoch"),
+    ("logging_steps", int, "optimizer steps between training-loss logs"),
+    ("early_stopping_patience", int, "evaluations without improvement before stopping"),
+    ("neftune_noise_alpha", float, "NEFTune embedding-noise scale; unset = off"),
+    ("max_new_tokens", int, "cap on generated tokens per answer"),
+    ("generation_batch_size", int, "questions per batched generate call"),
+    ("resume_from_checkpoint", str, "checkpoint directory of an interrupted run to resume"),
+)
+BOOLEAN_FLAGS = (
+    ("bf16", "bf16 autocast in training (GPU, or CPU with bf16 support)"),
+    ("load_in_4bit", "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)"),
+    ("gradient_checkpointing", "recompute activations in backward to save memory"),
+)
+#: Inputs a presaved run takes from the adapter's manifest unless given on the command line.
+FROM_MANIFEST = (
+    "data_path", "input_text_key", "output_text_key", "category_key", "validation_fraction",
+    "hold_out_fraction", "seed", "max_seq_length", "max_new_tokens",
+)
+
+
+def _library_defaults() -> dict:
+    import philo_dataflow
+
+    defaults = {}
+    for module in philo_dataflow.MODULES:
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if function.__module__ == module.__name__ and not name.startswith("_"):
+                for parameter in inspect.signature(function).parameters.values():
+                    if parameter.default is not inspect.Parameter.empty:
+                        defaults.setdefault(parameter.name, parameter.default)
+    return defaults
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n\n")[1:2]),
+    )
+    parser.add_argument("--data-path", help=f"question/answer file: .json, .jsonl or .csv (default: {DEFAULT_DATA_PATH})")
+    parser.add_argument("--model-id", default=defaults["model_id"],
+                        help="hub id, local model directory, .gguf file, or the embedded default (default: %(default)s)")
+    parser.add_argument("--output-dir", default=defaults["output_dir"], help="run directory (default: %(default)s)")
+    parser.add_argument("--start", choices=("base", "presaved"), default="base",
+                        help="base: train a new adapter; presaved: load --presaved-model-dir (default: %(default)s)")
+    parser.add_argument("--presaved-model-dir", help="adapter directory written by a base run (<output-dir>/adapter)")
+    parser.add_argument("--outputs", default=None,
+                        help="comma-separated final variables to compute (default: every file of a run)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing over another run's files in --output-dir")
+    parser.add_argument("--visualize", metavar="PATH", help="only draw the dataflow graph to PATH (.png/.svg) and exit")
+    parser.add_argument("--no-graph", action="store_true", help="do not draw <output-dir>/dataflow.png")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    group = parser.add_argument_group("hyperparameters (default: the library's default)")
+    for name, kind, text in HYPERPARAMETERS:
+        group.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {defaults.get(name)})")
+    for name, text in BOOLEAN_FLAGS:
+        group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (default: {defaults.get(name)})")
+    return parser
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: one line, exit code 2."""
+
+
+def _inputs_from_args(args: argparse.Namespace) -> dict:
+    inputs = {"output_dir": args.output_dir}
+    for name, *_ in HYPERPARAMETERS:
+        if getattr(args, name) is not None:
+            inputs[name] = getattr(args, name)
+    for name, _ in BOOLEAN_FLAGS:
+        if getattr(args, name) is not None:
+            inputs[name] = getattr(args, name)
+    if args.data_path:
+        inputs["data_path"] = args.data_path
+    if args.start == "base":
+        inputs["model_id"] = args.model_id
+        inputs.setdefault("data_path", DEFAULT_DATA_PATH)
+    else:
+        from philo_dataflow.modeling import _read_manifest
+
+        presaved = args.presaved_model_dir or str(Path(args.output_dir) / "adapter")
+        manifest_inputs = _read_manifest(presaved)["inputs"]
+        for name in FROM_MANIFEST:
+            if name not in inputs and manifest_inputs.get(name) is not None:
+                inputs[name] = manifest_inputs[name]
+        inputs["presaved_model_dir"] = presaved
+        if args.output_dir == str(Path(presaved).parent) and not args.overwrite:
+            raise UserError(
+                f"--output-dir {args.output_dir} holds the presaved adapter's own run; give another "
+                "--output-dir for the re-evaluation, or --overwrite."
+            )
+    return inputs
+
+
+def _check_output_dir(output_dir: str, overwrite: bool) -> None:
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file; give a directory.")
+    previous = [name for name in ("adapter", "metrics.json", "hold_out_predictions.jsonl") if (path / name).exists()]
+    if previous and not overwrite:
+        raise UserError(
+            f"--output-dir {output_dir} holds another run's files ({', '.join(previous)}); "
+            "choose a new --output-dir or pass --overwrite."
+        )
+
+
+def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
+    if shutil.which("dot") is None:
+        raise UserError("drawing the graph needs Graphviz's `dot`: apt-get install graphviz (setup.sh does).")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    stem, suffix = str(Path(path).with_suffix("")), Path(path).suffix.lstrip(".") or "png"
+    dr.visualize_execution(outputs, stem, render_kwargs={"format": suffix, "view": False}, inputs=inputs,
+                           bypass_validation=True, deduplicate_inputs=True)
+    return f"{stem}.{suffix}"
+
+
+def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
+    print(f"\nphilo_dataflow finished in {seconds / 60:.1f} min. Outputs in {output_dir}/:")
+    for name, value in result.items():
+        if name.startswith("saved_") or name == "save_best_models":
+            paths = value.values() if isinstance(value, dict) else [value]
+            for path in paths:
+                if isinstance(path, str) and path.startswith(str(Path(output_dir))):
+                    print(f"  {path}")
+    metrics_path = Path(output_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        return
+    metrics = json.loads(metrics_path.read_text())
+    base, tuned = metrics["hold_out"]["base"], metrics["hold_out"]["finetuned"]
+    diff = metrics["hold_out"]["rougeL_difference"]
+    print(f"\nHold-out ({base['count']} questions)     base    fine-tuned")
+    print(f"  ROUGE-L                      {base['rougeL']:.3f}   {tuned['rougeL']:.3f}")
+    print(f"  answers ending on EOS        {base['eos_stop_rate']:.0%}    {tuned['eos_stop_rate']:.0%}")
+    print(f"  mean answer words            {base['mean_answer_words']:.0f}      {tuned['mean_answer_words']:.0f}")
+    print(f"  ROUGE-L difference {diff['mean']:+.3f}, bootstrap 95% CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]")
+    print(f"  validation loss of the kept checkpoint: {metrics['validation'].get('eval_loss', float('nan')):.4f}")
+    print("  LLM judge: not run (no judge endpoint configured).")
+
+
+def main(argv=None) -> int:
+    import philo_dataflow
+    from hamilton.plugins import h_tqdm
+
+    defaults = _library_defaults()
+    args = build_parser(defaults).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else list(philo_dataflow.DEFAULT_OUTPUTS)
+        dr = philo_dataflow.build_driver({"start": args.start}, adapters=[h_tqdm.ProgressBar("philo_dataflow")])
+        if args.visualize:
+            inputs = {"data_path": args.data_path or DEFAULT_DATA_PATH}
+            print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
+            return 0
+        inputs = _inputs_from_args(args)
+        unknown = [o for o in outputs if o not in {v.name for v in dr.list_available_variables()}]
+        if unknown:
+            raise UserError(f"--outputs: unknown variable(s) {unknown}; see philo_dataflow.FINAL_VARIABLES.")
+        _check_output_dir(args.output_dir, args.overwrite or bool(inputs.get("resume_from_checkpoint")))
+        graph_note = None
+        if not args.no_graph:
+            try:
+                graph_note = _draw_graph(dr, outputs, inputs, str(Path(args.output_dir) / "dataflow.png"))
+            except UserError as error:
+                graph_note = f"not drawn: {error}"
+        started = time.time()
+        result = dr.execute(outputs, inputs=inputs)
+    except (UserError, ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _print_summary(result, args.output_dir, time.time() - started)
+    if graph_note:
+        print(f"  dataflow graph: {graph_note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

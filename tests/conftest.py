@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny Llama model (2 layers, hidden 32) with the embedded model's real tokenizer,
+built in seconds, so every stage is tested on CPU without a download."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "phillm" / "main_data.json"
+EXAMPLE_DATA = REPO / "example_data" / "philosophy_qa.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> str:
+    """The embedded SmolLM2 GGUF converted (once per machine) to a safetensors directory."""
+    from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
+
+    return resolve_model_path(EMBEDDED_MODEL_ID)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def alpaca_tokenizer(embedded_model_dir):
+    """The same vocabulary with no chat template, so the alpaca prompt is used."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def _tiny_model_dir(directory: Path, tokenizer) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chat_tokenizer) -> str:
+    """A randomly initialised 2-layer Llama with the chat tokenizer, saved as a local model dir."""
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-chat"), chat_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_alpaca_model_dir(tmp_path_factory, alpaca_tokenizer) -> str:
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-alpaca"), alpaca_tokenizer)
+
+
+@pytest.fixture
+def small_jsonl(tmp_path) -> str:
+    """30 alpaca records from the example data (three schools), as a JSONL file."""
+    rows = [json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()]
+    picked = []
+    for school in ("Stoicism", "Taoism", "Hedonism"):
+        picked += [r for r in rows if r["school"] == school][:10]
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return str(path)
+
+
+#: Inputs that make a tiny-model run take seconds.
+FAST_INPUTS = {
+    "max_steps": 2,
+    "eval_steps": 1,
+    "logging_steps": 1,
+    "per_device_train_batch_size": 4,
+    "max_new_tokens": 8,
+    "max_seq_length": 256,
+    "hold_out_fraction": 0.2,
+    "validation_fraction": 0.2,
+}

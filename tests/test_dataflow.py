@@ -1,0 +1,144 @@
+"""The dataflow end to end on a tiny model: both configs, saving, presaved reproduction, generation."""
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import philo_dataflow
+from conftest import FAST_INPUTS
+from philo_dataflow import prediction, training
+from philo_dataflow.prediction import generate_greedy
+
+
+@pytest.mark.parametrize("start", ["base", "presaved"])
+def test_every_final_variable_resolves_under_both_configs(start):
+    dr = philo_dataflow.build_driver({"start": start})
+    inputs = {"data_path": "d.jsonl", "presaved_model_dir": "adapter"}
+    dr.validate_execution(list(philo_dataflow.FINAL_VARIABLES), inputs=inputs)
+
+
+def test_contrib_example_call_resolves_under_both_configs():
+    """The reference module's README call, with our module in its place."""
+    final_vars = ["save_best_models", "hold_out_set_predictions", "training_and_validation_set_metrics",
+                  "finetuned_model_on_validation_set"]
+    inputs = {"model_id": "some/model", "data_path": "example-support-dataset.json",
+              "input_text_key": "question", "output_text_key": "gpt4_replies_target"}
+    philo_dataflow.build_driver({"start": "base"}).validate_execution(final_vars, inputs=inputs)
+    philo_dataflow.build_driver({"start": "presaved"}).validate_execution(
+        final_vars, inputs={**inputs, "presaved_model_dir": "adapter"})
+
+
+def test_unknown_start_mode():
+    with pytest.raises(ValueError, match="start='train'"):
+        philo_dataflow.build_driver({"start": "train"})
+
+
+def test_exactly_one_node_trains():
+    callers = [
+        name for module in philo_dataflow.MODULES for name, fn in inspect.getmembers(module, inspect.isfunction)
+        if fn.__module__ == module.__name__ and ".train(" in inspect.getsource(fn)
+    ]
+    assert callers == ["fitted_and_evaluated_trainer__base"]
+    dr = philo_dataflow.build_driver({"start": "base"})
+    upstream = {n.name for n in dr.what_is_upstream_of("save_best_models", "hold_out_set_predictions")}
+    assert "fitted_and_evaluated_trainer" in upstream
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tiny_model_dir):
+    import json as _json
+    from conftest import EXAMPLE_DATA
+
+    work = tmp_path_factory.mktemp("run")
+    rows = [_json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()]
+    picked = [r for school in ("Stoicism", "Taoism", "Hedonism") for r in rows if r["school"] == school]
+    data = work / "data.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in picked[::3]))
+    inputs = {"data_path": str(data), "model_id": tiny_model_dir, "output_dir": str(work / "out"), **FAST_INPUTS}
+    dr = philo_dataflow.build_driver({"start": "base"})
+    outputs = [*philo_dataflow.DEFAULT_OUTPUTS, "finetuned_model", "training_and_validation_set_metrics",
+               "finetuned_model_on_validation_set", "validation_set_metrics", "hold_out_set_predictions"]
+    before = {n: p.detach().clone() for n, p in dr.execute(["peft_model"], inputs=inputs)["peft_model"].named_parameters()
+              if "lora_B" in n}
+    return {"inputs": inputs, "result": dr.execute(outputs, inputs=inputs), "lora_B_before": before, "work": work}
+
+
+def test_base_run_writes_every_output(base_run):
+    out = Path(base_run["inputs"]["output_dir"])
+    for name in ("metrics.json", "hold_out_predictions.jsonl", "hold_out_predictions.csv", "loss_curve.html",
+                 "rouge_comparison.html", "report.md", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/philo_dataflow_manifest.json",
+                 "adapter/training_log_history.json", "adapter/tokenizer.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for model in ("base", "finetuned"):
+        assert set(metrics["hold_out"][model]) >= {"rouge1", "rouge2", "rougeL", "rougeLsum", "eos_stop_rate"}
+    assert metrics["validation"]["global_step"] == 2
+    manifest = json.loads((out / "adapter/philo_dataflow_manifest.json").read_text())
+    assert manifest["prompt_format"] == "chat_template"
+    assert manifest["inputs"]["model_id"] == base_run["inputs"]["model_id"]
+    assert len(manifest["data_sha256"]) == 64 and manifest["library_versions"]["transformers"]
+    assert not list(out.glob(".*")), "temporary files left behind"
+    rows = [json.loads(line) for line in (out / "hold_out_predictions.jsonl").read_text().splitlines()]
+    assert {"question", "reference", "base_prediction", "finetuned_prediction"} <= set(rows[0])
+    assert "validation loss" in (out / "loss_curve.html").read_text()
+
+
+def test_lora_weights_moved_and_base_weights_frozen(base_run):
+    # PITFALLS row 11: LoRA B starts at zero and must move after training.
+    model = base_run["result"]["finetuned_model"]
+    after = dict(model.named_parameters())
+    moved = [n for n, before in base_run["lora_B_before"].items() if not torch.equal(before, after[n].detach())]
+    assert moved and len(moved) == len(base_run["lora_B_before"])
+    assert all(not p.requires_grad for n, p in after.items() if "lora_" not in n)
+
+
+def test_presaved_reproduces_hold_out_predictions(base_run):
+    inputs = {**base_run["inputs"], "presaved_model_dir": str(Path(base_run["inputs"]["output_dir"]) / "adapter"),
+              "output_dir": str(base_run["work"] / "presaved")}
+    inputs.pop("model_id")
+    dr = philo_dataflow.build_driver({"start": "presaved"})
+    result = dr.execute(["hold_out_set_predictions", "training_and_validation_set_metrics", "loss_curve_figure",
+                         "save_best_models"], inputs=inputs)
+    assert result["hold_out_set_predictions"] == base_run["result"]["hold_out_set_predictions"]
+    loss_then = base_run["result"]["training_and_validation_set_metrics"]["validation"]["eval_loss"]
+    assert result["training_and_validation_set_metrics"]["validation"]["eval_loss"] == pytest.approx(loss_then, rel=1e-5)
+    assert len(result["loss_curve_figure"].data[0].x) > 0  # history read back from the adapter dir
+
+
+def test_validation_generation_and_metrics(base_run):
+    result = base_run["result"]
+    predictions = result["finetuned_model_on_validation_set"]["validation_predictions"]
+    assert len(predictions) == len(result["finetuned_model_on_validation_set"]["validation_references"])
+    assert 0 <= result["validation_set_metrics"]["rougeL"] <= 1
+
+
+def test_batched_greedy_equals_one_at_a_time(base_run, chat_tokenizer):
+    # PITFALLS row 6: left-padded batches give exactly the tokens of unbatched decoding.
+    from philo_dataflow.tokenization import prompt_token_ids
+
+    model = base_run["result"]["finetuned_model"]
+    questions = ["What is Stoicism?", "In Taoism, what does wu wei ask of a ruler facing a crisis?", "Hedonism?",
+                 "Why did Epicurus praise friendship above most pleasures, according to hedonists?"]
+    prompts = [prompt_token_ids(chat_tokenizer, "chat_template", q) for q in questions]
+    batched = generate_greedy(model, chat_tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    single = [generate_greedy(model, chat_tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    assert [b["token_ids"] for b in batched] == [s["token_ids"] for s in single]
+
+
+def test_base_answers_come_from_the_same_weights_with_adapter_disabled(base_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = base_run["result"]["finetuned_model"]
+    ids = torch.tensor([[1, 520, 33, 2164, 17, 198]])
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.inference_mode():
+        expected = fresh_base(ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+        enabled = model(input_ids=ids).logits
+    torch.testing.assert_close(disabled, expected)
+    assert not torch.allclose(enabled, expected)
