@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from hamilton.function_modifiers import config, extract_fields
 from peft import PeftModel
@@ -21,6 +22,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+
+from .tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,36 @@ def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
+class SupervisedTokensTrainer(Trainer):
+    """``Trainer`` whose causal-LM loss projects onto the vocabulary only where the next token is supervised.
+
+    The output head (hidden x vocabulary; 576 x 49,152 for SmolLM2) is the largest single matmul of a
+    small model, and its logits (batch x seq_len x vocab floats) the largest activation. Prompt and padding
+    positions carry label -100 and never reach the loss, so their logits are not computed: the model is
+    called with a boolean ``logits_to_keep`` mask (transformers >= 5), giving logits of shape
+    ``(supervised_tokens, vocab)``. The loss is the same token-level cross-entropy as the model's own
+    (sum over supervised tokens divided by ``num_items_in_batch`` across gradient accumulation, the
+    transformers#34191 fix), so results match the standard path up to float rounding (tested).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")  # (batch, seq_len), -100 where unsupervised
+        next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq_len): token each position predicts
+        keep = next_labels != IGNORE_INDEX  # (batch, seq_len) bool
+        outputs = model(**inputs, logits_to_keep=keep)  # logits: (supervised_tokens, vocab)
+        loss = F.cross_entropy(outputs.logits.float(), next_labels[keep], reduction="sum")
+        if num_items_in_batch is None:  # evaluation: mean over this batch's supervised tokens
+            loss = loss / keep.sum().clamp(min=1)
+        else:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
 def trainer(
     peft_model: PeftModel,
     training_args: TrainingArguments,
@@ -112,13 +145,13 @@ def trainer(
     tokenizer: PreTrainedTokenizerBase,
     early_stopping_patience: int = 2,
 ) -> Trainer:
-    """The Trainer, with early stopping on validation loss; not yet trained.
+    """The Trainer (a ``SupervisedTokensTrainer``), with early stopping on validation loss; not yet trained.
 
     :param early_stopping_patience: evaluations without a lower validation loss before training stops;
         the checkpoint with the lowest validation loss is restored at the end.
     """
     columns = ["input_ids", "attention_mask", "labels"]
-    return Trainer(
+    return SupervisedTokensTrainer(
         model=peft_model,
         args=training_args,
         data_collator=data_collator,
