@@ -110,6 +110,28 @@ def resolve_model_path(model_id: str) -> str:
     return os.path.expanduser(model_id)
 
 
+def _from_pretrained(loader, model_id: str, path: str, **kwargs):
+    """``loader.from_pretrained(path, **kwargs)`` with hub and file errors turned into one clear ValueError.
+
+    Weights load from safetensors only (``use_safetensors=True`` for models): pickle checkpoints can run
+    code when loaded. ``trust_remote_code`` stays off.
+    """
+    try:
+        return loader.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = str(error).splitlines()[0][:240]
+        hint = (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it is not available offline"
+            if offline
+            else "it is neither a local model directory nor a hub model that could be downloaded"
+        )
+        raise ValueError(
+            f"model_id={model_id!r}: cannot load from {path!r}: {hint} ({reason}). Give a local model "
+            f"directory, a .gguf file, or {EMBEDDED_MODEL_ID!r}."
+        ) from None
+
+
 def device() -> torch.device:
     """The device to train and generate on: the first CUDA GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +163,7 @@ def base_model_id__presaved(presaved_model_dir: str) -> str:
 def tokenizer__base(base_model_id: str) -> PreTrainedTokenizerBase:
     """The base model's tokenizer. When it has no pad token, the EOS token pads (padding is masked by
     position in the labels and attention mask, never by token id)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(base_model_id))
+    tokenizer = _from_pretrained(AutoTokenizer, base_model_id, resolve_model_path(base_model_id))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -168,7 +190,8 @@ def base_model(
     :param load_in_4bit: QLoRA (Dettmers et al. 2023): load the weights as 4-bit NF4 with double
         quantisation and bf16 compute through bitsandbytes; needs a CUDA GPU.
     :param gradient_checkpointing: recompute activations in the backward pass to save memory.
-    :raises ValueError: ``load_in_4bit`` without a CUDA GPU or without bitsandbytes.
+    :raises ValueError: ``load_in_4bit`` without a CUDA GPU or without bitsandbytes; a model that cannot be
+        found (offline or unknown id) or has no safetensors weights.
     """
     path = resolve_model_path(base_model_id)
     if load_in_4bit:
@@ -185,12 +208,14 @@ def base_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quantization_config, device_map={"": device.index or 0}
+        model = _from_pretrained(
+            AutoModelForCausalLM, base_model_id, path, quantization_config=quantization_config,
+            device_map={"": device.index or 0}, use_safetensors=True,
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = _from_pretrained(AutoModelForCausalLM, base_model_id, path, dtype=torch.float32, use_safetensors=True)
+        model = model.to(device)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             # Without this, checkpointed LoRA layers get no gradient (peft#137).

@@ -1,0 +1,47 @@
+"""Model loading: clear errors offline, safetensors only, the embedded GGUF made trainable."""
+
+import pytest
+import torch
+
+from philo_dataflow.modeling import base_model, model_summary, peft_model__base, lora_config, tokenizer__base
+
+
+def test_unknown_model_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"model_id='nobody/no-such-model'.*not available offline"):
+        tokenizer__base("nobody/no-such-model")
+
+
+def test_missing_local_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such model directory"):
+        base_model(str(tmp_path / "nope"), torch.device("cpu"))
+
+
+def test_pickle_weights_are_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copy(f"{tiny_model_dir}/config.json", tmp_path)
+    torch.save(load_file(f"{tiny_model_dir}/model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot load"):
+        base_model(str(tmp_path), torch.device("cpu"))
+
+
+def test_4bit_needs_cuda(tiny_model_dir):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        base_model(tiny_model_dir, torch.device("cpu"), load_in_4bit=True)
+
+
+def test_embedded_model_is_dense_trainable_and_summarised(embedded_model_dir):
+    from philo_dataflow.modeling import EMBEDDED_MODEL_ID
+
+    model = base_model(EMBEDDED_MODEL_ID, torch.device("cpu"))
+    assert getattr(model, "hf_quantizer", None) is None  # the GGUF quantizer marker is gone
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    peft = peft_model__base(model, lora_config(lora_target_modules="q_proj,v_proj"))
+    summary = model_summary(peft, torch.device("cpu"))
+    assert 134_000_000 < summary["total_parameters"] < 136_000_000
+    # r=16 on q (576x576) and v (576x192) in 30 layers: 16*(576+576) + 16*(576+192) per layer
+    assert summary["trainable_parameters"] == 30 * (16 * (576 + 576) + 16 * (576 + 192))
+    assert summary["lora_training_flops_per_token"] == 4 * summary["total_parameters"]
