@@ -5,6 +5,8 @@ held-out questions, and write the adapter, predictions, metrics, figures, report
     python run.py --data-path ../shared/data/phillm/main_data.json --output-dir outputs/phillm
     python run.py --start presaved --presaved-model-dir outputs/adapter --output-dir outputs/re-eval
     python run.py --visualize dataflow.png          # only draw the dataflow graph
+    python run.py --judge-model gpt-4.1             # also judge base vs fine-tuned (OPENAI_API_KEY)
+    python run.py --judge-model local --judge-base-url http://127.0.0.1:8080/v1   # a local server
 
 Every hyperparameter flag defaults to the library's documented default (shown in --help).
 """
@@ -16,9 +18,12 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 DEFAULT_DATA_PATH = "example_data/philosophy_qa.jsonl"
+#: Nodes computed (and so validated) before any model is loaded, then handed to the full run as overrides.
+DATA_NODES = ("instruction_records", "train_set", "validation_set", "hold_out_set")
 
 #: (flag name = input name, type, help). Defaults are read from the library's function signatures.
 HYPERPARAMETERS = (
@@ -54,6 +59,20 @@ BOOLEAN_FLAGS = (
     ("bf16", "bf16 autocast in training (GPU, or CPU with bf16 support)"),
     ("load_in_4bit", "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)"),
     ("gradient_checkpointing", "recompute activations in backward to save memory"),
+)
+#: LLM-judge flags (flag name = input name, type, help); the judge runs only with --judge-model.
+JUDGE_FLAGS = (
+    ("judge_model", str, "judge model at the endpoint, e.g. gpt-4.1; giving it runs the LLM judge"),
+    ("judge_base_url", str, "OpenAI-compatible /v1 base URL (OpenAI, vLLM, Ollama, llama.cpp server)"),
+    ("judge_api_key_env", str, "environment variable holding the judge's API key (loopback needs none)"),
+    ("judge_response_format", str, "structured output: auto (probe), json_schema or json_object"),
+    ("judge_max_concurrency", int, "judge requests in flight at once"),
+    ("judge_max_tokens", int, "cap on tokens of one judge reply"),
+    ("judge_timeout", float, "seconds one judge request may take before it is retried"),
+    ("judge_max_retries", int, "retries of one judge request on 429/5xx/timeouts, with backoff"),
+    ("judge_malformed_retries", int, "re-asks of a judge reply that does not validate"),
+    ("judge_rationale_max_chars", int, "cap on a rationale's characters with json_object (local servers)"),
+    ("judge_cache_dir", str, "cache of judge replies; share one between runs to never pay twice"),
 )
 #: Inputs a presaved run takes from the adapter's manifest unless given on the command line.
 FROM_MANIFEST = (
@@ -103,6 +122,11 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     for name, text in BOOLEAN_FLAGS:
         group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default: {defaults.get(name)})")
+    judge = parser.add_argument_group("LLM judge (runs only with --judge-model; see docs/judge.md)")
+    for name, kind, text in JUDGE_FLAGS:
+        choices = ("auto", "json_schema", "json_object") if name == "judge_response_format" else None
+        shown = "<output-dir>/judge_cache" if name == "judge_cache_dir" else defaults.get(name)
+        judge.add_argument(_flag(name), type=kind, default=None, choices=choices, help=f"{text} (default: {shown})")
     return parser
 
 
@@ -138,6 +162,13 @@ def _inputs_from_args(args: argparse.Namespace) -> dict:
                 "--output-dir for the re-evaluation, or --overwrite."
             )
     return inputs
+
+
+def _judge_inputs(args: argparse.Namespace) -> dict:
+    given = {name: getattr(args, name) for name, *_ in JUDGE_FLAGS if getattr(args, name) is not None}
+    if given and "judge_model" not in given:
+        raise UserError(f"{', '.join(_flag(n) for n in given)} configure the LLM judge; add --judge-model to run it.")
+    return given
 
 
 def _check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -182,7 +213,27 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     print(f"  mean answer words            {base['mean_answer_words']:.0f}      {tuned['mean_answer_words']:.0f}")
     print(f"  ROUGE-L difference {diff['mean']:+.3f}, bootstrap 95% CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]")
     print(f"  validation loss of the kept checkpoint: {metrics['validation'].get('eval_loss', float('nan')):.4f}")
-    print("  LLM judge: not run (no judge endpoint configured).")
+    _print_judge_summary(metrics)
+
+
+def _print_judge_summary(metrics: dict) -> None:
+    judge = metrics.get("judge")
+    if judge is None:
+        print("  LLM judge: not run (no judge endpoint configured; pass --judge-model NAME, and --judge-base-url "
+              "for a server other than OpenAI's).")
+        return
+    from philo_dataflow.judging import CRITERIA
+
+    settings, rubric, pairwise, calls = judge["settings"], judge["rubric"], judge["pairwise"], judge["calls"]
+    print(f"\nLLM judge {settings['model']} ({settings['prompt_version']}): {calls['judgments']} judgments, "
+          f"{calls['failed']} failed, {calls['replies_from_cache']} of {calls['replies']} replies from the cache")
+    print("  rubric mean (1-5)            base    fine-tuned")
+    for criterion in CRITERIA:
+        print(f"  {criterion.replace('_', ' '):<28} {rubric['base'][criterion]:.2f}    {rubric['finetuned'][criterion]:.2f}")
+    print(f"  pairwise, both orders ({pairwise['judged']} questions): fine-tuned wins {pairwise['win_rate']:.0%}, "
+          f"ties {pairwise['tie_rate']:.0%}, loses {pairwise['loss_rate']:.0%}")
+    print(f"  judge position consistency {pairwise['position_consistency']:.0%}; mean answer words "
+          f"base {pairwise['mean_answer_words']['base']:.0f}, fine-tuned {pairwise['mean_answer_words']['finetuned']:.0f}")
 
 
 def main(argv=None) -> int:
@@ -192,18 +243,27 @@ def main(argv=None) -> int:
     defaults = _library_defaults()
     args = build_parser(defaults).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        # A user's mistake gets one line from us, not Hamilton's traceback banner or library deprecation notes.
+        logging.getLogger("hamilton").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else list(philo_dataflow.DEFAULT_OUTPUTS)
+        judge_inputs = _judge_inputs(args)
+        if judge_inputs:
+            outputs += [o for o in philo_dataflow.JUDGE_OUTPUTS if o not in outputs]
         dr = philo_dataflow.build_driver({"start": args.start}, adapters=[h_tqdm.ProgressBar("philo_dataflow")])
         if args.visualize:
             inputs = {"data_path": args.data_path or DEFAULT_DATA_PATH}
             print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
             return 0
-        inputs = _inputs_from_args(args)
+        inputs = {**_inputs_from_args(args), **judge_inputs}
         unknown = [o for o in outputs if o not in {v.name for v in dr.list_available_variables()}]
         if unknown:
             raise UserError(f"--outputs: unknown variable(s) {unknown}; see philo_dataflow.FINAL_VARIABLES.")
         _check_output_dir(args.output_dir, args.overwrite or bool(inputs.get("resume_from_checkpoint")))
+        if judge_inputs:
+            dr.execute(["judge_client"], inputs=inputs)  # a missing key or bad setting fails before training
         graph_note = None
         if not args.no_graph:
             try:
@@ -211,7 +271,9 @@ def main(argv=None) -> int:
             except UserError as error:
                 graph_note = f"not drawn: {error}"
         started = time.time()
-        result = dr.execute(outputs, inputs=inputs)
+        # The data is loaded, checked and split before any model is loaded: a bad file fails in seconds.
+        splits = dr.execute(list(DATA_NODES), inputs=inputs)
+        result = dr.execute(outputs, inputs=inputs, overrides=splits)
     except (UserError, ValueError, FileNotFoundError) as error:
         if args.debug:
             raise

@@ -7,6 +7,9 @@ Hamilton dataflow.
                          "training_and_validation_set_metrics"],
                         inputs={"data_path": "example_data/philosophy_qa.jsonl"})
 
+Adding ``JUDGE_OUTPUTS`` to the request also runs the LLM judge (``judging``); only then are the
+``judge_*`` inputs (at least ``judge_model``) needed.
+
 Config ``start``: ``"base"`` trains a new adapter; ``"presaved"`` loads the adapter in the input
 ``presaved_model_dir`` (the ``adapter`` directory a base run saved).
 """
@@ -17,6 +20,7 @@ from hamilton import driver
 from hamilton.lifecycle.base import LifecycleAdapter
 
 from . import (
+    judging,
     loading,
     metrics,
     modeling,
@@ -31,7 +35,9 @@ from . import (
 from .modeling import EMBEDDED_MODEL_ID
 
 #: The stage modules, in the order the data flows through them.
-MODULES = (loading, splitting, tokenization, modeling, training, prediction, metrics, plots, report, saving)
+MODULES = (
+    loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, saving,
+)
 
 #: Outputs ``run.py`` computes by default: they write every file of a run to ``output_dir``.
 DEFAULT_OUTPUTS = (
@@ -63,6 +69,16 @@ FINAL_VARIABLES = (
     "tokenized_hold_out",
 )
 
+#: Outputs of the LLM judge (``judging``), computed only when requested; they need the input
+#: ``judge_model`` (and an endpoint, see ``judging.judge_client``). They write ``judgments.jsonl`` and
+#: ``judge_comparison.html``, and rewrite ``metrics.json`` and ``report.md`` with the judged results.
+JUDGE_OUTPUTS = (
+    "saved_judgments",
+    "saved_judged_metrics",
+    "saved_judged_report",
+    "saved_judge_figure",
+)
+
 START_MODES = ("base", "presaved")
 
 
@@ -84,4 +100,4 @@ def build_driver(
     return builder.build()
 
 
-__all__ = ["MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "EMBEDDED_MODEL_ID", "build_driver"]
+__all__ = ["MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "EMBEDDED_MODEL_ID", "build_driver"]
