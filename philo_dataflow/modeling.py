@@ -226,14 +226,16 @@ def base_model(
 def lora_config(
     lora_r: int = 16,
     lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_target_modules: str = "all-linear",
 ) -> LoraConfig:
     """The LoRA adapter's configuration (Hu et al. 2021, via PEFT).
 
     :param lora_r: rank of the update matrices.
     :param lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / lora_r``.
-    :param lora_dropout: dropout probability on the adapter's input.
+    :param lora_dropout: dropout probability on the adapter's input. Default 0: with all-linear targets
+        on CPU, dropout's extra copy of every adapted layer's input cost 27% more time per step (9.4 vs
+        7.4 s, SmolLM2-135M, batch 8, measured here); early stopping on validation loss guards overfitting.
     :param lora_target_modules: ``"all-linear"`` (every linear layer but the output head, as in QLoRA)
         or a comma-separated list of module names such as ``"q_proj,v_proj"``.
     """
