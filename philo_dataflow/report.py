@@ -32,6 +32,10 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], report_examples: int = 3) -> str:
     """A Markdown report: hold-out comparison, per-category ROUGE-L, validation loss, sample answers.
 
@@ -76,12 +80,13 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         "## Sample hold-out answers",
     ]
     for row in hold_out_set_predictions[:report_examples]:
+        # Answers may hold blank lines; joined, each stays inside its Markdown list item.
         lines += [
             "",
-            f"**Q ({row['category']}):** {row['question']}",
+            f"**Q ({row['category']}):** {_one_line(row['question'])}",
             "",
-            f"- *reference:* {row['reference']}",
-            f"- *base:* {row['base_prediction']}",
-            f"- *fine-tuned:* {row['finetuned_prediction']}",
+            f"- *reference:* {_one_line(row['reference'])}",
+            f"- *base:* {_one_line(row['base_prediction'])}",
+            f"- *fine-tuned:* {_one_line(row['finetuned_prediction'])}",
         ]
     return "\n".join(lines) + "\n"
