@@ -1,0 +1,60 @@
+"""The benchmark scripts keep working: a ``--smoke`` run of each (tiny random model, a few records,
+two optimizer steps) as a subprocess, checked for one row per variant and computed ratios.
+
+Both scripts run at once to keep the test short; their timings mean nothing here.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_VARIANTS = ("ours", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+#: Seconds either smoke run may take before the test fails (each takes well under a minute on a quiet
+#: two-core machine).
+TIMEOUT_S = 300
+
+
+def _start(script: str, json_out: Path, work_dir: Path) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--json-out", str(json_out),
+               "--work-dir", str(work_dir)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_train_and_generation_benchmarks_smoke(tmp_path):
+    train = _start("train_benchmark.py", tmp_path / "train.json", tmp_path / "train")
+    generation = _start("generation_benchmark.py", tmp_path / "generation.json", tmp_path / "generation")
+    train_output, _ = train.communicate(timeout=TIMEOUT_S)
+    generation_output, _ = generation.communicate(timeout=TIMEOUT_S)
+    assert train.returncode == 0, train_output[-4000:]
+    assert generation.returncode == 0, generation_output[-4000:]
+
+    report = json.loads((tmp_path / "train.json").read_text())
+    results = {r["variant"]: r for r in report["variants"]}
+    assert set(results) == set(TRAIN_VARIANTS)
+    for name, result in results.items():
+        assert f"| `{name}` | {result['status']} |" in train_output, name
+        # A peer may refuse its configuration (recorded with its message); nothing may crash.
+        assert result["status"] in ("ok", "refused"), (name, result.get("message"))
+        assert result["peak_rss_bytes"] > 0
+        if result["status"] == "refused":
+            assert result["message"]
+            continue
+        assert result["real_tokens_per_s"] > 0 and 0 <= result["padding_share"] < 1
+        assert result["speedup_of_ours"] > 0 and result["rss_ratio_ours"] > 0
+    assert results["ours"]["status"] == "ok"
+    assert results["ours"]["speedup_of_ours"] == 1.0
+    assert results["pad_to_max_length"]["padding_share"] > results["ours"]["padding_share"]
+    mfu = report["model_flops_utilisation"]
+    assert mfu["flops_per_token"] == 4 * mfu["total_parameters"]
+    assert 0 < mfu["mfu"] and report["matmul_gflops"]["float32"] > 0
+    assert "Model-FLOPs utilisation of `ours`" in train_output
+
+    generation_report = json.loads((tmp_path / "generation.json").read_text())
+    modes = {r["variant"]: r for r in generation_report["modes"]}
+    assert set(modes) == {"batched", "one_at_a_time"}
+    assert all(m["status"] == "ok" and m["new_tokens_per_s"] > 0 and m["peak_rss_bytes"] > 0 for m in modes.values())
+    assert generation_report["comparison"]["identical"] is True
+    assert generation_report["comparison"]["speedup"] > 0
+    assert "Speed ratio batched ÷ one at a time" in generation_output
