@@ -504,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--child-timeout", type=float, default=7200, help="seconds a variant may run before it counts as failed (default: 7200)")
     parser.add_argument("--work-dir", default=None, help="settings, results, logs and checkpoints (default: a temporary directory)")
     parser.add_argument("--json-out", default=None, help="also write every result to this JSON file")
+    parser.add_argument("--from-json", default=None, help="run nothing: print the report of a --json-out file again")
     parser.add_argument("--smoke", action="store_true", help="a tiny random 2-layer Llama on 16 records for 2 steps: checks the script works")
     return parser
 
@@ -552,13 +553,29 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
     )
 
 
+def _median_step_rate(result: dict) -> float:
+    """Median over the timed steps of (real tokens of the step / seconds of the step): a rate that
+    steps slowed by other processes on the machine barely move, unlike the timed-window mean."""
+    rates = sorted(tokens / seconds for tokens, seconds in zip(result["step_real_tokens"][1:], result["step_s"]))
+    middle = len(rates) // 2
+    return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
+
+
 def _add_ratios(results: list[dict]) -> Optional[dict]:
-    """Adds ``speedup_of_ours`` (ours tokens/s / variant tokens/s) and ``rss_ratio_ours`` (ours peak
-    RSS / variant peak RSS) to each successful variant; returns ours' result (None if it failed)."""
+    """Adds to each successful variant ``real_tokens_per_s_median_step``, ``speedup_of_ours`` (ours
+    tokens/s / variant tokens/s, timed window), ``speedup_of_ours_median_step`` (the same for the
+    median-step rates) and ``rss_ratio_ours`` (ours peak RSS / variant peak RSS); returns ours' result
+    (None if it failed)."""
+    for result in results:
+        if result["status"] == "ok":
+            result["real_tokens_per_s_median_step"] = _median_step_rate(result)
     ours = next((r for r in results if r["variant"] == "ours" and r["status"] == "ok"), None)
     for result in results:
         if ours is not None and result["status"] == "ok":
             result["speedup_of_ours"] = ours["real_tokens_per_s"] / result["real_tokens_per_s"]
+            result["speedup_of_ours_median_step"] = (
+                ours["real_tokens_per_s_median_step"] / result["real_tokens_per_s_median_step"]
+            )
             result["rss_ratio_ours"] = ours["peak_rss_bytes"] / result["peak_rss_bytes"]
     return ours
 
@@ -571,6 +588,7 @@ def _model_flops_utilisation(ours: Optional[dict], matmul: dict) -> Optional[dic
     precision = ours["settings"]["precision"]
     peak = matmul["bfloat16" if precision == "bf16" else "float32"]
     achieved = ours["real_tokens_per_s"] * summary["lora_training_flops_per_token"] / 1e9
+    achieved_median_step = ours["real_tokens_per_s_median_step"] * summary["lora_training_flops_per_token"] / 1e9
     return {
         "precision": precision,
         "total_parameters": summary["total_parameters"],
@@ -578,6 +596,7 @@ def _model_flops_utilisation(ours: Optional[dict], matmul: dict) -> Optional[dic
         "achieved_gflops": achieved,
         "peak_gflops": peak,
         "mfu": achieved / peak,
+        "mfu_median_step": achieved_median_step / peak,
     }
 
 
@@ -601,19 +620,21 @@ def _notes(result: dict) -> str:
 def render_report(report: dict) -> str:
     """The markdown printed at the end: settings, the table, notes, matmul peak and utilisation."""
     s, machine, results = report["settings"], report["machine"], report["variants"]
-    header = ["variant", "status", "real tok/s", "padding", "peak RSS GB", f"loss (last {LAST_LOSSES})",
-              "timed s", "CPU share", "train s", "process s", "ours ÷ variant tok/s", "ours ÷ variant RSS"]
+    header = ["variant", "status", "real tok/s", "median-step tok/s", "padding", "peak RSS GB",
+              f"loss (last {LAST_LOSSES})", "timed s", "CPU share", "train s", "process s",
+              "ours ÷ variant tok/s", "(median step)", "ours ÷ variant RSS"]
     rows = []
     for r in results:
         ok = r["status"] == "ok"
         rows.append([
             f"`{r['variant']}`", r["status"], fmt(r.get("real_tokens_per_s"), ".0f") if ok else "—",
+            fmt(r.get("real_tokens_per_s_median_step"), ".0f") if ok else "—",
             fmt(r["padding_share"] * 100 if ok else None, ".1f", "%"),
             fmt(r["peak_rss_bytes"] / 1e9 if r.get("peak_rss_bytes") else None, ".2f"),
             fmt(r.get("loss_last"), ".3f") if ok else "—", fmt(r.get("timed_s"), ".1f") if ok else "—",
-            fmt(r["cpu_share"] * 100 if ok else None, ".0f", "%"),
+            fmt(r["cpu_share"] * 100 if ok and "cpu_share" in r else None, ".0f", "%"),
             fmt(r.get("train_s"), ".1f") if ok else "—", fmt(r.get("process_wall_s"), ".0f"),
-            fmt(r.get("speedup_of_ours"), ".2f", "×"),
+            fmt(r.get("speedup_of_ours"), ".2f", "×"), fmt(r.get("speedup_of_ours_median_step"), ".2f", "×"),
             fmt(r.get("rss_ratio_ours"), ".2f"),
         ])
     lines = [
@@ -644,7 +665,7 @@ def render_report(report: dict) -> str:
     matmul = report["matmul_gflops"]
     lines += [
         "",
-        f"Matmul peak ({report['matmul_device']}, {s['threads']} CPU threads): fp32 {matmul['float32']:.0f} GFLOP/s (best of start "
+        f"Matmul peak ({report.get('matmul_device', 'cpu')}, {s['threads']} CPU threads): fp32 {matmul['float32']:.0f} GFLOP/s (best of start "
         f"{report['matmul_start']['float32']:.0f} and end {report['matmul_end']['float32']:.0f}); "
         f"bf16 {matmul['bfloat16']:.1f} GFLOP/s.",
     ]
@@ -653,17 +674,32 @@ def render_report(report: dict) -> str:
         lines.append(
             f"Model-FLOPs utilisation of `ours` ({mfu['precision']}): {report['ours_tokens_per_s']:.0f} tok/s × "
             f"4 × {mfu['total_parameters'] / 1e6:.1f}M FLOPs/token = {mfu['achieved_gflops']:.1f} GFLOP/s "
-            f"= **{mfu['mfu']:.1%}** of the {mfu['precision']} matmul peak ({mfu['peak_gflops']:.0f} GFLOP/s)."
+            f"= **{mfu['mfu']:.1%}** of the {mfu['precision']} matmul peak ({mfu['peak_gflops']:.0f} GFLOP/s); "
+            f"at the median-step rate {mfu['mfu_median_step']:.1%}."
         )
     else:
         lines.append("Model-FLOPs utilisation: not computed (`ours` did not run successfully).")
     return "\n".join(lines)
 
 
+def _derive(report: dict) -> None:
+    """Adds the figures computed from the measurements (ratios, median-step rates, utilisation)."""
+    ours = _add_ratios(report["variants"])
+    report["ours_tokens_per_s"] = ours["real_tokens_per_s"] if ours else None
+    report["model_flops_utilisation"] = _model_flops_utilisation(ours, report["matmul_gflops"])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Runs the benchmark: every variant in its own child process, then the report."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        _derive(report)
+        print(render_report(report))
+        if args.json_out:
+            write_json(Path(args.json_out), report)
+        return 0
     work_dir = work_directory(args.work_dir, "train-benchmark-")
     settings = _settings_from_args(args, work_dir)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -688,14 +724,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = run_children(children, child_environment(settings.threads, settings.model_path), jobs, args.child_timeout)
     report["matmul_end"] = _measure_matmul(settings.threads, args.smoke)
     report["matmul_gflops"] = {k: max(report["matmul_start"][k], report["matmul_end"][k]) for k in report["matmul_start"]}
-    ours = _add_ratios(results)
     report.update(
-        variants=results,
-        ours_tokens_per_s=ours["real_tokens_per_s"] if ours else None,
-        model_flops_utilisation=_model_flops_utilisation(ours, report["matmul_gflops"]),
-        load_average_end=load_average(),
-        finished=datetime.datetime.now().isoformat(timespec="seconds"),
+        variants=results, load_average_end=load_average(), finished=datetime.datetime.now().isoformat(timespec="seconds")
     )
+    _derive(report)
     print(render_report(report))
     if args.json_out:
         write_json(Path(args.json_out), report)

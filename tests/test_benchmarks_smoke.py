@@ -43,6 +43,8 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
             continue
         assert result["real_tokens_per_s"] > 0 and 0 <= result["padding_share"] < 1
         assert result["speedup_of_ours"] > 0 and result["rss_ratio_ours"] > 0
+        assert result["real_tokens_per_s_median_step"] > 0 and result["speedup_of_ours_median_step"] > 0
+        assert 0 < result["cpu_share"] <= 1.5
     assert results["ours"]["status"] == "ok"
     assert results["ours"]["speedup_of_ours"] == 1.0
     assert results["pad_to_max_length"]["padding_share"] > results["ours"]["padding_share"]
