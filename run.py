@@ -38,6 +38,7 @@ HYPERPARAMETERS = (
     ("lora_alpha", int, "LoRA scaling numerator (update scaled by alpha / r)"),
     ("lora_dropout", float, "dropout on the LoRA input"),
     ("lora_target_modules", str, "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"),
+    ("lora_layers_to_transform", str, "decoder layers to adapt: 'all', 'top:N' or indices such as 0-3,8"),
     ("learning_rate", float, "peak AdamW learning rate"),
     ("num_train_epochs", int, "passes over the train split (early stopping may end sooner)"),
     ("max_steps", int, "optimizer steps to stop after; -1 uses --num-train-epochs"),

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -223,11 +224,39 @@ def base_model(
     return model
 
 
+def _layer_indices(spec: str, num_layers: int) -> Optional[list[int]]:
+    """Decoder-layer indices of a ``lora_layers_to_transform`` spec; None for ``"all"``."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return None
+    problem = (
+        f"lora_layers_to_transform={spec!r}: expected 'all', 'top:N' (the last N of the model's "
+        f"{num_layers} decoder layers) or indices/ranges such as '0-3,8', each in 0..{num_layers - 1}."
+    )
+    try:
+        if spec.startswith("top:"):
+            count = int(spec[4:])
+            if not 1 <= count <= num_layers:
+                raise ValueError(problem)
+            return list(range(num_layers - count, num_layers))
+        indices = set()
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            indices.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(problem) from None
+    if not indices or min(indices) < 0 or max(indices) >= num_layers:
+        raise ValueError(problem)
+    return sorted(indices)
+
+
 def lora_config(
+    base_model: PreTrainedModel,
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
     lora_target_modules: str = "all-linear",
+    lora_layers_to_transform: str = "all",
 ) -> LoraConfig:
     """The LoRA adapter's configuration (Hu et al. 2021, via PEFT).
 
@@ -238,15 +267,27 @@ def lora_config(
         7.4 s, SmolLM2-135M, batch 8, measured here); early stopping on validation loss guards overfitting.
     :param lora_target_modules: ``"all-linear"`` (every linear layer but the output head, as in QLoRA)
         or a comma-separated list of module names such as ``"q_proj,v_proj"``.
+    :param lora_layers_to_transform: which decoder layers get adapters (PEFT ``layers_to_transform``):
+        ``"all"``, ``"top:N"`` (the last N layers) or indices/ranges such as ``"0-3,8"``. Adapting only
+        the top layers also shortens the backward pass, which stops at the lowest adapted layer.
+    :raises ValueError: a malformed ``lora_layers_to_transform`` or one naming layers the model lacks.
     """
-    targets = lora_target_modules if lora_target_modules == "all-linear" else [
-        name.strip() for name in lora_target_modules.split(",") if name.strip()
-    ]
+    layers = _layer_indices(lora_layers_to_transform, base_model.config.num_hidden_layers)
+    if lora_target_modules != "all-linear":
+        targets = [name.strip() for name in lora_target_modules.split(",") if name.strip()]
+    elif layers is None:
+        targets = "all-linear"
+    else:  # PEFT takes layers_to_transform only with named modules: the linear layers inside the decoder layers
+        targets = sorted({
+            name.rsplit(".", 1)[-1] for name, module in base_model.named_modules()
+            if isinstance(module, torch.nn.Linear) and _decoder_layer(name + ".") is not None
+        })
     return LoraConfig(
         r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )
@@ -277,27 +318,41 @@ def peft_model__presaved(base_model: PreTrainedModel, presaved_model_dir: str, d
     return model.to(device)
 
 
+def _decoder_layer(name: str) -> Optional[int]:
+    """The decoder-layer index in a parameter name such as ``...layers.7.mlp...``; None outside layers."""
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
 def model_summary(peft_model: PeftModel, device: torch.device) -> dict:
     """Parameter counts, memory footprint and training FLOPs per token of the adapted model.
 
-    ``flops_per_token_forward = 2 * N`` and ``lora_training_flops_per_token = 4 * N`` for N total
-    parameters: forward 2N, backward for activation gradients 2N, no weight gradients for the frozen
-    base (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", section 2.1, with the 2N
-    weight-gradient term dropped for frozen weights). Attention-score FLOPs are left out.
+    ``flops_per_token_forward = 2 * N`` for N total parameters, and ``lora_training_flops_per_token =
+    2 * N + 2 * N_backward``: forward 2N, backward for activation gradients 2 FLOPs per parameter the
+    gradient flows through, no weight gradients for the frozen base (Kaplan et al. 2020, "Scaling Laws
+    for Neural Language Models", section 2.1, with the 2N weight-gradient term dropped for frozen
+    weights). The gradient flows through every parameter except those of decoder layers below the
+    lowest adapted layer, so ``N_backward = N`` (4N in all) when every layer is adapted. The tied
+    input embedding is counted once, as the output head's matmul. Attention-score FLOPs are left out.
 
     :return: dict with ``total_parameters``, ``trainable_parameters``, ``trainable_share``,
-        ``parameter_memory_bytes``, ``flops_per_token_forward``, ``lora_training_flops_per_token``,
-        ``device``.
+        ``parameter_memory_bytes``, ``backward_parameters``, ``flops_per_token_forward``,
+        ``lora_training_flops_per_token``, ``device``.
     """
-    total = sum(p.numel() for p in peft_model.parameters())
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    memory = sum(p.numel() * p.element_size() for p in peft_model.parameters())
+    named = list(peft_model.named_parameters())
+    total = sum(p.numel() for _, p in named)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
+    memory = sum(p.numel() * p.element_size() for _, p in named)
+    adapted = [_decoder_layer(n) for n, p in named if p.requires_grad and _decoder_layer(n) is not None]
+    lowest = min(adapted, default=0)
+    below = sum(p.numel() for n, p in named if (_decoder_layer(n) is not None and _decoder_layer(n) < lowest))
     return {
         "total_parameters": total,
         "trainable_parameters": trainable,
         "trainable_share": trainable / total,
         "parameter_memory_bytes": memory,
+        "backward_parameters": total - below,
         "flops_per_token_forward": 2 * total,
-        "lora_training_flops_per_token": 4 * total,
+        "lora_training_flops_per_token": 2 * total + 2 * (total - below),
         "device": str(device),
     }

@@ -39,9 +39,28 @@ def test_embedded_model_is_dense_trainable_and_summarised(embedded_model_dir):
     model = base_model(EMBEDDED_MODEL_ID, torch.device("cpu"))
     assert getattr(model, "hf_quantizer", None) is None  # the GGUF quantizer marker is gone
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    peft = peft_model__base(model, lora_config(lora_target_modules="q_proj,v_proj"))
+    peft = peft_model__base(model, lora_config(model, lora_target_modules="q_proj,v_proj"))
     summary = model_summary(peft, torch.device("cpu"))
     assert 134_000_000 < summary["total_parameters"] < 136_000_000
     # r=16 on q (576x576) and v (576x192) in 30 layers: 16*(576+576) + 16*(576+192) per layer
     assert summary["trainable_parameters"] == 30 * (16 * (576 + 576) + 16 * (576 + 192))
     assert summary["lora_training_flops_per_token"] == 4 * summary["total_parameters"]
+
+
+def test_lora_on_top_layers_only(tiny_model_dir):
+    model = base_model(tiny_model_dir, torch.device("cpu"))
+    layers = model.config.num_hidden_layers
+    peft = peft_model__base(model, lora_config(model, lora_layers_to_transform="top:1"))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in peft.named_parameters() if p.requires_grad}
+    assert adapted == {str(layers - 1)}
+    summary = model_summary(peft, torch.device("cpu"))
+    below = sum(p.numel() for n, p in peft.named_parameters() if ".layers." in n and int(n.split(".layers.")[1].split(".")[0]) < layers - 1)
+    assert below > 0 and summary["backward_parameters"] == summary["total_parameters"] - below
+    assert summary["lora_training_flops_per_token"] == 2 * summary["total_parameters"] + 2 * summary["backward_parameters"]
+
+
+@pytest.mark.parametrize("spec", ["top:0", "top:99", "0-99", "x", "3-", ""])
+def test_lora_layers_to_transform_rejects_bad_specs(tiny_model_dir, spec):
+    model = base_model(tiny_model_dir, torch.device("cpu"))
+    with pytest.raises(ValueError, match="lora_layers_to_transform"):
+        lora_config(model, lora_layers_to_transform=spec)

@@ -84,7 +84,8 @@ def test_trainer_loss_curve_matches_the_standard_trainer(tiny_model_dir, tmp_pat
         args.load_best_model_at_end = False
         args.eval_strategy = "no"
         args.save_strategy = "no"
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config())
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = get_peft_model(base, lora_config(base))
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=data_collator(tokenizer))
         trainer.train()
         histories.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
