@@ -673,7 +673,8 @@ def render_report(report: dict) -> str:
     if mfu:
         lines.append(
             f"Model-FLOPs utilisation of `ours` ({mfu['precision']}): {report['ours_tokens_per_s']:.0f} tok/s × "
-            f"4 × {mfu['total_parameters'] / 1e6:.1f}M FLOPs/token = {mfu['achieved_gflops']:.1f} GFLOP/s "
+            f"{mfu['flops_per_token'] / 1e6:.0f}M FLOPs/token (2N + 2N_backward, N = {mfu['total_parameters'] / 1e6:.1f}M) "
+            f"= {mfu['achieved_gflops']:.1f} GFLOP/s "
             f"= **{mfu['mfu']:.1%}** of the {mfu['precision']} matmul peak ({mfu['peak_gflops']:.0f} GFLOP/s); "
             f"at the median-step rate {mfu['mfu_median_step']:.1%}."
         )

@@ -65,11 +65,24 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
             + f" | {_fmt(summary['eos_stop_rate'], 2)} | {_fmt(summary['mean_answer_words'], 1)}"
             + f" | {_fmt(summary['mean_new_tokens'], 1)} |"
         )
-    lines += ["", "| category | n | base ROUGE-L | fine-tuned ROUGE-L |", "|---|---|---|---|"]
-    for category, pair in hold_out["per_category"].items():
-        lines.append(
-            f"| {category} | {pair['base']['count']} | {_fmt(pair['base']['rougeL'])} | {_fmt(pair['finetuned']['rougeL'])} |"
+    splits = run_metrics["splits"]
+    split_names = list(splits)
+    categories = sorted({c for s in splits.values() for c in s["per_category"]} | set(hold_out["per_category"]))
+    lines += [
+        "",
+        "Balance of the categories (records per split) and hold-out ROUGE-L per category:",
+        "",
+        "| category | " + " | ".join(split_names) + " | base ROUGE-L | fine-tuned ROUGE-L | difference |",
+        "|---|" + "---|" * (len(split_names) + 3),
+    ]
+    for category in categories:
+        pair = hold_out["per_category"].get(category)
+        scores = (
+            [_fmt(pair["base"]["rougeL"]), _fmt(pair["finetuned"]["rougeL"]),
+             f"{pair['finetuned']['rougeL'] - pair['base']['rougeL']:+.3f}"] if pair else ["—", "—", "—"]
         )
+        counts = [str(splits[name]["per_category"].get(category, 0)) for name in split_names]
+        lines.append(f"| {category} | " + " | ".join(counts + scores) + " |")
     lines += [
         "",
         f"Validation loss of the kept checkpoint: {_fmt(validation.get('eval_loss'), 4)} "

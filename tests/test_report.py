@@ -1,0 +1,37 @@
+"""The report states what issue 6 asks of it: ROUGE-L with the CI, EOS rates, lengths, the kept
+checkpoint's validation loss, and the balance of the categories per split with per-category ROUGE-L."""
+
+from philo_dataflow.report import report_markdown
+
+
+def _summary(rouge_l: float, eos: float, words: float, count: int) -> dict:
+    return {"rouge1": rouge_l + 0.1, "rouge2": rouge_l / 4, "rougeL": rouge_l, "rougeLsum": rouge_l + 0.05,
+            "eos_stop_rate": eos, "mean_answer_words": words, "mean_new_tokens": words * 1.3, "count": count}
+
+
+def test_report_states_comparison_and_category_balance():
+    run_metrics = {
+        "created": "2026-11-25T00:00:00+00:00", "model_id": "tiny", "data_path": "data.jsonl",
+        "validation": {"eval_loss": 2.6693, "global_step": 206, "stopped_early": False},
+        "hold_out": {
+            "base": _summary(0.161, 0.04, 120.0, 3), "finetuned": _summary(0.221, 1.0, 70.0, 3),
+            "rougeL_difference": {"mean": 0.06, "ci95_low": 0.051, "ci95_high": 0.067},
+            "per_category": {"Stoicism": {"base": _summary(0.15, 0.0, 100, 2), "finetuned": _summary(0.2, 1.0, 60, 2)},
+                             "Hedonism": {"base": _summary(0.17, 0.0, 100, 1), "finetuned": _summary(0.25, 1.0, 60, 1)}},
+        },
+        "model_summary": {"trainable_parameters": 10, "total_parameters": 100},
+        "splits": {"train_set": {"total": 14, "per_category": {"Stoicism": 9, "Hedonism": 4, "Taoism": 1}},
+                   "validation_set": {"total": 2, "per_category": {"Stoicism": 1, "Hedonism": 1}},
+                   "hold_out_set": {"total": 3, "per_category": {"Stoicism": 2, "Hedonism": 1}}},
+    }
+    rows = [{"category": "Stoicism", "question": "Q?", "reference": "R", "base_prediction": "B",
+             "finetuned_prediction": "F"}]
+    text = report_markdown(run_metrics, rows)
+    assert "**better than**" in text and "0.060 (bootstrap 95% CI 0.051 to 0.067)" in text
+    assert "| base | 0.261 | 0.040 | 0.161 | 0.211 | 0.04 | 120.0 | 156.0 |" in text
+    assert "| fine-tuned | 0.321 | 0.055 | 0.221 | 0.271 | 1.00 | 70.0 | 91.0 |" in text
+    assert "| category | train_set | validation_set | hold_out_set | base ROUGE-L | fine-tuned ROUGE-L | difference |" in text
+    assert "| Hedonism | 4 | 1 | 1 | 0.170 | 0.250 | +0.080 |" in text
+    assert "| Stoicism | 9 | 1 | 2 | 0.150 | 0.200 | +0.050 |" in text
+    assert "| Taoism | 1 | 0 | 0 | — | — | — |" in text  # a category with no hold-out question still shows its counts
+    assert "Validation loss of the kept checkpoint: 2.6693 (steps 206" in text
