@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per mode (default: 2; --smoke: 1)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: 32)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0, the library default)")
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj", help="LoRA target modules (default: q_proj,v_proj)")
     parser.add_argument("--seed", type=int, default=42, help="seed input of the library (default: 42)")
     parser.add_argument("--jobs", type=int, default=None, help="modes run at once; timings are comparable only with 1 (default: 1; --smoke: 2)")

@@ -83,6 +83,7 @@ class TrainSettings:
     :param lora_alpha: LoRA scaling numerator.
     :param lora_dropout: dropout on the adapter input.
     :param lora_target_modules: comma-separated module names, or ``all-linear``.
+    :param lora_layers_to_transform: decoder layers with adapters: ``all``, ``top:N`` or indices.
     :param learning_rate: peak learning rate; None takes the library's default.
     :param seed: the library's ``seed`` input (model init, data order).
     :param trl_precision: ``match`` trains TRL in the library's precision; ``trl-default`` leaves
@@ -103,6 +104,7 @@ class TrainSettings:
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: str
+    lora_layers_to_transform: str
     learning_rate: Optional[float]
     seed: int
     trl_precision: str
@@ -249,6 +251,7 @@ def _library_nodes(settings: TrainSettings, names: list[str], output_dir: Path) 
         "lora_alpha": settings.lora_alpha,
         "lora_dropout": settings.lora_dropout,
         "lora_target_modules": settings.lora_target_modules,
+        "lora_layers_to_transform": settings.lora_layers_to_transform,
         "seed": settings.seed,
     }
     if settings.learning_rate is not None:
@@ -493,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per variant (default: 2; --smoke: 1)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: 32)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0, the library default)")
+    parser.add_argument("--lora-layers-to-transform", default="all", help="decoder layers with adapters, every variant: all, top:N or indices (default: all)")
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj", help="LoRA target modules, comma-separated or all-linear (default: q_proj,v_proj)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the library's)")
     parser.add_argument("--seed", type=int, default=42, help="seed input of the library (default: 42)")
@@ -549,6 +553,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
         model_id=model_id, model_path=resolve_model_path(model_id), batch_size=batch_size,
         max_seq_length=max_seq_length, steps=steps, threads=threads, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
+        lora_layers_to_transform=args.lora_layers_to_transform,
         learning_rate=args.learning_rate, seed=args.seed, trl_precision=args.trl_precision, work_dir=str(work_dir),
     )
 
@@ -646,7 +651,7 @@ def render_report(report: dict) -> str:
         f"peft {machine['packages']['peft']}, trl {machine['packages']['trl']}.",
         f"Model {s['model_id']}; {s['records']} records of {Path(s['data_path']).name}; batch {s['batch_size']}, "
         f"max_seq_length {s['max_seq_length']}, {s['steps']} optimizer steps (first untimed); LoRA r={s['lora_r']}, "
-        f"alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, targets {s['lora_target_modules']}; "
+        f"alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, targets {s['lora_target_modules']}, layers {s.get('lora_layers_to_transform', 'all')}; "
         f"TRL precision: {s['trl_precision']}.",
         f"Load average (1/5/15 min) at start {report['load_average_start']}, at end {report['load_average_end']}.",
         f"philo_dataflow: commit {report['library']['commit']}"
