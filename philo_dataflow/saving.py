@@ -26,6 +26,9 @@ from .training import LOG_HISTORY_FILE
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+#: Read once: ``os.umask`` can only be read by setting it, which is not thread-safe (judge threads write).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _VERSIONED = ("philo_dataflow", "torch", "transformers", "peft", "datasets", "apache-hamilton", "rouge_score")
 
 
@@ -48,12 +51,16 @@ def _sha256(path: str) -> str:
 
 
 def write_text_atomically(path: Path, text: str) -> str:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename, so
+    ``path`` holds either its previous content or all of ``text``, never part of it (a full disk or a
+    crash mid-write leaves the previous file and no temporary file). The file gets the usual
+    permissions (0666 minus the umask), not ``mkstemp``'s owner-only 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -113,6 +120,10 @@ def save_best_models(
     """Saves the kept adapter (not the base model), tokenizer, manifest (with the prompt format) and
     loss history to ``<output_dir>/adapter``; that directory is what ``presaved_model_dir`` takes.
 
+    Everything is written into a temporary directory beside it, which then takes the place of a
+    previous ``adapter`` by two renames (the previous one is restored if the second fails), so an error
+    while saving (a full disk, say) leaves the previous adapter as it was and no temporary directory.
+
     :return: ``{"status": "success", "adapter_dir": path, "files": [...]}``.
     """
     target = Path(output_dir) / ADAPTER_DIR
@@ -123,11 +134,19 @@ def save_best_models(
         tokenizer.save_pretrained(staging)
         (staging / MANIFEST_FILE).write_text(json.dumps(run_manifest, indent=2, default=str), encoding="utf-8")
         (staging / LOG_HISTORY_FILE).write_text(json.dumps(training_log_history, indent=2), encoding="utf-8")
+        # mkdtemp and safetensors make owner-only entries; an adapter is shared like any saved model.
+        os.chmod(staging, 0o777 & ~_UMASK)
+        for path in staging.iterdir():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
         if target.exists():
             retired = target.with_name(f".{ADAPTER_DIR}.previous")
             shutil.rmtree(retired, ignore_errors=True)
             os.replace(target, retired)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired, target)
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)

@@ -7,6 +7,7 @@ filled from the presaved adapter: the validation loss is recomputed, the loss hi
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 #: File beside a saved adapter holding the Trainer's log history (train and validation loss by step).
 LOG_HISTORY_FILE = "training_log_history.json"
+#: ``resume_from_checkpoint`` value meaning "the newest complete checkpoint in ``<output_dir>/checkpoints``".
+LAST_CHECKPOINT = "last"
+#: The Trainer writes this file last into a checkpoint (after adapter, optimizer, scheduler and RNG
+#: states); a checkpoint without a readable one was cut off while being saved.
+_TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def training_args(
@@ -177,19 +183,62 @@ _TRAINER_FIELDS = {
 }
 
 
+def _is_complete_checkpoint(path: Path) -> bool:
+    try:
+        json.loads((path / _TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resume_checkpoint_dir(output_dir: str = "outputs", resume_from_checkpoint: Optional[str] = None) -> Optional[str]:
+    """The checkpoint training continues from, checked to be complete; None trains from the start.
+
+    A Trainer checkpoint holds the adapter, optimizer, scheduler and RNG states and the trainer state
+    (log history, best checkpoint, early-stopping counter), so a resumed run takes the same steps on
+    the same batches as an uninterrupted one.
+
+    :param resume_from_checkpoint: a ``checkpoints/checkpoint-N`` directory of an interrupted run, or
+        ``"last"`` for the newest complete one in ``<output_dir>/checkpoints``.
+    :raises ValueError: the directory does not exist or was cut off while being saved (no readable
+        ``trainer_state.json``); ``"last"`` finds no complete checkpoint.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == LAST_CHECKPOINT:
+        checkpoints = Path(output_dir) / "checkpoints"
+        complete = [
+            path for path in checkpoints.glob("checkpoint-*")
+            if re.fullmatch(r"checkpoint-\d+", path.name) and _is_complete_checkpoint(path)
+        ]
+        if not complete:
+            raise ValueError(f"resume_from_checkpoint='last': {checkpoints} holds no complete checkpoint to resume from.")
+        return str(max(complete, key=lambda path: int(path.name.split("-")[1])))
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint directory.")
+    if not _is_complete_checkpoint(path):
+        raise ValueError(
+            f"resume_from_checkpoint={resume_from_checkpoint!r} has no readable {_TRAINER_STATE_FILE}: the run "
+            f"was stopped while saving it. Resume from an earlier checkpoint, or pass '{LAST_CHECKPOINT}' for the "
+            "newest complete one."
+        )
+    return str(path)
+
+
 @extract_fields(_TRAINER_FIELDS)
 @config.when(start="base")
-def fitted_and_evaluated_trainer__base(trainer: Trainer, resume_from_checkpoint: Optional[str] = None) -> dict:
+def fitted_and_evaluated_trainer__base(resume_checkpoint_dir: Optional[str], trainer: Trainer) -> dict:
     """Trains (the only node that does), restores the best checkpoint, evaluates on ``validation_set``.
 
     Mutates ``trainer`` and its model; only this node's outputs are used downstream.
 
-    :param resume_from_checkpoint: a checkpoint directory of an interrupted run to continue from.
+    :param resume_checkpoint_dir: the checkpoint of an interrupted run to continue from, or None.
     :return: ``fit_trainer``, ``fit_trainer_eval_metrics`` (``eval_loss`` of the kept checkpoint, its
         path, steps and epochs done, whether early stopping ended the run), ``finetuned_model``
         (ready for generation), ``training_log_history`` (the Trainer's log entries).
     """
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint_dir)
     eval_metrics = trainer.evaluate()
     state = trainer.state
     eval_metrics.update(

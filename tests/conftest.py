@@ -16,6 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models gain nothing from a second one, and on a busy 2-core
+    machine two contending threads made a training step 4x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
     """The embedded SmolLM2 GGUF converted (once per machine) to a safetensors directory."""

@@ -4,12 +4,16 @@
   OpenAI-compatible endpoint; its access log counts the requests it received.
 - ``FaultyJudgeServer``: a stdlib ``http.server`` in a thread that answers like an OpenAI chat endpoint
   but misbehaves on purpose (429, 500, timeouts, malformed JSON) according to the request's ``model``.
+- ``JudgeServerProcess``: a ``FaultyJudgeServer`` in its own process (``python judge_servers.py``), so a
+  test can SIGKILL the judge in the middle of a run.
 """
 
+import argparse
 import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +23,7 @@ import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional
 
 
 def free_port() -> int:
@@ -121,14 +126,20 @@ class FaultyJudgeServer:
     - ``echoes-key``: HTTP 401 whose error message repeats the bearer token (a hostile server).
     - ``echoes-key-in-reply``: a valid judgment whose rationales repeat the bearer token.
 
-    ``hits`` counts requests per model; ``formats`` counts response-format types seen.
+    ``hits`` counts requests per model; ``formats`` counts response-format types seen. With
+    ``answer_limit``, valid judgments after the first ``answer_limit`` are never answered (the request
+    is held open, as by a server that hangs); each valid judgment sent appends a line to
+    ``answered_log`` when one is given.
     """
 
-    def __init__(self, slow_seconds: float = 1.0):
+    def __init__(self, slow_seconds: float = 1.0, port: int = 0, answer_limit: Optional[int] = None,
+                 answered_log: Optional[Path] = None):
         self.hits: Counter = Counter()
         self.formats: Counter = Counter()
         self._seen: Counter = Counter()
         self._lock = threading.Lock()
+        self._answered = 0
+        self._closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -192,9 +203,19 @@ class FaultyJudgeServer:
                         if isinstance(value, dict) and "rationale" in value:
                             value["rationale"] += f" (you sent {token})"
                     return self._send(200, json.dumps(_completion(json.dumps(content), model)).encode())
+                with server._lock:
+                    held = answer_limit is not None and server._answered >= answer_limit
+                    if not held:
+                        server._answered += 1
+                if held:
+                    server._closing.wait()
+                    return
                 self._send(200, json.dumps(_completion(_valid_content(request), model)).encode())
+                if answered_log is not None:
+                    with server._lock, open(answered_log, "a") as log:
+                        log.write(f"{digest}\n")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), Handler)
         self._server.daemon_threads = True
         self._server.block_on_close = False
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
@@ -205,6 +226,57 @@ class FaultyJudgeServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class JudgeServerProcess:
+    """A ``FaultyJudgeServer`` run by this file in a child process on ``127.0.0.1:port`` (a free one when
+    ``port`` is 0), so a test can SIGKILL it mid-run and start another on the same port (the same base
+    URL, so the judge cache still matches). ``answered()`` counts the valid judgments it has sent."""
+
+    def __init__(self, work_dir: Path, port: int = 0, answer_limit: Optional[int] = None):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.answered_log = work_dir / f"answered-{self.port}-{time.monotonic_ns()}.log"
+        self.answered_log.touch()
+        command = [sys.executable, __file__, "--port", str(self.port), "--answered-log", str(self.answered_log)]
+        if answer_limit is not None:
+            command += ["--answer-limit", str(answer_limit)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_until_ready(self, seconds: float = 30.0) -> "JudgeServerProcess":
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"judge server exited with {self.process.returncode}: "
+                                   f"{self.process.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"judge server not ready after {seconds} s")
+
+    def answered(self) -> int:
+        return len(self.answered_log.read_text().splitlines())
+
+    def kill(self) -> None:
+        """SIGKILL, as an out-of-memory killer or a crash would: no cleanup, connections cut."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process.stderr.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="A FaultyJudgeServer in the foreground, until killed.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--answer-limit", type=int)
+    parser.add_argument("--answered-log", type=Path)
+    args = parser.parse_args()
+    judge = FaultyJudgeServer(port=args.port, answer_limit=args.answer_limit, answered_log=args.answered_log)
+    judge._server.serve_forever()
