@@ -12,7 +12,6 @@ Every hyperparameter flag defaults to the library's documented default (shown in
 """
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -86,19 +85,6 @@ FROM_MANIFEST = (
 )
 
 
-def _library_defaults() -> dict:
-    import philo_dataflow
-
-    defaults = {}
-    for module in philo_dataflow.MODULES:
-        for name, function in inspect.getmembers(module, inspect.isfunction):
-            if function.__module__ == module.__name__ and not name.startswith("_"):
-                for parameter in inspect.signature(function).parameters.values():
-                    if parameter.default is not inspect.Parameter.empty:
-                        defaults.setdefault(parameter.name, parameter.default)
-    return defaults
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -156,36 +142,30 @@ def _inputs_from_args(args: argparse.Namespace) -> dict:
         from philo_dataflow.modeling import _read_manifest
 
         presaved = args.presaved_model_dir or str(Path(args.output_dir) / "adapter")
-        manifest_inputs = _read_manifest(presaved)["inputs"]
+        try:
+            manifest_inputs = _read_manifest(presaved)["inputs"]
+        except ValueError:
+            manifest_inputs = {}  # the preflight reports what is wrong with the adapter directory
         for name in FROM_MANIFEST:
             if name not in inputs and manifest_inputs.get(name) is not None:
                 inputs[name] = manifest_inputs[name]
         inputs["presaved_model_dir"] = presaved
-        if args.output_dir == str(Path(presaved).parent) and not args.overwrite:
-            raise UserError(
-                f"--output-dir {args.output_dir} holds the presaved adapter's own run; give another "
-                "--output-dir for the re-evaluation, or --overwrite."
-            )
     return inputs
 
 
-def _judge_inputs(args: argparse.Namespace) -> dict:
-    given = {name: getattr(args, name) for name, *_ in JUDGE_FLAGS if getattr(args, name) is not None}
-    if given and "judge_model" not in given:
-        raise UserError(f"{', '.join(_flag(n) for n in given)} configure the LLM judge; add --judge-model to run it.")
-    return given
+def _flag_problems(args: argparse.Namespace, outputs: list, available: set) -> list:
+    """Mistakes in the command line itself, reported with the preflight's problems."""
+    from philo_dataflow.preflight import Problem
 
-
-def _check_output_dir(output_dir: str, overwrite: bool) -> None:
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output-dir {output_dir} is a file; give a directory.")
-    previous = [name for name in ("adapter", "metrics.json", "hold_out_predictions.jsonl") if (path / name).exists()]
-    if previous and not overwrite:
-        raise UserError(
-            f"--output-dir {output_dir} holds another run's files ({', '.join(previous)}); "
-            "choose a new --output-dir or pass --overwrite."
-        )
+    problems = []
+    judge_flags = [name for name, *_ in JUDGE_FLAGS if getattr(args, name) is not None]
+    if judge_flags and args.judge_model is None:
+        problems.append(Problem("judge_model", f"{', '.join(_flag(n) for n in judge_flags)} configure the LLM judge; "
+                                               "add --judge-model to run it."))
+    unknown = [o for o in outputs if o not in available]
+    if unknown:
+        problems.append(Problem("outputs", f"--outputs: unknown variable(s) {unknown}; see philo_dataflow.FINAL_VARIABLES."))
+    return problems
 
 
 def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
@@ -247,8 +227,9 @@ def _print_judge_summary(metrics: dict) -> None:
 def main(argv=None) -> int:
     import philo_dataflow
     from hamilton.plugins import h_tqdm
+    from philo_dataflow import preflight
 
-    defaults = _library_defaults()
+    defaults = preflight.library_defaults()
     args = build_parser(defaults).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
@@ -257,8 +238,8 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else list(philo_dataflow.DEFAULT_OUTPUTS)
-        judge_inputs = _judge_inputs(args)
-        if judge_inputs:
+        judge_inputs = {name: getattr(args, name) for name, *_ in JUDGE_FLAGS if getattr(args, name) is not None}
+        if args.judge_model is not None:
             outputs += [o for o in philo_dataflow.JUDGE_OUTPUTS if o not in outputs]
         dr = philo_dataflow.build_driver({"start": args.start}, adapters=[h_tqdm.ProgressBar("philo_dataflow")])
         if args.visualize:
@@ -266,12 +247,11 @@ def main(argv=None) -> int:
             print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
             return 0
         inputs = {**_inputs_from_args(args), **judge_inputs}
-        unknown = [o for o in outputs if o not in {v.name for v in dr.list_available_variables()}]
-        if unknown:
-            raise UserError(f"--outputs: unknown variable(s) {unknown}; see philo_dataflow.FINAL_VARIABLES.")
-        _check_output_dir(args.output_dir, args.overwrite or bool(inputs.get("resume_from_checkpoint")))
-        if judge_inputs:
-            dr.execute(["judge_client"], inputs=inputs)  # a missing key or bad setting fails before training
+        # Every check that needs no model runs before anything is written, and all its problems are shown.
+        problems = _flag_problems(args, outputs, {v.name for v in dr.list_available_variables()})
+        problems += preflight.check_run_inputs(inputs, args.start, args.overwrite)
+        if problems:
+            raise preflight.InputProblems(problems)
         graph_note = None
         if not args.no_graph:
             try:
@@ -285,7 +265,8 @@ def main(argv=None) -> int:
     except (UserError, ValueError, FileNotFoundError) as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     _print_summary(result, args.output_dir, time.time() - started)
     if graph_note:

@@ -1,7 +1,8 @@
 """Stage 3 — seeded, category-stratified train / validation / hold-out split.
 
 Prompts are unique after ``instruction_records`` (duplicates are kept once), so no prompt can land in
-two splits. Every category with at least three records is represented in the hold-out set.
+two splits. Every category with at least ``MIN_CATEGORY_RECORDS`` records is represented in the
+validation and hold-out sets.
 """
 
 import logging
@@ -16,11 +17,16 @@ logger = logging.getLogger(__name__)
 SPLIT_COLUMNS = ("input_text", "output_text", "category")
 
 
+#: Records a category needs for the validation and hold-out splits to get one each.
+MIN_CATEGORY_RECORDS = 3
+
+
 def _split_count(n: int, fraction: float) -> int:
-    """Records of a category of size ``n`` that go to a split of ``fraction``: at least one when n >= 3."""
+    """Records of a category of size ``n`` that go to a split of ``fraction``: at least one when n >=
+    ``MIN_CATEGORY_RECORDS``, none below."""
     if fraction <= 0:
         return 0
-    return max(1, round(n * fraction)) if n >= 3 else 0
+    return max(1, round(n * fraction)) if n >= MIN_CATEGORY_RECORDS else 0
 
 
 @extract_fields({"train_set": Dataset, "validation_set": Dataset, "hold_out_set": Dataset})
@@ -45,11 +51,17 @@ def data_splits(
     :param hold_out_fraction: share of each category never seen in training, for the final comparison.
     :param seed: seed of the shuffle.
     :return: dict of three ``datasets.Dataset`` with columns ``input_text``, ``output_text``, ``category``.
-    :raises ValueError: fractions out of range, or too few records to give every split one record.
+    :raises preflight.InputProblems: (a ValueError) a fraction outside (0, 1), fractions summing to 1 or
+        more, a seed outside [0, 2**32).
+    :raises ValueError: too few records to give every split one record.
     """
-    for name, fraction in (("validation_fraction", validation_fraction), ("hold_out_fraction", hold_out_fraction)):
-        if not 0 < fraction < 0.5:
-            raise ValueError(f"{name}={fraction}: must be between 0 and 0.5 (exclusive).")
+    from .preflight import InputProblems, hyperparameter_problems
+
+    problems = hyperparameter_problems(
+        {"validation_fraction": validation_fraction, "hold_out_fraction": hold_out_fraction, "seed": seed}
+    )
+    if problems:
+        raise InputProblems(problems)
     by_category = defaultdict(list)
     for record in instruction_records:
         by_category[record["category"]].append(record)
@@ -67,7 +79,7 @@ def data_splits(
     if empty:
         raise ValueError(
             f"{data_path}: {len(instruction_records)} usable record(s) are too few to fill "
-            f"{', '.join(empty)}; give at least 3 records of one category (10 or more recommended)."
+            f"{', '.join(empty)}; give at least {MIN_CATEGORY_RECORDS} records of one category (10 or more recommended)."
         )
     logger.info(
         "split %s: train %d, validation %d, hold-out %d",

@@ -15,8 +15,10 @@ import logging
 from typing import Optional
 
 from datasets import Dataset
-from hamilton.function_modifiers import config, parameterize, source, value
+from hamilton.function_modifiers import config, hamilton_exclude, parameterize, source, value
 from transformers import PreTrainedTokenizerBase
+
+from .loading import capped_lines
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,16 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt_format: str, ins
     return tokenizer(render_prompt(tokenizer, prompt_format, instruction), add_special_tokens=False).input_ids
 
 
+@hamilton_exclude
+def no_room_for_an_answer(prompt_length: int, max_seq_length: int) -> str:
+    """The problem of a prompt of ``prompt_length`` tokens that leaves no answer token within
+    ``max_seq_length`` (an example needs ``max_seq_length > prompt_length``)."""
+    return (
+        f"the prompt alone is {prompt_length} tokens, max_seq_length={max_seq_length}: no answer token "
+        "would be supervised. Raise max_seq_length or shorten the question."
+    )
+
+
 def tokenize_example(
     tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
@@ -102,10 +114,7 @@ def tokenize_example(
         response_ids = response_ids + [eos]
     room = max_seq_length - len(prompt_ids)
     if room <= 0:
-        raise ValueError(
-            f"the prompt alone is {len(prompt_ids)} tokens, max_seq_length={max_seq_length}: no answer token "
-            "would be supervised. Raise max_seq_length or shorten the question."
-        )
+        raise ValueError(no_room_for_an_answer(len(prompt_ids), max_seq_length))
     truncated = len(response_ids) > room
     response_ids = response_ids[:room]
     input_ids = prompt_ids + response_ids
@@ -133,14 +142,23 @@ def tokenized_split(
     (each a list of ``seq_len`` ints, unpadded) and ``truncated`` (bool).
 
     :param max_seq_length: tokens per example, prompt included; longer answers are cut (and counted).
-    :raises ValueError: an example has no supervised token; the message names the split and record.
+    :raises preflight.InputProblems: (a ValueError) ``max_seq_length`` is not an integer >= 2.
+    :raises ValueError: examples have no supervised token; one line per record names the split and the
+        record (the first ``loading.MAX_LISTED_RECORDS``, then how many more).
     """
-    rows = []
+    from .preflight import InputProblems, hyperparameter_problems
+
+    problems = hyperparameter_problems({"max_seq_length": max_seq_length})
+    if problems:
+        raise InputProblems(problems)
+    rows, failures = [], []
     for index, (instruction, response) in enumerate(zip(examples["input_text"], examples["output_text"])):
         try:
             rows.append(tokenize_example(tokenizer, prompt_format, instruction, response, max_seq_length))
         except ValueError as error:
-            raise ValueError(f"{split_name} record {index} ({instruction[:60]!r}...): {error}") from None
+            failures.append(f"{split_name} record {index} ({instruction[:60]!r}...): {error}")
+    if failures:
+        raise ValueError("\n".join(capped_lines(failures, f"{split_name} records")))
     truncated = sum(row["truncated"] for row in rows)
     if truncated:
         logger.warning("%s: %d of %d answers truncated to max_seq_length=%d", split_name, truncated, len(rows), max_seq_length)

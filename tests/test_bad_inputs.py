@@ -1,0 +1,174 @@
+"""The bad-input corpus (tests/bad_inputs/cases.py): every case through the library preflight, through
+``run.main`` in-process (exit code 2, one ``error:`` line per problem) and, where the dataflow checks
+the same input, through ``dr.execute``; none may write anything."""
+
+import http.server
+import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import philo_dataflow
+import run
+from bad_inputs.cases import ACCEPTED, CASES, GOOD, JUDGE_MODELS, UNSET_KEY_VARIABLE, Case, Env
+from philo_dataflow import preflight
+from philo_dataflow.modeling import MANIFEST_FILE
+
+
+def _save_adapter(model, tokenizer_dir: str, target: Path, model_id: str) -> str:
+    """A presaved adapter directory as save_best_models lays it out (untrained: only its files matter)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    manifest = {"inputs": {"model_id": model_id, "data_path": GOOD}, "prompt_format": "chat_template"}
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return str(target)
+
+
+class _ModelList(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.rstrip("/") != "/v1/models":
+            self.send_error(404)
+            return
+        body = json.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in JUDGE_MODELS]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("corpus")
+    torch.manual_seed(0)
+    adapter = _save_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_model_dir, root / "adapter",
+                            tiny_model_dir)
+    wider = LlamaConfig.from_pretrained(tiny_model_dir, hidden_size=48, intermediate_size=96)
+    other = _save_adapter(LlamaForCausalLM(wider), tiny_model_dir, root / "other-adapter", tiny_model_dir)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelList)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+    yield Env(tiny_model=tiny_model_dir, adapter=adapter, other_adapter=other,
+              judge_url=f"http://127.0.0.1:{server.server_address[1]}/v1", closed_url=f"http://127.0.0.1:{closed_port}/v1")
+    server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_judge_key(monkeypatch):
+    monkeypatch.delenv(UNSET_KEY_VARIABLE, raising=False)
+
+
+def _skip_if_not_applicable(case: Case) -> None:
+    if case.needs_non_root and os.geteuid() == 0:
+        pytest.skip("running as root, which reads and writes whatever a file's permissions say")
+    if case.needs_no_cuda and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+
+
+def _inputs(case: Case, env: Env, work: Path) -> dict:
+    inputs = case.inputs(env, work)
+    if case.start == "base":
+        inputs.setdefault("model_id", env.tiny_model)
+    inputs.setdefault("output_dir", str(work / "out"))
+    return inputs
+
+
+def _argv(case: Case, inputs: dict) -> list:
+    argv = ["--start", case.start, "--no-graph"]
+    for name, value in inputs.items():
+        if isinstance(value, bool):
+            argv.append(preflight.flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif value is not None:
+            argv += [preflight.flag(name), str(value)]
+    return argv + (["--overwrite"] if case.overwrite else []) + list(case.cli_extra)
+
+
+def _tree(root: Path) -> dict:
+    """Every path under ``root`` with its type, size and modification time."""
+    found = {}
+    for directory, names, files in os.walk(root):
+        for name in names + files:
+            stat = os.lstat(os.path.join(directory, name))
+            found[os.path.relpath(os.path.join(directory, name), root)] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def _assert_matches(problems: list, expected: tuple) -> None:
+    """Exactly one problem per expected entry, each holding all of that entry's substrings."""
+    wanted = [(entry,) if isinstance(entry, str) else entry for entry in expected]
+    assert len(problems) == len(wanted), "\n".join(problems)
+    unmatched = list(problems)
+    for parts in wanted:
+        hit = next((problem for problem in unmatched if all(part in problem for part in parts)), None)
+        assert hit is not None, f"no problem holds {parts}; problems:\n" + "\n".join(problems)
+        unmatched.remove(hit)
+
+
+def test_corpus_is_large_and_named_uniquely():
+    ids = [case.id for case in CASES + ACCEPTED]
+    assert len(CASES) >= 30 and len(set(ids)) == len(ids)
+    assert max(len(case.expected) for case in CASES) >= 5  # several problems reported at once
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path, capsys):
+    _skip_if_not_applicable(case)
+    inputs = _inputs(case, env, tmp_path)
+    before = _tree(tmp_path)
+
+    if not case.cli_only:
+        problems = preflight.check_run_inputs(inputs, case.start, case.overwrite)
+        messages = [problem.message for problem in problems]
+        _assert_matches(messages, case.expected)
+        assert all("\n" not in message for message in messages)
+        with pytest.raises(ValueError) as raised:
+            preflight.preflight(inputs, case.start, case.overwrite)
+        assert isinstance(raised.value, preflight.InputProblems) and str(raised.value).splitlines() == messages
+
+    assert run.main(_argv(case, inputs)) == 2
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: ") for line in lines), stderr
+    _assert_matches([line[len("error: "):] for line in lines], case.expected)
+
+    if case.graph:
+        first = case.expected[0]
+        expected = case.graph_expected or (first if isinstance(first, str) else first[0])
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            philo_dataflow.build_driver({"start": case.start}).execute(list(case.graph), inputs=inputs)
+    assert _tree(tmp_path) == before, "a failed run wrote or changed files"
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=lambda case: case.id)
+def test_odd_but_right_input_passes_the_preflight(case, env, tmp_path):
+    inputs = _inputs(case, env, tmp_path)
+    before = _tree(tmp_path)
+    assert [problem.message for problem in preflight.check_run_inputs(inputs, case.start, case.overwrite)] == []
+    assert _tree(tmp_path) == before
+
+
+def test_bom_and_duplicates_load_as_the_plain_file():
+    from philo_dataflow.loading import instruction_records, raw_records
+    from bad_inputs.cases import data
+
+    plain = instruction_records(raw_records(GOOD), GOOD)
+    assert instruction_records(raw_records(data("bom.jsonl")), "x") == plain
+    assert instruction_records(raw_records(data("good_with_duplicates.jsonl")), "x") == plain
