@@ -78,6 +78,9 @@ def _generations(
     use_adapter: bool,
     description: str,
 ) -> list[dict]:
+    from .preflight import raise_hyperparameter_problems  # imported here: preflight imports the stage modules
+
+    raise_hyperparameter_problems(max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size)
     prompts = [prompt_token_ids(tokenizer, prompt_format, q) for q in examples["input_text"]]
     adapter_off = contextlib.nullcontext() if use_adapter else finetuned_model.disable_adapter()
     with adapter_off:
@@ -103,6 +106,7 @@ def hold_out_generations(
 
     :param max_new_tokens: cap on generated tokens per answer.
     :param generation_batch_size: questions per batched ``generate`` call.
+    :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     return _generations(
         hold_out_set, finetuned_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,
@@ -152,6 +156,7 @@ def finetuned_model_on_validation_set(
     """Greedy fine-tuned answers on ``validation_set`` and the reference answers (untruncated text).
 
     :return: ``validation_predictions`` and ``validation_references``, lists of strings in split order.
+    :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     generations = _generations(
         validation_set, finetuned_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,

@@ -29,10 +29,12 @@ weights and writes nothing. What it checks, in order:
 6. the LLM judge, when ``judge_model`` is set: settings valid, endpoint reachable (``GET /models``), the
    model listed there.
 
-The nodes of ``loading``, ``splitting``, ``tokenization`` and ``modeling`` raise the same messages for
-the inputs they take, so ``dr.execute`` without a preflight fails with a ``ValueError`` there too, only
-later; the Trainer's and generation's settings (learning rate, epochs, batch sizes, ``max_new_tokens``)
-and the output directory are checked here only.
+The nodes of ``loading``, ``splitting``, ``tokenization``, ``modeling``, ``training`` and ``prediction``
+raise the same messages for the inputs they take, so ``dr.execute`` without a preflight fails with a
+``ValueError`` there too, only later: ``training_args`` and the generation nodes check the Trainer's and
+generation's settings with ``raise_hyperparameter_problems`` (a bad ``max_new_tokens`` is found there only
+after training). The output directory, the judge endpoint and the prompt lengths of every record at once
+are checked here only.
 """
 
 import difflib
@@ -225,6 +227,17 @@ def hyperparameter_problems(values: dict) -> list:
             f"{flag('hold_out_fraction')}): must be below 1 so that the train split keeps records; lower one of them.",
         ))
     return problems
+
+
+def raise_hyperparameter_problems(**values: Any) -> None:
+    """``hyperparameter_problems(values)`` for a dataflow node: the nodes that take hyperparameters call
+    it with theirs, so ``dr.execute`` without a preflight fails with the preflight's own lines.
+
+    :raises InputProblems: (a ValueError) one line per input out of range.
+    """
+    problems = hyperparameter_problems(values)
+    if problems:
+        raise InputProblems(problems)
 
 
 def _overrides_epochs(max_steps: Any) -> bool:

@@ -74,7 +74,11 @@ def training_args(
     :param neftune_noise_alpha: NEFTune embedding-noise scale (Jain et al. 2023); None disables it.
     :param bf16: bf16 autocast (needs a GPU or a CPU with bf16 support).
     :param seed: seeds model init, dropout and data order (``seed`` and ``data_seed``).
+    :raises ValueError: a hyperparameter out of range (``preflight.hyperparameter_problems``'s lines).
     """
+    from .preflight import raise_hyperparameter_problems  # imported here: preflight imports this module
+
+    raise_hyperparameter_problems(**locals())  # every argument; those without a rule (output_dir, bf16) pass
     strategy = "epoch" if eval_steps is None else "steps"
     return TrainingArguments(
         output_dir=str(Path(output_dir) / "checkpoints"),
@@ -156,7 +160,11 @@ def trainer(
 
     :param early_stopping_patience: evaluations without a lower validation loss before training stops;
         the checkpoint with the lowest validation loss is restored at the end.
+    :raises ValueError: ``early_stopping_patience`` out of range (``preflight.hyperparameter_problems``).
     """
+    from .preflight import raise_hyperparameter_problems  # imported here: preflight imports this module
+
+    raise_hyperparameter_problems(early_stopping_patience=early_stopping_patience)
     columns = ["input_ids", "attention_mask", "labels"]
     return SupervisedTokensTrainer(
         model=peft_model,

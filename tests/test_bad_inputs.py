@@ -172,3 +172,35 @@ def test_bom_and_duplicates_load_as_the_plain_file():
     plain = instruction_records(raw_records(GOOD), GOOD)
     assert instruction_records(raw_records(data("bom.jsonl")), "x") == plain
     assert instruction_records(raw_records(data("good_with_duplicates.jsonl")), "x") == plain
+
+
+@pytest.mark.parametrize("settings", [{"learning_rate": -1.0}, {"learning_rate": -1.0, "warmup_ratio": 2.0, "max_steps": 0}])
+def test_dataflow_without_preflight_raises_the_preflights_lines_for_trainer_settings(settings, tmp_path):
+    expected = [problem.message for problem in preflight.hyperparameter_problems(settings)]
+    with pytest.raises(ValueError) as raised:
+        philo_dataflow.build_driver({"start": "base"}).execute(["training_args"], inputs={
+            "output_dir": str(tmp_path), **settings})
+    assert expected and str(raised.value).splitlines() == expected
+
+
+def test_trainer_node_raises_the_preflights_line_for_early_stopping_patience():
+    expected = [problem.message for problem in preflight.hyperparameter_problems({"early_stopping_patience": 0})]
+    placeholders = {name: None for name in ("peft_model", "training_args", "data_collator", "tokenized_train",
+                                            "tokenized_validation", "tokenizer")}
+    with pytest.raises(ValueError) as raised:
+        philo_dataflow.build_driver({"start": "base"}).execute(["trainer"], inputs={"early_stopping_patience": 0},
+                                                               overrides=placeholders)
+    assert expected and str(raised.value).splitlines() == expected
+
+
+@pytest.mark.parametrize("output", ["finetuned_model_hold_out_generations", "base_model_hold_out_generations",
+                                    "validation_predictions"])
+def test_generation_nodes_raise_the_preflights_lines_before_generating(output):
+    settings = {"max_new_tokens": 0, "generation_batch_size": -2}
+    expected = [problem.message for problem in preflight.hyperparameter_problems(settings)]
+    # Nothing is generated: the models and data given are placeholders the check never reaches.
+    placeholders = {name: None for name in ("finetuned_model", "tokenizer", "hold_out_set", "validation_set")}
+    with pytest.raises(ValueError) as raised:
+        philo_dataflow.build_driver({"start": "base"}).execute(
+            [output], inputs=settings, overrides={**placeholders, "prompt_format": "chat_template"})
+    assert len(expected) == 2 and str(raised.value).splitlines() == expected

@@ -41,6 +41,10 @@ def pickle_model_dir(tmp_path, tiny_model_dir) -> Path:
 def test_pickle_model_weights_load_only_with_allow_pickle(pickle_model_dir, tiny_model_dir):
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: it is a pickle file.*allow_pickle=True \(--allow-pickle\)"):
         base_model(str(pickle_model_dir), CPU)
+    # The preflight says the same; transformers 5 always saves safetensors, so no safe_serialization advice.
+    (message,) = modeling.model_source_problems(str(pickle_model_dir))
+    assert "allow_pickle=True (--allow-pickle)" in message and "save_pretrained" in message
+    assert "safe_serialization" not in message
     loaded = base_model(str(pickle_model_dir), CPU, allow_pickle=True)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for (name, got), (_, expected) in zip(loaded.state_dict().items(), reference.state_dict().items()):
@@ -64,6 +68,30 @@ def test_pickle_adapter_loads_only_with_allow_pickle(tmp_path, tiny_model_dir):
     loaded = dr.execute(["peft_model"], inputs={"presaved_model_dir": str(adapter_dir), "allow_pickle": True})["peft_model"]
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
     assert torch.equal(dict(loaded.named_parameters())[name], dict(trained.named_parameters())[name])
+
+
+def test_cli_re_evaluates_a_pickle_adapter_only_with_allow_pickle(tmp_path, tiny_model_dir, small_jsonl, capsys):
+    """``run.py --start presaved`` on a directory holding only ``adapter_model.bin``: the preflight refuses
+    it naming the flag, and accepts it with ``--allow-pickle`` (as the library's loader does)."""
+    import run
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    adapter_dir = tmp_path / "adapter"
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    trained.save_pretrained(adapter_dir, safe_serialization=False)  # PEFT still writes adapter_model.bin
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter_dir)
+    assert not list(adapter_dir.glob("*.safetensors"))
+    manifest = {"inputs": {"model_id": tiny_model_dir, "data_path": small_jsonl, **FAST_INPUTS},
+                "prompt_format": "chat_template"}
+    (adapter_dir / modeling.MANIFEST_FILE).write_text(json.dumps(manifest))
+    argv = ["--start", "presaved", "--presaved-model-dir", str(adapter_dir), "--output-dir", str(tmp_path / "out"),
+            "--outputs", "hold_out_set_predictions", "--no-graph", "--max-new-tokens", "2"]
+
+    assert run.main(argv) == 2
+    assert "adapter_model.bin: it is a pickle file" in capsys.readouterr().err
+    assert run.main([*argv, "--allow-pickle"]) == 0, capsys.readouterr().err
 
 
 # --- custom model code -----------------------------------------------------------------------------

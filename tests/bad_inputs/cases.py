@@ -206,6 +206,8 @@ NOTHING_LISTENS = "{env.closed_url}"
 #: Every split tokenized: a prompt too long for max_seq_length fails whichever split it landed in.
 TOKENIZED = ("tokenized_train", "tokenized_validation", "tokenized_hold_out")
 NO_ANSWER_TOKEN = "no answer token would be supervised"
+#: The Trainer's settings are checked by the node that builds its arguments, before any model loads.
+TRAINER = ("training_args",)
 
 CASES = (
     # -- the data file: reading and parsing
@@ -274,14 +276,17 @@ CASES = (
     Case("max_seq_length_one", _good(max_seq_length=1), ("max_seq_length=1 (--max-seq-length): must be an integer >= 2",),
          graph=("tokenized_train",)),
     # -- hyperparameters
-    Case("learning_rate_zero", _good(learning_rate=0), ("learning_rate=0",)),
+    Case("learning_rate_zero", _good(learning_rate=0.0), ("learning_rate=0.0",), graph=TRAINER),
     Case("learning_rate_negative", _good(learning_rate=-0.001),
-         ("learning_rate=-0.001 (--learning-rate): must be a number > 0; the default is 0.0005",)),
-    Case("epochs_zero", _good(num_train_epochs=0), ("num_train_epochs=0 (--num-train-epochs): must be a number > 0",)),
+         ("learning_rate=-0.001 (--learning-rate): must be a number > 0; the default is 0.0005",), graph=TRAINER),
+    Case("epochs_zero", _good(num_train_epochs=0), ("num_train_epochs=0 (--num-train-epochs): must be a number > 0",),
+         graph=TRAINER),
     Case("epochs_negative", _good(num_train_epochs=-2), ("num_train_epochs=-2",)),
-    Case("max_steps_zero", _good(max_steps=0), ("max_steps=0 (--max-steps): must be -1 (train num_train_epochs epochs) or",)),
-    Case("batch_size_zero", _good(per_device_train_batch_size=0), ("per_device_train_batch_size=0",)),
-    Case("gradient_accumulation_zero", _good(gradient_accumulation_steps=0), ("gradient_accumulation_steps=0",)),
+    Case("max_steps_zero", _good(max_steps=0), ("max_steps=0 (--max-steps): must be -1 (train num_train_epochs epochs) or",),
+         graph=TRAINER),
+    Case("batch_size_zero", _good(per_device_train_batch_size=0), ("per_device_train_batch_size=0",), graph=TRAINER),
+    Case("gradient_accumulation_zero", _good(gradient_accumulation_steps=0), ("gradient_accumulation_steps=0",),
+         graph=TRAINER),
     Case("fractions_sum_to_one", _good(validation_fraction=0.5, hold_out_fraction=0.5),
          ("validation_fraction + hold_out_fraction = 1 (--validation-fraction, --hold-out-fraction): must be below 1",),
          graph=("train_set",)),
@@ -298,8 +303,8 @@ CASES = (
     Case("lora_layers_out_of_range", _good(lora_layers_to_transform="top:9"),
          ("lora_layers_to_transform='top:9': expected 'all', 'top:N' (the last N of the model's 2 decoder layers)",),
          graph=("lora_config",)),
-    Case("unknown_scheduler", _good(lr_scheduler_type="cosinus"), ("lr_scheduler_type='cosinus'",)),
-    Case("warmup_ratio_above_one", _good(warmup_ratio=1.5), ("warmup_ratio=1.5",)),
+    Case("unknown_scheduler", _good(lr_scheduler_type="cosinus"), ("lr_scheduler_type='cosinus'",), graph=TRAINER),
+    Case("warmup_ratio_above_one", _good(warmup_ratio=1.5), ("warmup_ratio=1.5",), graph=TRAINER),
     Case("early_stopping_patience_zero", _good(early_stopping_patience=0), ("early_stopping_patience=0",)),
     Case("max_new_tokens_zero", _good(max_new_tokens=0), ("max_new_tokens=0 (--max-new-tokens): must be an integer >= 1",)),
     Case("generation_batch_size_zero", _good(generation_batch_size=0), ("generation_batch_size=0",)),
@@ -317,7 +322,8 @@ CASES = (
          ("model.gguf': no such GGUF file",), graph=("tokenizer",)),
     Case("model_directory_without_config", _model_without_config, ("the directory holds no config.json",)),
     Case("model_directory_with_pickle_weights", _model_with_pickle_weights,
-         ("pytorch_model.bin: it is a pickle file and there are no safetensors weights",)),
+         (("pytorch_model.bin: it is a pickle file and there are no safetensors weights",
+           "Re-save the weights with save_pretrained (safetensors)", "pass allow_pickle=True (--allow-pickle)"),)),
     # -- the presaved adapter
     Case("presaved_directory_missing", lambda env, work: {"data_path": GOOD, "presaved_model_dir": str(work / "adapter")},
          (("presaved_model_dir=", "no such directory"),), start="presaved"),
