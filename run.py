@@ -39,7 +39,7 @@ HYPERPARAMETERS = (
     ("lora_alpha", int, "LoRA scaling numerator (update scaled by alpha / r)"),
     ("lora_dropout", float, "dropout on the LoRA input"),
     ("lora_target_modules", str, "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"),
-    ("lora_layers_to_transform", str, "decoder layers to adapt: 'all', 'top:N' or indices such as 0-3,8"),
+    ("lora_layers_to_transform", str, "decoder layers to adapt: 'all', 'top:N', 'top:P%%' (last P percent) or indices such as 0-3,8"),
     ("learning_rate", float, "peak AdamW learning rate"),
     ("num_train_epochs", int, "passes over the train split (early stopping may end sooner)"),
     ("max_steps", int, "optimizer steps to stop after; -1 uses --num-train-epochs"),
@@ -109,7 +109,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     group = parser.add_argument_group("hyperparameters (default: the library's default)")
     for name, kind, text in HYPERPARAMETERS:
-        group.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {defaults.get(name)})")
+        group.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {str(defaults.get(name)).replace('%', '%%')})")
     for name, text in BOOLEAN_FLAGS:
         group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default: {defaults.get(name)})")

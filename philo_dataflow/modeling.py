@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -574,11 +575,19 @@ def _layer_indices(spec: str, num_layers: int) -> Optional[list[int]]:
         return None
     problem = (
         f"lora_layers_to_transform={spec!r}: expected 'all', 'top:N' (the last N of the model's "
-        f"{num_layers} decoder layers) or indices/ranges such as '0-3,8', each in 0..{num_layers - 1}."
+        f"{num_layers} decoder layers), 'top:P%' (the last P percent, rounded up) or indices/ranges such as "
+        f"'0-3,8', each in 0..{num_layers - 1}."
     )
     try:
         if spec.startswith("top:"):
-            count = int(spec[4:])
+            amount = spec[4:].strip()
+            if amount.endswith("%"):
+                share = float(amount[:-1])
+                if not 0 < share <= 100:
+                    raise ValueError(problem)
+                count = math.ceil(num_layers * share / 100)
+            else:
+                count = int(amount)
             if not 1 <= count <= num_layers:
                 raise ValueError(problem)
             return list(range(num_layers - count, num_layers))
@@ -611,7 +620,8 @@ def lora_config(
     :param lora_target_modules: ``"all-linear"`` (every linear layer but the output head, as in QLoRA)
         or a comma-separated list of module names such as ``"q_proj,v_proj"``.
     :param lora_layers_to_transform: which decoder layers get adapters (PEFT ``layers_to_transform``):
-        ``"all"``, ``"top:N"`` (the last N layers) or indices/ranges such as ``"0-3,8"``. Adapting only
+        ``"all"``, ``"top:N"`` (the last N layers), ``"top:P%"`` (the last P percent of them, rounded
+        up) or indices/ranges such as ``"0-3,8"``. Adapting only
         the top layers also shortens the backward pass, which stops at the lowest adapted layer.
     :raises preflight.InputProblems: (a ValueError) ``lora_r``, ``lora_alpha`` or ``lora_dropout`` out of
         range.

@@ -59,8 +59,15 @@ def test_lora_on_top_layers_only(tiny_model_dir):
     assert summary["lora_training_flops_per_token"] == 2 * summary["total_parameters"] + 2 * summary["backward_parameters"]
 
 
-@pytest.mark.parametrize("spec", ["top:0", "top:99", "0-99", "x", "3-", ""])
+@pytest.mark.parametrize("spec", ["top:0", "top:99", "top:0%", "top:101%", "top:x%", "0-99", "x", "3-", ""])
 def test_lora_layers_to_transform_rejects_bad_specs(tiny_model_dir, spec):
     model = base_model(tiny_model_dir, torch.device("cpu"))
     with pytest.raises(ValueError, match="lora_layers_to_transform"):
         lora_config(model, lora_layers_to_transform=spec)
+
+
+@pytest.mark.parametrize("spec, expected", [("all", None), ("top:1", [1]), ("top:50%", [1]), ("top:51%", [0, 1]),
+                                            ("top:100%", [0, 1]), ("0", [0]), ("0-1", [0, 1]), ("1,0", [0, 1])])
+def test_lora_layers_to_transform_specs(tiny_model_dir, spec, expected):
+    model = base_model(tiny_model_dir, torch.device("cpu"))  # 2 decoder layers
+    assert lora_config(model, lora_layers_to_transform=spec).layers_to_transform == expected
