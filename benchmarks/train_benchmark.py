@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 
 logger = logging.getLogger("train_benchmark")
 
-VARIANTS = ("ours", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+VARIANTS = ("ours", "ours_gradient_checkpointing", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: ``eval_steps`` given to the library so that no evaluation falls inside the measured steps.
 NO_EVAL_STEPS = 10**9
 #: Logged training losses averaged into "loss after the steps".
@@ -232,9 +232,9 @@ def _splits(settings: TrainSettings) -> tuple:
     return as_split(pairs[: settings.records]), as_split(pairs[settings.records : end])
 
 
-def _library_nodes(settings: TrainSettings, names: list[str], output_dir: Path) -> dict:
+def _library_nodes(settings: TrainSettings, names: list[str], output_dir: Path, **extra_inputs: Any) -> dict:
     """The library's nodes ``names``, computed by its Hamilton driver (``start="base"``) with the
-    benchmark's records in place of the split and the shared settings as inputs."""
+    benchmark's records in place of the split and the shared settings (and ``extra_inputs``) as inputs."""
     import philo_dataflow
 
     train_set, validation_set = _splits(settings)
@@ -253,6 +253,7 @@ def _library_nodes(settings: TrainSettings, names: list[str], output_dir: Path) 
         "lora_target_modules": settings.lora_target_modules,
         "lora_layers_to_transform": settings.lora_layers_to_transform,
         "seed": settings.seed,
+        **extra_inputs,
     }
     if settings.learning_rate is not None:
         inputs["learning_rate"] = settings.learning_rate
@@ -309,8 +310,8 @@ def _train(trainer: Any) -> dict:
     return {"status": "ok", **summary, "train_s": time.perf_counter() - started, "settings": description}
 
 
-def _ours(settings: TrainSettings, output_dir: Path) -> dict:
-    nodes = _library_nodes(settings, ["trainer", "model_summary"], output_dir)
+def _ours(settings: TrainSettings, output_dir: Path, **extra_inputs: Any) -> dict:
+    nodes = _library_nodes(settings, ["trainer", "model_summary"], output_dir, **extra_inputs)
     result = _train(nodes["trainer"])
     result["model_summary"] = nodes["model_summary"]
     return result
@@ -399,6 +400,7 @@ def _pad_to_max_length(settings: TrainSettings, output_dir: Path) -> dict:
 
 _RUNNERS: dict[str, Callable[..., dict]] = {
     "ours": _ours,
+    "ours_gradient_checkpointing": lambda settings, output_dir: _ours(settings, output_dir, gradient_checkpointing=True),
     "trl_default": _trl,
     "trl_padding_free": lambda settings, output_dir: _trl(settings, output_dir, padding_free=True),
     "trl_packing": lambda settings, output_dir: _trl(settings, output_dir, packing=True),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_VARIANTS = ("ours", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: Seconds either smoke run may take before the test fails (each takes well under a minute on a quiet
 #: two-core machine).
 TIMEOUT_S = 300
