@@ -39,7 +39,7 @@ def test_embedded_model_is_dense_trainable_and_summarised(embedded_model_dir):
     model = base_model(EMBEDDED_MODEL_ID, torch.device("cpu"))
     assert getattr(model, "hf_quantizer", None) is None  # the GGUF quantizer marker is gone
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    peft = peft_model__base(model, lora_config(model, lora_target_modules="q_proj,v_proj"))
+    peft = peft_model__base(model, lora_config(model, lora_target_modules="q_proj,v_proj", lora_layers_to_transform="all"))
     summary = model_summary(peft, torch.device("cpu"))
     assert 134_000_000 < summary["total_parameters"] < 136_000_000
     # r=16 on q (576x576) and v (576x192) in 30 layers: 16*(576+576) + 16*(576+192) per layer
