@@ -58,7 +58,7 @@ HYPERPARAMETERS = (
     ("resume_from_checkpoint", str, "checkpoint dir of an interrupted run to resume, or 'last' (the newest complete one)"),
 )
 BOOLEAN_FLAGS = (
-    ("bf16", "bf16 autocast in training (GPU, or CPU with bf16 support)"),
+    ("bf16", "bf16 autocast in training; unset = auto: on where bf16 is native (CUDA GPU >= sm80, CPU with AVX512-BF16 or AMX)"),
     ("load_in_4bit", "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)"),
     ("gradient_checkpointing", "recompute activations in backward to save memory"),
     ("allow_pickle", "load pickle weights (.bin) when there are no safetensors (unpickling can run code)"),
@@ -112,7 +112,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         group.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {str(defaults.get(name)).replace('%', '%%')})")
     for name, text in BOOLEAN_FLAGS:
         group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{text} (default: {defaults.get(name)})")
+                           help=f"{text} (default: {'auto' if defaults.get(name) is None else defaults.get(name)})")
     judge = parser.add_argument_group("LLM judge (runs only with --judge-model; see docs/judge.md)")
     for name, kind, text in JUDGE_FLAGS:
         choices = ("auto", "json_schema", "json_object") if name == "judge_response_format" else None

@@ -29,6 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: name -> extra run.py flags. ``defaults`` is the library's defaults; the others change a few of them.
 CONFIGS = {
     "defaults": [],
+    "fp32_2ep": ["--no-bf16", "--num-train-epochs", "2"],
+    "bf16_2ep": ["--bf16", "--num-train-epochs", "2"],
+    "bf16_3ep": ["--bf16", "--num-train-epochs", "3"],
     "qv_only": ["--lora-target-modules", "q_proj,v_proj"],
     "top15_2ep": ["--lora-layers-to-transform", "top:15"],
     "top15_3ep": ["--lora-layers-to-transform", "top:15", "--num-train-epochs", "3"],

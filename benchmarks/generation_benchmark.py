@@ -206,12 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", type=int, default=None, help="hold-out questions answered (default: 32; --smoke: 4)")
     parser.add_argument("--model-id", default=None, help="model_id as the library takes it (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on new tokens per answer (default: 160; --smoke: 8)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call in the batched mode (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per generate call in the batched mode (default: the library's generation_batch_size)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per mode (default: 2; --smoke: 1)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: 32)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0, the library default)")
-    parser.add_argument("--lora-target-modules", default="q_proj,v_proj", help="LoRA target modules (default: q_proj,v_proj)")
+    parser.add_argument("--lora-target-modules", default=None, help="LoRA target modules (default: the library's lora_target_modules)")
     parser.add_argument("--seed", type=int, default=42, help="seed input of the library (default: 42)")
     parser.add_argument("--jobs", type=int, default=None, help="modes run at once; timings are comparable only with 1 (default: 1; --smoke: 2)")
     parser.add_argument("--child-timeout", type=float, default=3600, help="seconds a mode may run before it counts as failed (default: 3600)")
@@ -223,16 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> GenerationSettings:
     from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
+    from philo_dataflow.preflight import library_defaults
 
     smoke = args.smoke
     data_path = (REPO_ROOT / (args.data_path or (SMOKE_DATA_PATH if smoke else DEFAULT_DATA_PATH))).resolve()
     questions = args.questions if args.questions is not None else (4 if smoke else 32)
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (8 if smoke else 160)
     threads = args.threads if args.threads is not None else (1 if smoke else 2)
+    library = library_defaults()
+    batch_size = args.batch_size if args.batch_size is not None else library["generation_batch_size"]
+    lora_target_modules = args.lora_target_modules or library["lora_target_modules"]
     problems = [
         f"{flag}={value}: must be at least 1"
         for flag, value in (("--questions", questions), ("--max-new-tokens", max_new_tokens),
-                            ("--batch-size", args.batch_size), ("--threads", threads))
+                            ("--batch-size", batch_size), ("--threads", threads))
         if value < 1
     ]
     if not data_path.is_file():
@@ -242,8 +246,8 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> GenerationS
     model_id = tiny_model_dir(work_dir / "tiny-model") if smoke and args.model_id is None else (args.model_id or EMBEDDED_MODEL_ID)
     return GenerationSettings(
         data_path=str(data_path), questions=questions, model_id=model_id, model_path=resolve_model_path(model_id),
-        max_new_tokens=max_new_tokens, batch_size=args.batch_size, threads=threads, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=lora_target_modules,
         seed=args.seed, work_dir=str(work_dir),
     )
 

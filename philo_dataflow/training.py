@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from hamilton.function_modifiers import config, extract_fields
 from peft import PeftModel
@@ -38,9 +39,10 @@ _TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def training_args(
+    bf16_autocast: bool,
     output_dir: str = "outputs",
     learning_rate: float = 5e-4,
-    num_train_epochs: int = 2,
+    num_train_epochs: int = 3,
     max_steps: int = -1,
     per_device_train_batch_size: int = 8,
     per_device_eval_batch_size: int = 16,
@@ -51,7 +53,6 @@ def training_args(
     eval_steps: Optional[int] = None,
     logging_steps: int = 5,
     neftune_noise_alpha: Optional[float] = None,
-    bf16: bool = False,
     seed: int = 42,
 ) -> TrainingArguments:
     """The Trainer's arguments. Tokens per optimizer step = batch size x gradient accumulation x
@@ -60,7 +61,9 @@ def training_args(
     :param output_dir: run directory; checkpoints go to ``<output_dir>/checkpoints``.
     :param learning_rate: peak AdamW learning rate.
     :param num_train_epochs: passes over ``train_set`` (upper bound: early stopping may end sooner).
-        Default 2: the main job on ``example_data/`` fits in about 12 minutes on a 2-core CPU.
+        Default 3 (chosen in ``docs/defaults_sweep.md``): on ``example_data/`` the third epoch lowered the
+        validation loss (3.528 -> 3.500) and raised the EOS-stop rate (93% -> 100%); with bf16 autocast the
+        main job then takes about 8 minutes on a 2-core CPU with AVX512-BF16.
     :param max_steps: optimizer steps to stop after; -1 means use ``num_train_epochs``.
     :param per_device_train_batch_size: examples per forward pass in training.
     :param per_device_eval_batch_size: examples per forward pass in evaluation.
@@ -72,13 +75,13 @@ def training_args(
         None evaluates once per epoch.
     :param logging_steps: optimizer steps between training-loss log entries.
     :param neftune_noise_alpha: NEFTune embedding-noise scale (Jain et al. 2023); None disables it.
-    :param bf16: bf16 autocast (needs a GPU or a CPU with bf16 support).
+    :param bf16_autocast: see ``bf16_autocast``.
     :param seed: seeds model init, dropout and data order (``seed`` and ``data_seed``).
     :raises ValueError: a hyperparameter out of range (``preflight.hyperparameter_problems``'s lines).
     """
     from .preflight import raise_hyperparameter_problems  # imported here: preflight imports this module
 
-    raise_hyperparameter_problems(**locals())  # every argument; those without a rule (output_dir, bf16) pass
+    raise_hyperparameter_problems(**locals())  # every argument; those without a rule (output_dir...) pass
     strategy = "epoch" if eval_steps is None else "steps"
     return TrainingArguments(
         output_dir=str(Path(output_dir) / "checkpoints"),
@@ -103,12 +106,39 @@ def training_args(
         save_total_limit=2,
         train_sampling_strategy="group_by_length",
         neftune_noise_alpha=neftune_noise_alpha,
-        bf16=bf16,
+        bf16=bf16_autocast,
         seed=seed,
         data_seed=seed,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def _has_fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch without the keyword
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = get_capabilities() if get_capabilities else {}
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def bf16_autocast(device: torch.device, bf16: Optional[bool] = None) -> bool:
+    """Whether training and validation run under bf16 autocast (matmuls in bf16, weights and optimizer
+    state in fp32; generation always runs in the weights' precision).
+
+    :param bf16: True or False forces it; None (the default) turns it on where bf16 matmuls are native:
+        a CUDA GPU with bf16 (compute capability >= 8.0, without emulation) or a CPU with AVX512-BF16 or
+        AMX-BF16 instructions (``torch.cpu.get_capabilities()``). Measured on a 2-core AMD EPYC with
+        AVX512-BF16: the main job's training took 254 s instead of 386 s (1.52x) with validation loss
+        3.528 instead of 3.525 and hold-out ROUGE-L within noise (``docs/defaults_sweep.md``). On a CPU
+        without bf16 instructions a bf16 matmul is ~100x slower than fp32, so it stays off there.
+    """
+    return _has_fast_bf16(device) if bf16 is None else bool(bf16)
 
 
 def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
@@ -178,6 +208,10 @@ def trainer(
 
 
 def _ready_for_generation(model: PeftModel) -> PeftModel:
+    # Under mixed precision accelerate patches ``model.forward`` with an autocast wrapper that outlives
+    # the Trainer; removed, generation runs in the weights' own precision on every machine, so a
+    # presaved adapter gives the same answers wherever it is re-evaluated.
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     model.eval()
     model.config.use_cache = True
     return model

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philo_dataflow.tokenization import tokenize_example
-from philo_dataflow.training import SupervisedTokensTrainer, data_collator, training_args
+from philo_dataflow.training import SupervisedTokensTrainer, bf16_autocast, data_collator, training_args
 
 QUESTIONS = [
     ("What is the Stoic dichotomy of control?", "Some things are up to us, others are not."),
@@ -78,7 +78,7 @@ def test_trainer_loss_curve_matches_the_standard_trainer(tiny_model_dir, tmp_pat
     dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
     histories = []
     for trainer_class in (Trainer, SupervisedTokensTrainer):
-        args = training_args(output_dir=str(tmp_path / trainer_class.__name__), max_steps=2, logging_steps=1,
+        args = training_args(False, output_dir=str(tmp_path / trainer_class.__name__), max_steps=2, logging_steps=1,
                              per_device_train_batch_size=2, gradient_accumulation_steps=2, eval_steps=1000,
                              learning_rate=1e-2)
         args.load_best_model_at_end = False
@@ -91,3 +91,70 @@ def test_trainer_loss_curve_matches_the_standard_trainer(tiny_model_dir, tmp_pat
         histories.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert len(histories[0]) == 2
     assert histories[1] == pytest.approx(histories[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    ({"avx512_bf16": True, "amx_bf16": False}, True),
+    ({"avx512_bf16": False, "amx_bf16": True}, True),
+    ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, False),
+])
+def test_bf16_autocast_is_on_by_default_only_on_cpus_with_bf16_instructions(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    cpu = torch.device("cpu")
+    assert bf16_autocast(cpu) is expected
+    assert bf16_autocast(cpu, bf16=True) is True and bf16_autocast(cpu, bf16=False) is False
+    assert training_args(bf16_autocast(cpu), output_dir="unused").bf16 is expected
+
+
+def _loss_curve(tiny_model_dir, tmp_path, bf16: bool, steps: int = 6) -> list[float]:
+    from datasets import Dataset
+    from peft import get_peft_model
+
+    from philo_dataflow.modeling import lora_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [tokenize_example(tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS * 2]
+    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    args = training_args(bf16, output_dir=str(tmp_path / f"bf16-{bf16}"), max_steps=steps, logging_steps=1,
+                         per_device_train_batch_size=4, eval_steps=1000, learning_rate=1e-2)
+    args.load_best_model_at_end = False
+    args.eval_strategy = "no"
+    args.save_strategy = "no"
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, lora_config(base))
+    trainer = SupervisedTokensTrainer(model=model, args=args, train_dataset=dataset, data_collator=data_collator(tokenizer))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_bf16_autocast_keeps_the_loss_curve_of_fp32(tiny_model_dir, tmp_path, one_torch_thread):
+    """bf16 autocast (the default on CPUs with bf16 instructions) trains to the same loss curve as fp32,
+    within bf16's rounding (8 mantissa bits: ~0.4% per operation); the loss must also fall."""
+    fp32 = _loss_curve(tiny_model_dir, tmp_path, bf16=False)
+    bf16 = _loss_curve(tiny_model_dir, tmp_path, bf16=True)
+    assert len(fp32) == len(bf16) == 6
+    assert bf16 != fp32  # autocast really ran in bf16
+    assert bf16 == pytest.approx(fp32, rel=0.02)
+    assert bf16[-1] < bf16[0]
+
+
+def test_generation_after_bf16_training_runs_in_the_weights_precision(tiny_model_dir, small_jsonl, tmp_path):
+    """accelerate wraps the trained model's forward in bf16 autocast; the wrapper is removed before
+    generation, so answers are computed in fp32 (the same on machines with and without bf16)."""
+    import philo_dataflow
+    from conftest import FAST_INPUTS
+
+    inputs = {"data_path": small_jsonl, "model_id": tiny_model_dir, "output_dir": str(tmp_path / "out"),
+              **FAST_INPUTS, "bf16": True}
+    result = philo_dataflow.build_driver({"start": "base"}).execute(
+        ["finetuned_model", "fit_trainer"], inputs=inputs)
+    assert result["fit_trainer"].args.bf16
+    model = result["finetuned_model"]
+    ids = torch.tensor([[1, 520, 33, 2164, 17, 198]])  # (1, 6)
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.inference_mode():
+        expected = fresh_base(ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+    torch.testing.assert_close(disabled, expected, rtol=0, atol=0)
