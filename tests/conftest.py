@@ -77,6 +77,21 @@ def tiny_alpaca_model_dir(tmp_path_factory, alpaca_tokenizer) -> str:
     return _tiny_model_dir(tmp_path_factory.mktemp("tiny-alpaca"), alpaca_tokenizer)
 
 
+def logits_against_base(model, tiny_model_dir: str) -> dict:
+    """Logits (1, 6, vocab) of one short sequence from a freshly loaded ``tiny_model_dir`` (``base``) and
+    from the PEFT ``model`` with its adapter disabled and enabled."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 520, 33, 2164, 17, 198]])  # (1, 6)
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.inference_mode():
+        logits = {"base": fresh_base(ids).logits}
+        with model.disable_adapter():
+            logits["adapter_disabled"] = model(input_ids=ids).logits
+        logits["adapter_enabled"] = model(input_ids=ids).logits
+    return logits
+
+
 @pytest.fixture
 def small_jsonl(tmp_path) -> str:
     """30 alpaca records from the example data (three schools), as a JSONL file."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import philo_dataflow
-from conftest import FAST_INPUTS
+from conftest import FAST_INPUTS, logits_against_base
 from philo_dataflow import prediction, training
 from philo_dataflow.prediction import generate_greedy
 
@@ -130,15 +130,6 @@ def test_batched_greedy_equals_one_at_a_time(base_run, chat_tokenizer):
 
 
 def test_base_answers_come_from_the_same_weights_with_adapter_disabled(base_run, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = base_run["result"]["finetuned_model"]
-    ids = torch.tensor([[1, 520, 33, 2164, 17, 198]])
-    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with torch.inference_mode():
-        expected = fresh_base(ids).logits
-        with model.disable_adapter():
-            disabled = model(input_ids=ids).logits
-        enabled = model(input_ids=ids).logits
-    torch.testing.assert_close(disabled, expected)
-    assert not torch.allclose(enabled, expected)
+    logits = logits_against_base(base_run["result"]["finetuned_model"], tiny_model_dir)
+    torch.testing.assert_close(logits["adapter_disabled"], logits["base"])
+    assert not torch.allclose(logits["adapter_enabled"], logits["base"])

@@ -65,30 +65,40 @@ def test_gradient_accumulation_matches_one_big_batch(batch_and_model):
     torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_trainer_loss_curve_matches_the_standard_trainer(tiny_model_dir, tmp_path):
-    """Two optimizer steps with accumulation 2: same logged losses as transformers' own Trainer."""
+def _logged_losses(tiny_model_dir, output_dir, trainer_class=SupervisedTokensTrainer, bf16=False, **arguments) -> list:
+    """The training loss logged at every optimizer step of a fresh LoRA adapter on the tiny model, trained
+    on ``QUESTIONS`` twice with learning rate 1e-2, no evaluation and no checkpoints; ``arguments`` go to
+    ``training_args``."""
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import Trainer
 
     from philo_dataflow.modeling import lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [tokenize_example(tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS * 2]
     dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
-    histories = []
-    for trainer_class in (Trainer, SupervisedTokensTrainer):
-        args = training_args(False, output_dir=str(tmp_path / trainer_class.__name__), max_steps=2, logging_steps=1,
-                             per_device_train_batch_size=2, gradient_accumulation_steps=2, eval_steps=1000,
-                             learning_rate=1e-2)
-        args.load_best_model_at_end = False
-        args.eval_strategy = "no"
-        args.save_strategy = "no"
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        model = get_peft_model(base, lora_config(base))
-        trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=data_collator(tokenizer))
-        trainer.train()
-        histories.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    args = training_args(bf16, output_dir=str(output_dir), logging_steps=1, eval_steps=1000, learning_rate=1e-2,
+                         **arguments)
+    args.load_best_model_at_end = False
+    args.eval_strategy = "no"
+    args.save_strategy = "no"
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, lora_config(base))
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=data_collator(tokenizer))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trainer_loss_curve_matches_the_standard_trainer(tiny_model_dir, tmp_path):
+    """Two optimizer steps with accumulation 2: same logged losses as transformers' own Trainer."""
+    from transformers import Trainer
+
+    histories = [
+        _logged_losses(tiny_model_dir, tmp_path / trainer_class.__name__, trainer_class, max_steps=2,
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        for trainer_class in (Trainer, SupervisedTokensTrainer)
+    ]
     assert len(histories[0]) == 2
     assert histories[1] == pytest.approx(histories[0], rel=1e-4)
 
@@ -106,33 +116,14 @@ def test_bf16_autocast_is_on_by_default_only_on_cpus_with_bf16_instructions(monk
     assert training_args(bf16_autocast(cpu), output_dir="unused").bf16 is expected
 
 
-def _loss_curve(tiny_model_dir, tmp_path, bf16: bool, steps: int = 6) -> list[float]:
-    from datasets import Dataset
-    from peft import get_peft_model
-
-    from philo_dataflow.modeling import lora_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [tokenize_example(tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS * 2]
-    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
-    args = training_args(bf16, output_dir=str(tmp_path / f"bf16-{bf16}"), max_steps=steps, logging_steps=1,
-                         per_device_train_batch_size=4, eval_steps=1000, learning_rate=1e-2)
-    args.load_best_model_at_end = False
-    args.eval_strategy = "no"
-    args.save_strategy = "no"
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = get_peft_model(base, lora_config(base))
-    trainer = SupervisedTokensTrainer(model=model, args=args, train_dataset=dataset, data_collator=data_collator(tokenizer))
-    trainer.train()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
 def test_bf16_autocast_keeps_the_loss_curve_of_fp32(tiny_model_dir, tmp_path, one_torch_thread):
     """bf16 autocast (the default on CPUs with bf16 instructions) trains to the same loss curve as fp32,
     within bf16's rounding (8 mantissa bits: ~0.4% per operation); the loss must also fall."""
-    fp32 = _loss_curve(tiny_model_dir, tmp_path, bf16=False)
-    bf16 = _loss_curve(tiny_model_dir, tmp_path, bf16=True)
+    fp32, bf16 = (
+        _logged_losses(tiny_model_dir, tmp_path / f"bf16-{use_bf16}", bf16=use_bf16, max_steps=6,
+                       per_device_train_batch_size=4)
+        for use_bf16 in (False, True)
+    )
     assert len(fp32) == len(bf16) == 6
     assert bf16 != fp32  # autocast really ran in bf16
     assert bf16 == pytest.approx(fp32, rel=0.02)
@@ -143,18 +134,12 @@ def test_generation_after_bf16_training_runs_in_the_weights_precision(tiny_model
     """accelerate wraps the trained model's forward in bf16 autocast; the wrapper is removed before
     generation, so answers are computed in fp32 (the same on machines with and without bf16)."""
     import philo_dataflow
-    from conftest import FAST_INPUTS
+    from conftest import FAST_INPUTS, logits_against_base
 
     inputs = {"data_path": small_jsonl, "model_id": tiny_model_dir, "output_dir": str(tmp_path / "out"),
               **FAST_INPUTS, "bf16": True}
     result = philo_dataflow.build_driver({"start": "base"}).execute(
         ["finetuned_model", "fit_trainer"], inputs=inputs)
     assert result["fit_trainer"].args.bf16
-    model = result["finetuned_model"]
-    ids = torch.tensor([[1, 520, 33, 2164, 17, 198]])  # (1, 6)
-    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with torch.inference_mode():
-        expected = fresh_base(ids).logits
-        with model.disable_adapter():
-            disabled = model(input_ids=ids).logits
-    torch.testing.assert_close(disabled, expected, rtol=0, atol=0)
+    logits = logits_against_base(result["finetuned_model"], tiny_model_dir)
+    torch.testing.assert_close(logits["adapter_disabled"], logits["base"], rtol=0, atol=0)
