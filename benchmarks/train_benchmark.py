@@ -126,12 +126,13 @@ def _step_meter_class() -> type:
     class StepMeter(TrainerCallback):
         """Times optimizer steps and counts the tokens fed to the model in each.
 
-        A forward pre-hook on the trained model counts, per forward call, the positions fed
+        The trainer's ``training_step`` is wrapped to count, per batch it trains on, the positions fed
         (``input_ids.numel()``) and the real tokens (the sum of ``attention_mask``, or every position
-        when there is no mask, as in padding-free batches). ``on_step_end`` closes a step. The timed
-        window runs from the end of the first step to the end of the last, so it includes batch
-        collation and logging of every timed step but not model loading, the first (warm-up) step, nor
-        the evaluation and saving that follow the last step.
+        when there is no mask, as in padding-free batches); this sees every batch whatever the trainer's
+        loss calls (the model's ``forward``, or its decoder and head separately). ``on_step_end`` closes
+        a step. The timed window runs from the end of the first step to the end of the last, so it
+        includes batch collation and logging of every timed step but not model loading, the first
+        (warm-up) step, nor the evaluation and saving that follow the last step.
         """
 
         def __init__(self) -> None:
@@ -142,19 +143,24 @@ def _step_meter_class() -> type:
             self.losses: list[float] = []
             self._real = 0
             self._positions = 0
-            self._hook = None
 
         def attach(self, trainer: Any) -> None:
-            """Registers the callback and the forward hook on ``trainer.model``."""
+            """Registers the callback and wraps ``trainer.training_step`` to count each batch's tokens."""
             trainer.add_callback(self)
-            self._hook = trainer.model.register_forward_pre_hook(self._count, with_kwargs=True)
+            training_step = trainer.training_step
 
-        def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)  # (batch, seq_len)
+            def counted_training_step(model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+                self._count(inputs)
+                return training_step(model, inputs, *args, **kwargs)
+
+            trainer.training_step = counted_training_step
+
+        def _count(self, inputs: dict) -> None:
+            input_ids = inputs.get("input_ids")  # (batch, seq_len)
             if input_ids is None:
                 return
             positions = input_ids.numel()
-            mask = kwargs.get("attention_mask")  # (batch, seq_len) or None when padding-free
+            mask = inputs.get("attention_mask")  # (batch, seq_len) or None when padding-free
             self._positions += positions
             self._real += int(mask.sum()) if mask is not None and mask.dim() == 2 else positions
 
@@ -318,6 +324,8 @@ def _train(trainer: Any) -> dict:
     started = time.perf_counter()
     trainer.train()
     summary = meter.summary(torch.get_num_threads())
+    if not summary["real_tokens_per_s"]:
+        raise RuntimeError("the step meter counted no tokens: the trainer never called training_step with input_ids")
     return {"status": "ok", **summary, "train_s": time.perf_counter() - started, "settings": description}
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from hamilton.function_modifiers import config, extract_fields
@@ -25,7 +24,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .tokenization import IGNORE_INDEX
+from .cross_entropy import supervised_causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -148,32 +147,16 @@ def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
 
 
 class SupervisedTokensTrainer(Trainer):
-    """``Trainer`` whose causal-LM loss projects onto the vocabulary only where the next token is supervised.
-
-    The output head (hidden x vocabulary; 576 x 49,152 for SmolLM2) is the largest single matmul of a
-    small model, and its logits (batch x seq_len x vocab floats) the largest activation. Prompt and padding
-    positions carry label -100 and never reach the loss, so their logits are not computed: the model is
-    called with a boolean ``logits_to_keep`` mask (transformers >= 5), giving logits of shape
-    ``(supervised_tokens, vocab)``. The loss is the same token-level cross-entropy as the model's own
-    (sum over supervised tokens divided by ``num_items_in_batch`` across gradient accumulation, the
-    transformers#34191 fix), so results match the standard path up to float rounding (tested).
-    """
+    """``Trainer`` whose loss is ``supervised_causal_lm_loss``: the output head (the largest matmul of a
+    small model, whose logits are its largest activation) runs only where the next token is supervised,
+    fused into the loss in chunks where the architecture allows it. Autocast is entered here (the
+    fused path calls the decoder directly, not the ``forward`` accelerate wraps in autocast)."""
 
     loss_is_scaled_for_ga = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")  # (batch, seq_len), -100 where unsupervised
-        next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq_len): token each position predicts
-        keep = next_labels != IGNORE_INDEX  # (batch, seq_len) bool
-        outputs = model(**inputs, logits_to_keep=keep)  # logits: (supervised_tokens, vocab)
-        loss = F.cross_entropy(outputs.logits.float(), next_labels[keep], reduction="sum")
-        if num_items_in_batch is None:  # evaluation: mean over this batch's supervised tokens
-            loss = loss / keep.sum().clamp(min=1)
-        else:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
+        with self.accelerator.autocast():
+            loss, outputs = supervised_causal_lm_loss(model, inputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -1,11 +1,13 @@
-"""The training path's loss: supervised-only logits equal the model's own loss, and gradient accumulation
-normalises by supervised tokens (PITFALLS row 13)."""
+"""The training path's loss: supervised-only (and fused, chunked) output-head loss equals the model's own
+loss, and gradient accumulation normalises by supervised tokens (PITFALLS row 13)."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philo_dataflow.tokenization import tokenize_example
+from philo_dataflow import cross_entropy
+from philo_dataflow.cross_entropy import supervised_causal_lm_loss
 from philo_dataflow.training import SupervisedTokensTrainer, bf16_autocast, data_collator, training_args
 
 QUESTIONS = [
@@ -23,43 +25,141 @@ def batch_and_model(tiny_model_dir):
     features = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows]
     batch = data_collator(tokenizer)(features)  # right-padded, labels -100 on prompt and padding
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.lm_head.requires_grad_(False)  # frozen, as in every LoRA fine-tune (tied to the input embeddings)
     return batch, model, tokenizer
 
 
-def _loss(trainer_like, model, batch, num_items_in_batch=None):
-    return SupervisedTokensTrainer.compute_loss(trainer_like, model, dict(batch), num_items_in_batch=num_items_in_batch)
+def _loss(model, batch, num_items_in_batch=None):
+    return supervised_causal_lm_loss(model, dict(batch), num_items_in_batch)[0]
 
 
-def test_supervised_only_logits_give_the_models_own_loss(batch_and_model):
+@pytest.fixture(params=["fused", "unfused"])
+def loss_path(request, monkeypatch):
+    """Runs a test on the fused output-head loss (the default for Llama-like models) and on the
+    ``logits_to_keep`` path other architectures take."""
+    if request.param == "unfused":
+        monkeypatch.setattr(cross_entropy, "fusable_parts", lambda model: None)
+    return request.param
+
+
+def test_supervised_only_loss_equals_the_models_own_loss_and_gradients(batch_and_model, loss_path):
     batch, model, _ = batch_and_model
+    assert (cross_entropy.fusable_parts(model) is not None) == (loss_path == "fused")
     expected = model(**batch).loss  # transformers' ForCausalLMLoss over full logits
-    got = _loss(None, model, batch)
+    got = _loss(model, batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    # and the gradients agree too
     model.zero_grad()
     expected.backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    _loss(None, model, batch).backward()
-    for g_expected, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
-        torch.testing.assert_close(p.grad, g_expected, rtol=1e-4, atol=1e-6)
+    _loss(model, batch).backward()
+    assert grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_logits_are_only_computed_for_supervised_positions(batch_and_model):
+def test_unfused_logits_are_only_computed_for_supervised_positions(batch_and_model, monkeypatch):
     batch, model, _ = batch_and_model
-    _, outputs = SupervisedTokensTrainer.compute_loss(None, model, dict(batch), return_outputs=True)
+    monkeypatch.setattr(cross_entropy, "fusable_parts", lambda model: None)
+    _, outputs = supervised_causal_lm_loss(model, dict(batch))
     supervised_next = (batch["labels"][:, 1:] != -100).sum().item()
     assert outputs.logits.shape == (supervised_next, model.config.vocab_size)
     assert supervised_next < batch["attention_mask"].sum().item()  # the prompts were skipped
 
 
-def test_gradient_accumulation_matches_one_big_batch(batch_and_model):
+def test_fused_loss_keeps_no_logits_for_the_backward_pass(batch_and_model):
+    """The point of fusing: no (tokens, vocab) tensor is saved for backward, only (tokens, hidden) ones."""
+    batch, model, _ = batch_and_model
+    from peft import get_peft_model
+
+    from philo_dataflow.modeling import lora_config
+
+    peft_model = get_peft_model(model, lora_config(model))
+    assert cross_entropy.fusable_parts(peft_model) is not None
+    vocab = model.config.vocab_size
+    saved_shapes = []
+
+    def pack(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, outputs = supervised_causal_lm_loss(peft_model, dict(batch))
+    assert outputs.logits is None
+    assert saved_shapes and not [shape for shape in saved_shapes if len(shape) > 1 and shape[-1] == vocab]
+    loss.backward()  # and LoRA still gets its gradient through the fused head
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
+def test_chunked_linear_cross_entropy_equals_cross_entropy_of_the_full_logits(bias, chunk_tokens):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (23,))
+    expected = torch.nn.functional.cross_entropy(head(hidden), labels, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    got = cross_entropy.chunked_linear_cross_entropy(hidden, head, labels, chunk_tokens)
+    (got_grad,) = torch.autograd.grad(got * 0.5, hidden)  # an upstream gradient other than 1 scales it
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, 0.5 * expected_grad)
+
+
+def test_chunked_linear_cross_entropy_under_bf16_autocast_matches_autograd_through_the_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(40, 64, requires_grad=True)
+    labels = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+        got = cross_entropy.chunked_linear_cross_entropy(hidden, head, labels, 16)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # same bf16 logits, float32 softmax
+    torch.testing.assert_close(got_grad, expected_grad, rtol=2e-2, atol=2e-2)  # bf16 rounding of the gradient
+    assert got_grad.dtype == hidden.dtype
+
+
+def test_the_fused_loss_refuses_a_trained_head_and_is_skipped_where_it_does_not_apply(batch_and_model, monkeypatch):
+    _, model, _ = batch_and_model
+    from peft import LoraConfig, get_peft_model
+
+    head = torch.nn.Linear(4, 8)
+    with pytest.raises(ValueError, match="frozen output head"):
+        cross_entropy.chunked_linear_cross_entropy(torch.randn(2, 4), head, torch.tensor([0, 1]))
+    assert cross_entropy.fusable_parts(model) is not None
+    wrapped = torch.nn.Sequential(model)  # stands in for a DDP/FSDP wrapper, whose forward must run
+    assert cross_entropy.fusable_parts(wrapped) is None
+    lora_on_head = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert cross_entropy.fusable_parts(lora_on_head) is None
+    monkeypatch.setattr(model.config, "model_type", "granite")  # scales its logits after the head
+    assert cross_entropy.fusable_parts(model) is None
+
+
+def test_phi_output_head_with_bias_is_fused_exactly(chat_tokenizer):
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=512, pad_token_id=chat_tokenizer.pad_token_id)
+    model = PhiForCausalLM(config)
+    assert model.lm_head.bias is not None
+    model.lm_head.requires_grad_(False)
+    rows = [tokenize_example(chat_tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS]
+    batch = data_collator(chat_tokenizer)([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    assert cross_entropy.fusable_parts(model) is not None
+    torch.testing.assert_close(_loss(model, batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(batch_and_model, loss_path):
     # PITFALLS row 13: 1 x 4 and 4 x 1 give the same loss when normalised by supervised tokens.
     batch, model, _ = batch_and_model
-    whole = _loss(None, model, batch)
+    whole = _loss(model, batch)
     total_items = (batch["labels"][:, 1:] != -100).sum()
     accumulated = sum(
-        _loss(None, model, {k: v[i : i + 1] for k, v in batch.items()}, num_items_in_batch=total_items)
+        _loss(model, {k: v[i : i + 1] for k, v in batch.items()}, num_items_in_batch=total_items)
         for i in range(len(QUESTIONS))
     )
     torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-6)
