@@ -38,21 +38,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
         # hidden: (tokens, hidden_size); weight: (vocab, hidden_size); bias: (vocab,) or None; labels: (tokens,)
         needs_grad = ctx.needs_input_grad[0]
+        device_type = hidden.device.type
+        # The head's matmuls run in the autocast dtype when autocast is on, as ``lm_head(hidden)`` would;
+        # the weight is cast once here rather than by autocast in every chunk.
+        head_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        weight = weight.to(head_dtype)
+        bias = None if bias is None else bias.to(head_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             target = labels[rows]
-            logits = F.linear(hidden[rows], weight, bias)  # (chunk, vocab), autocast dtype if autocast is on
-            head_dtype = logits.dtype
-            logits = logits.float()
-            log_normaliser = torch.logsumexp(logits, dim=-1)  # (chunk,)
-            loss += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            logits = F.linear(hidden[rows].to(head_dtype), weight, bias).float()  # (chunk, vocab)
+            log_probs = torch.log_softmax(logits, dim=-1)  # (chunk, vocab)
+            del logits
+            loss -= log_probs.gather(1, target[:, None]).sum()
             if needs_grad:
-                grad_logits = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in place
+                grad_logits = log_probs.exp_()  # softmax, in place
                 grad_logits[torch.arange(target.shape[0], device=target.device), target] -= 1.0
                 # Same precision as autograd through the head: logits' gradient cast to the head's dtype.
-                grad_hidden[rows] = grad_logits.to(head_dtype) @ weight.to(head_dtype)
+                grad_hidden[rows] = grad_logits.to(head_dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return loss
 
