@@ -264,15 +264,17 @@ def work_directory(given: Optional[str], prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
-def tiny_model_dir(directory: Path) -> str:
-    """A randomly initialised 2-layer Llama (hidden size 32) with the embedded model's tokenizer,
-    saved to ``directory``: the same recipe as ``tests/conftest.py``, for ``--smoke`` runs."""
+def tiny_model_dir(directory: Path, tokenizer: Any = None) -> str:
+    """A randomly initialised 2-layer Llama (hidden size 32, tied embeddings) with ``tokenizer`` (default:
+    the embedded model's), saved to ``directory``: the model of ``--smoke`` runs and of the test suite's
+    ``tiny_model_dir`` fixtures."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL_ID))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL_ID))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

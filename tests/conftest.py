@@ -52,18 +52,9 @@ def alpaca_tokenizer(embedded_model_dir):
 
 
 def _tiny_model_dir(directory: Path, tokenizer) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from benchmarks._common import tiny_model_dir  # the benchmarks' --smoke model, one recipe for both
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return tiny_model_dir(directory, tokenizer)
 
 
 @pytest.fixture(scope="session")
