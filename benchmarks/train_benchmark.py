@@ -284,8 +284,6 @@ def _shared_arguments(library_args: Any, match_precision: bool = True) -> dict:
 
 def _describe(trainer: Any) -> dict:
     """The trainer's settings that decide speed and memory, as it will train."""
-    from philo_dataflow.precision import activation_checkpointing_on
-
     args = trainer.args
     return {
         "trainer": type(trainer).__name__,
@@ -295,7 +293,7 @@ def _describe(trainer: Any) -> dict:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "max_steps": args.max_steps,
         "train_sampling_strategy": str(getattr(args, "train_sampling_strategy", "random")),
-        "gradient_checkpointing": bool(args.gradient_checkpointing or activation_checkpointing_on(trainer.model)),
+        "gradient_checkpointing": bool(args.gradient_checkpointing or _checkpointing_on(trainer.model)),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(args.lr_scheduler_type),
@@ -303,6 +301,17 @@ def _describe(trainer: Any) -> dict:
         "optim": str(args.optim),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
     }
+
+
+def _checkpointing_on(model: Any) -> bool:
+    """Whether activation checkpointing is on in ``model`` (the library turns it on in the model, not
+    through ``TrainingArguments``); transformers 5 renamed the attribute."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            return bool(getattr(model, name))
+        except AttributeError:
+            continue
+    return False
 
 
 def _train(trainer: Any) -> dict:
