@@ -10,6 +10,8 @@ backward pass. The arithmetic is the same as ``F.cross_entropy(lm_head(hidden).f
 head's matmul in the autocast dtype, the softmax in float32, the same two matmuls per token. This is the
 "fused linear cross-entropy" of Liger Kernel (Hsu et al. 2024, arXiv:2410.10989) and of Cut
 Cross-Entropy (Wijmans et al. 2024, arXiv:2411.09009), written in plain PyTorch so that it runs on CPU.
+Measured with ``benchmarks/train_benchmark.py`` (SmolLM2-135M, batch 8, bf16 autocast on a 2-core CPU):
+peak RSS 3.37 -> 3.07 GB at the same tokens per second (``benchmarks/README.md``).
 """
 
 from typing import Optional
