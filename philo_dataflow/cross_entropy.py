@@ -96,8 +96,11 @@ def fusable_parts(model: nn.Module) -> Optional[tuple]:
 
     Fusable: an unwrapped model (not DDP/FSDP-wrapped: those must see their own ``forward`` called) of a
     ``FUSED_MODEL_TYPES`` architecture whose output head is a frozen ``nn.Linear`` (no LoRA on it, not
-    trained as a ``modules_to_save`` copy).
+    trained as a ``modules_to_save`` copy), and not a PEFT prompt-learning model (its ``forward``
+    prepends the virtual tokens).
     """
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return None
     get_base_model = getattr(model, "get_base_model", None)
     causal_lm = get_base_model() if callable(get_base_model) else model
     config = getattr(causal_lm, "config", None)
@@ -151,5 +154,5 @@ def supervised_causal_lm_loss(
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    outputs.loss = loss
+    outputs["loss"] = loss
     return loss, outputs

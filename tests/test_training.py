@@ -138,6 +138,15 @@ def test_the_fused_loss_refuses_a_trained_head_and_is_skipped_where_it_does_not_
     assert cross_entropy.fusable_parts(model) is None
 
 
+def test_a_prompt_tuning_model_keeps_its_own_forward(tiny_model_dir):
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.lm_head.requires_grad_(False)
+    prompt_tuned = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert cross_entropy.fusable_parts(prompt_tuned) is None  # its forward prepends the virtual tokens
+
+
 def test_phi_output_head_with_bias_is_fused_exactly(chat_tokenizer):
     from transformers import PhiConfig, PhiForCausalLM
 
