@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from philo_dataflow.tokenization import tokenize_example
 from philo_dataflow import cross_entropy
 from philo_dataflow.cross_entropy import supervised_causal_lm_loss
+from philo_dataflow.tokenization import tokenize_example
 from philo_dataflow.training import SupervisedTokensTrainer, bf16_autocast, data_collator, training_args
 
 QUESTIONS = [
@@ -18,12 +18,16 @@ QUESTIONS = [
 ]
 
 
+def _features(tokenizer, pairs=QUESTIONS) -> list:
+    """``pairs`` tokenized with the chat template, as the Trainer's feature dicts."""
+    rows = [tokenize_example(tokenizer, "chat_template", q, a, 256) for q, a in pairs]
+    return [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows]
+
+
 @pytest.fixture
 def batch_and_model(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [tokenize_example(tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS]
-    features = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows]
-    batch = data_collator(tokenizer)(features)  # right-padded, labels -100 on prompt and padding
+    batch = data_collator(tokenizer)(_features(tokenizer))  # right-padded, labels -100 on prompt and padding
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.lm_head.requires_grad_(False)  # frozen, as in every LoRA fine-tune (tied to the input embeddings)
     return batch, model, tokenizer
@@ -156,8 +160,7 @@ def test_phi_output_head_with_bias_is_fused_exactly(chat_tokenizer):
     model = PhiForCausalLM(config)
     assert model.lm_head.bias is not None
     model.lm_head.requires_grad_(False)
-    rows = [tokenize_example(chat_tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS]
-    batch = data_collator(chat_tokenizer)([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    batch = data_collator(chat_tokenizer)(_features(chat_tokenizer))
     assert cross_entropy.fusable_parts(model) is not None
     torch.testing.assert_close(_loss(model, batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
 
@@ -184,8 +187,7 @@ def _logged_losses(tiny_model_dir, output_dir, trainer_class=SupervisedTokensTra
     from philo_dataflow.modeling import lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [tokenize_example(tokenizer, "chat_template", q, a, 256) for q, a in QUESTIONS * 2]
-    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    dataset = Dataset.from_list(_features(tokenizer, QUESTIONS * 2))
     args = training_args(bf16, output_dir=str(output_dir), logging_steps=1, eval_steps=1000, learning_rate=1e-2,
                          **arguments)
     args.load_best_model_at_end = False
