@@ -41,6 +41,7 @@ CONFIGS = {
     "neftune5": ["--neftune-noise-alpha", "5"],
     "r32": ["--lora-r", "32", "--lora-alpha", "64"],
     "1ep": ["--num-train-epochs", "1"],
+    "seed7": ["--seed", "7"],
 }
 
 

@@ -60,3 +60,28 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
     assert generation_report["comparison"]["identical"] is True
     assert generation_report["comparison"]["speedup"] > 0
     assert "Speed ratio batched ÷ one at a time" in generation_output
+
+
+def test_answer_style_measures_restating_and_shared_wording(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from answer_style import answer_style
+
+    questions = ["What does Stoicism say about anger?", "What does Stoicism say about grief?",
+                 "What does Taoism say about water?"]
+    restating = ["Stoicism says that anger is a brief madness.", "Stoicism says that grief is a judgment.",
+                 "Taoism says that water is soft yet strong."]
+    elsewhere = ["Seneca called it brief madness.", "Epictetus wrote of loss.", "Laozi praised the yielding."]
+
+    def write(name, answers):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"instruction": q, "output": a, "school": q.split()[2]}) + "\n"
+                                for q, a in zip(questions, answers)))
+        return str(path)
+
+    direct, indirect = answer_style(write("direct.jsonl", restating)), answer_style(write("indirect.jsonl", elsewhere))
+    assert direct["records"] == indirect["records"] == 3
+    assert direct["answer_vs_question"] > 0.35 > 0.1 > indirect["answer_vs_question"]
+    # The two Stoic answers share "Stoicism says that ... is a"; Taoism has no second answer to compare.
+    assert direct["answer_vs_same_school_answer"] > indirect["answer_vs_same_school_answer"]
+    assert direct["words"] == (8 + 7 + 8) / 3
+    assert direct["common_openings"][0] == ("Stoicism says", 2)
