@@ -37,9 +37,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     ``bias`` receive no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, grad_enabled):
         # hidden: (tokens, hidden_size); weight: (vocab, hidden_size); bias: (vocab,) or None; labels: (tokens,)
-        needs_grad = ctx.needs_input_grad[0]
+        # ``needs_input_grad`` is True for a hidden state that requires grad even under ``torch.no_grad``
+        # (evaluation), where no backward follows: the caller's grad mode decides too.
+        needs_grad = ctx.needs_input_grad[0] and grad_enabled
         device_type = hidden.device.type
         # The head's matmuls run in the autocast dtype when autocast is on, as ``lm_head(hidden)`` would;
         # the weight is cast once here rather than by autocast in every chunk.
@@ -66,7 +68,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -87,7 +89,7 @@ def chunked_linear_cross_entropy(
     """
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         raise ValueError("chunked_linear_cross_entropy needs a frozen output head; this one is trained.")
-    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_tokens)
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_tokens, torch.is_grad_enabled())
 
 
 def fusable_parts(model: nn.Module) -> Optional[tuple]:

@@ -111,6 +111,24 @@ def test_chunked_linear_cross_entropy_equals_cross_entropy_of_the_full_logits(bi
     torch.testing.assert_close(got_grad, 0.5 * expected_grad)
 
 
+def test_chunked_linear_cross_entropy_does_no_gradient_work_under_no_grad():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)  # as in evaluation: a LoRA model's hidden states
+    labels = torch.randint(0, 50, (23,))
+    head_matmul_flops = 2 * 23 * 16 * 50
+    with FlopCounterMode(display=False) as training:
+        with_grad = cross_entropy.chunked_linear_cross_entropy(hidden, head, labels, 5)
+    with torch.no_grad(), FlopCounterMode(display=False) as evaluation:
+        without_grad = cross_entropy.chunked_linear_cross_entropy(hidden, head, labels, 5)
+    assert training.get_total_flops() == 2 * head_matmul_flops  # logits, then the hidden states' gradient
+    assert evaluation.get_total_flops() == head_matmul_flops  # logits only
+    torch.testing.assert_close(without_grad, with_grad.detach())
+    assert not without_grad.requires_grad
+
+
 def test_chunked_linear_cross_entropy_under_bf16_autocast_matches_autograd_through_the_head():
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 300, bias=False).requires_grad_(False)
