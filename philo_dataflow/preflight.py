@@ -369,6 +369,8 @@ def model_problems(values: dict, start: str, found: Optional[loading.NormalisedP
         problems = [Problem("model_id", line) for line in modeling.model_source_problems(model_id, allow_pickle)]
         problems += [Problem("load_in_4bit", line)
                      for line in modeling.quantization_problems(bool(values.get("load_in_4bit")), modeling.device())]
+        problems += [Problem("torch_compile", line)
+                     for line in training.torch_compile_problems(values.get("torch_compile"), modeling.device())]
         if problems:
             return problems
         problems += _lora_problems(values, model_id, bad_inputs)

@@ -5,6 +5,8 @@ saving, prediction and metrics depend on its outputs. Under ``start="presaved"``
 filled from the presaved adapter: the validation loss is recomputed, the loss history is read back.
 """
 
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
-from hamilton.function_modifiers import config, extract_fields
+from hamilton.function_modifiers import config, extract_fields, hamilton_exclude
 from peft import PeftModel
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -141,6 +143,89 @@ def bf16_autocast(device: torch.device, bf16: Optional[bool] = None) -> bool:
     return _has_fast_bf16(device) if bf16 is None else bool(bf16)
 
 
+@functools.cache
+def _compiler_problem(device_type: str) -> Optional[str]:
+    """Why ``torch.compile`` cannot build and run a small forward and backward graph on ``device_type``
+    (inductor's C++ backend on a CPU, triton on CUDA), or None. Probed once per process (about 2 s the
+    first time, well under 1 s once inductor's on-disk cache holds the probe)."""
+
+    def probe(x):
+        return torch.nn.functional.silu(x) * x + 1.0
+
+    try:
+        x = torch.randn(4, 8, device=device_type, requires_grad=True)
+        torch.compile(probe, dynamic=True, fullgraph=True)(x).sum().backward()
+    except Exception as error:  # any failure of the toolchain (no compiler, no triton...) means: do not compile
+        message = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {message[0] if message else 'no message'}"
+    return None
+
+
+@hamilton_exclude
+def torch_compile_problems(torch_compile: Optional[bool], device: torch.device) -> list[str]:
+    """Why ``torch_compile=True`` cannot be honoured here: ``torch.compile`` failed to build the probe
+    graph (``_compiler_problem``). None (auto) and False have no problems: auto turns compilation off."""
+    if torch_compile is not True:
+        return []
+    problem = _compiler_problem(device.type)
+    if problem is None:
+        return []
+    needs = "a C++ compiler (g++ or clang++ on the PATH, or $CXX)" if device.type == "cpu" else "triton"
+    return [f"torch_compile=True, but torch.compile cannot build code on this {device.type} ({problem}): install "
+            f"{needs}, or leave torch_compile unset (auto) or False (--no-torch-compile)."]
+
+
+def compile_decoder_layers(device: torch.device, torch_compile: Optional[bool] = None) -> bool:
+    """Whether training compiles each decoder layer with ``torch.compile`` (PyTorch's *regional
+    compilation* recipe, https://pytorch.org/tutorials/recipes/regional_compilation.html: the layers
+    share one compiled graph, so compiling 30 costs about as much as compiling one).
+
+    Only the training loop (and the validation passes inside it) runs compiled: the layers are
+    restored when it returns, so generation and the final ``evaluate()`` run the model as loaded.
+    Compilation uses dynamic shapes (batches of every length share the graph).
+
+    :param torch_compile: True or False forces it; None (the default) turns it on for a CPU where
+        ``torch.compile`` builds and runs a small forward and backward graph (inductor's CPU backend
+        needs a C++ compiler). Measured on a 2-core AMD EPYC with AVX512-BF16 (SmolLM2-135M, batch 8 of
+        ~140 tokens, bf16 autocast, LoRA on q_proj,v_proj): 451-459 real tokens/s against 378 eager
+        (1.19-1.21x), peak RSS 2.38-2.41 GB against 2.79, losses equal to +-0.002; compiling costs ~35 s
+        the first time and a few seconds once inductor's on-disk cache holds the graphs. Off by default
+        on CUDA, where it has not been measured.
+    :raises ValueError: ``torch_compile=True`` where ``torch.compile`` cannot build code
+        (``torch_compile_problems``).
+    """
+    problems = torch_compile_problems(torch_compile, device)
+    if problems:
+        raise ValueError(problems[0])
+    if torch_compile is None:
+        return device.type == "cpu" and _compiler_problem(device.type) is None
+    return bool(torch_compile)
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list:
+    """The first ``nn.ModuleList`` whose children are all of one class (a decoder's layers), or []."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            return list(module)
+    return []
+
+
+@contextlib.contextmanager
+def _compiled_decoder_layers(model: torch.nn.Module, enabled: bool = True):
+    """Within the block, each decoder layer of ``model`` is compiled in place (``nn.Module.compile``,
+    dynamic shapes; parameter names and the state dict stay unchanged); on exit the layers run eagerly
+    again. Nested use leaves layers compiled by an outer block to it."""
+    layers = [layer for layer in _repeated_blocks(model) if getattr(layer, "_compiled_call_impl", None) is None] if enabled else []
+    try:
+        for layer in layers:
+            layer.compile(dynamic=True)
+        with torch._dynamo.config.patch(suppress_errors=True) if layers else contextlib.nullcontext():
+            yield model
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
 def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads each batch to its own longest example (dynamic padding, right side); labels are padded
     with -100 by position, so padding is never supervised and the EOS always is."""
@@ -155,6 +240,15 @@ class SupervisedTokensTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
+    def __init__(self, *args, compile_decoder_layers: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compile_decoder_layers = compile_decoder_layers
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, with the decoder layers compiled when ``compile_decoder_layers`` is set."""
+        with _compiled_decoder_layers(self.model, self.compile_decoder_layers):
+            return super().train(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.accelerator.autocast():
             loss, outputs = supervised_causal_lm_loss(model, inputs, num_items_in_batch)
@@ -168,6 +262,7 @@ def trainer(
     tokenized_train: Dataset,
     tokenized_validation: Dataset,
     tokenizer: PreTrainedTokenizerBase,
+    compile_decoder_layers: bool,
     early_stopping_patience: int = 2,
 ) -> Trainer:
     """The Trainer (a ``SupervisedTokensTrainer``), with early stopping on validation loss; not yet trained.
@@ -188,6 +283,7 @@ def trainer(
         eval_dataset=tokenized_validation.select_columns(columns),
         processing_class=tokenizer,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)],
+        compile_decoder_layers=compile_decoder_layers,
     )
 
 

@@ -272,3 +272,84 @@ def test_generation_after_bf16_training_runs_in_the_weights_precision(tiny_model
     assert result["fit_trainer"].args.bf16
     logits = logits_against_base(result["finetuned_model"], tiny_model_dir)
     torch.testing.assert_close(logits["adapter_disabled"], logits["base"], rtol=0, atol=0)
+
+
+def _compiled_training(tiny_model_dir, output_dir, compile_layers: bool) -> tuple:
+    """Six logged losses of ``_logged_losses``'s recipe with ``compile_decoder_layers`` set, whether every
+    decoder layer was compiled at every optimizer step, and the layers after ``train()`` returned."""
+    import functools
+
+    from transformers import TrainerCallback
+
+    seen, trained = [], []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            layers = model.get_base_model().model.layers
+            seen.append(all(layer._compiled_call_impl is not None for layer in layers))
+            trained.append(layers)
+
+    class SpiedTrainer(SupervisedTokensTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, callbacks=[Spy()], **kwargs)
+
+    losses = _logged_losses(tiny_model_dir, output_dir, functools.partial(SpiedTrainer, compile_decoder_layers=compile_layers),
+                            max_steps=6, per_device_train_batch_size=4)
+    return losses, seen, trained[-1]
+
+
+def test_compiled_decoder_layers_keep_the_loss_curve_and_are_restored_after_training(tiny_model_dir, tmp_path, one_torch_thread):
+    """Regional compilation trains to eager's loss curve (fp32: up to the compiler's reordering of sums),
+    really runs compiled graphs during ``train()``, and leaves the layers eager for generation."""
+    from torch._dynamo.utils import counters
+
+    eager, eager_seen, _ = _compiled_training(tiny_model_dir, tmp_path / "eager", compile_layers=False)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled, compiled_seen, layers = _compiled_training(tiny_model_dir, tmp_path / "compiled", compile_layers=True)
+    assert eager_seen == [False] * 6 and compiled_seen == [True] * 6
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the compiler produced graphs, no fallback
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert len(compiled) == 6 and compiled[-1] < compiled[0]
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_the_compiler_probe_finds_a_broken_toolchain(monkeypatch):
+    """The probe really compiles: with inductor pointed at a C++ compiler that does not exist (and its
+    on-disk cache off) it reports why, so auto mode trains eagerly and ``torch_compile=True`` is refused
+    up front, not with a traceback from inside the first backward pass."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    from philo_dataflow import training
+
+    training._compiler_problem.cache_clear()
+    torch._dynamo.reset()  # forget the probe graph compiled by earlier tests, so this call must compile
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    try:
+        cpu = torch.device("cpu")
+        problem = training._compiler_problem("cpu")
+        assert problem is not None and "C++ compiler" in problem
+        assert training.compile_decoder_layers(cpu) is False
+        assert training.compile_decoder_layers(cpu, torch_compile=False) is False
+        with pytest.raises(ValueError, match=r"torch_compile=True, but torch.compile cannot build code on this cpu .*"
+                                             r"install a C\+\+ compiler .*--no-torch-compile"):
+            training.compile_decoder_layers(cpu, torch_compile=True)
+    finally:
+        training._compiler_problem.cache_clear()
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device_type, problem, expected", [
+    ("cpu", None, True),
+    ("cpu", "InvalidCxxCompiler: No working C++ compiler found", False),
+    ("cuda", None, False),
+])
+def test_torch_compile_is_on_by_default_only_on_a_cpu_where_it_can_build_code(monkeypatch, device_type, problem, expected):
+    from philo_dataflow import training
+
+    monkeypatch.setattr(training, "_compiler_problem", lambda device_type: problem)
+    device = torch.device(device_type)
+    assert training.compile_decoder_layers(device) is expected
+    assert training.compile_decoder_layers(device, torch_compile=False) is False
+    assert (training.torch_compile_problems(True, device) == []) is (problem is None)
