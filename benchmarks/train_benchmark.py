@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 
 logger = logging.getLogger("train_benchmark")
 
-VARIANTS = ("ours", "ours_gradient_checkpointing", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_eager", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: ``eval_steps`` given to the library so that no evaluation falls inside the measured steps.
 NO_EVAL_STEPS = 10**9
 #: Logged training losses averaged into "loss after the steps".
@@ -300,6 +300,7 @@ def _describe(trainer: Any) -> dict:
         "warmup_steps": args.warmup_steps,
         "optim": str(args.optim),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
+        "compiled_decoder_layers": bool(getattr(trainer, "compile_decoder_layers", False)),
     }
 
 
@@ -420,6 +421,7 @@ def _pad_to_max_length(settings: TrainSettings, output_dir: Path) -> dict:
 _RUNNERS: dict[str, Callable[..., dict]] = {
     "ours": _ours,
     "ours_gradient_checkpointing": lambda settings, output_dir: _ours(settings, output_dir, gradient_checkpointing=True),
+    "ours_eager": lambda settings, output_dir: _ours(settings, output_dir, torch_compile=False),
     "trl_default": _trl,
     "trl_padding_free": lambda settings, output_dir: _trl(settings, output_dir, padding_free=True),
     "trl_packing": lambda settings, output_dir: _trl(settings, output_dir, packing=True),
@@ -637,6 +639,7 @@ def _notes(result: dict) -> str:
     parts = [
         f"{s['trainer']} + {s['data_collator']}", f"sampler {s['train_sampling_strategy']}",
         f"{s['precision']}", f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+        f"decoder layers {'compiled' if s.get('compiled_decoder_layers') else 'eager'}",
         f"{s['train_rows']} train rows", f"{result['real_tokens_all_steps']} real tokens in {result['optimizer_steps']} steps",
     ]
     if result.get("peak_cuda_memory_bytes"):
@@ -733,7 +736,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     work_dir = work_directory(args.work_dir, "train-benchmark-")
     settings = _settings_from_args(args, work_dir)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))  # each once
     jobs = args.jobs if args.jobs is not None else (2 if args.smoke else 1)
     settings_file = work_dir / "settings.json"
     write_json(settings_file, dataclasses.asdict(settings))

@@ -187,10 +187,12 @@ def compile_decoder_layers(device: torch.device, torch_compile: Optional[bool] =
     :param torch_compile: True or False forces it; None (the default) turns it on for a CPU where
         ``torch.compile`` builds and runs a small forward and backward graph (inductor's CPU backend
         needs a C++ compiler). Measured on a 2-core AMD EPYC with AVX512-BF16 (SmolLM2-135M, batch 8 of
-        ~140 tokens, bf16 autocast, LoRA on q_proj,v_proj): 451-459 real tokens/s against 378 eager
-        (1.19-1.21x), peak RSS 2.38-2.41 GB against 2.79, losses equal to +-0.002; compiling costs ~35 s
-        the first time and a few seconds once inductor's on-disk cache holds the graphs. Off by default
-        on CUDA, where it has not been measured.
+        ~140 tokens, bf16 autocast, LoRA on q_proj,v_proj): 428 real tokens/s against 374 eager (1.14x)
+        and peak RSS 2.58 GB against 3.16 in one ``benchmarks/train_benchmark.py`` run (1.19-1.21x in a
+        plain process), losses equal to +-0.002. Compiling costs ~45 s the first time (the first step and
+        the first validation pass) and ~10 s once inductor's on-disk cache holds the graphs, so it pays
+        off from about 90 optimizer steps of this model on. Off by default on CUDA, where it has not been
+        measured.
     :raises ValueError: ``torch_compile=True`` where ``torch.compile`` cannot build code
         (``torch_compile_problems``).
     """

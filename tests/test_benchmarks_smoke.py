@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_eager", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: Seconds either smoke run may take before the test fails (each takes well under a minute on a quiet
 #: two-core machine).
 TIMEOUT_S = 300
@@ -46,6 +46,12 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
         assert result["real_tokens_per_s_median_step"] > 0 and result["speedup_of_ours_median_step"] > 0
         assert 0 < result["cpu_share"] <= 1.5
     assert results["ours"]["status"] == "ok"
+    import torch
+
+    from philo_dataflow.training import compile_decoder_layers
+
+    assert results["ours"]["settings"]["compiled_decoder_layers"] is compile_decoder_layers(torch.device("cpu"))
+    assert results["ours_eager"]["settings"]["compiled_decoder_layers"] is False
     assert results["ours"]["speedup_of_ours"] == 1.0
     assert results["pad_to_max_length"]["padding_share"] > results["ours"]["padding_share"]
     mfu = report["model_flops_utilisation"]

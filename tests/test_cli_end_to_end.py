@@ -91,10 +91,26 @@ def test_bad_data_is_one_line_error_with_exit_code_2(tmp_path, content, message)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_torch_compile_without_a_compiler_is_one_line_error_with_exit_code_2(tmp_path):
+    """``--torch-compile`` where inductor finds no C++ compiler ($CXX pointing nowhere, an empty compiler
+    cache): refused by the preflight, before anything is loaded or written."""
+    import os
+
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    process = subprocess.run([sys.executable, str(REPO / "run.py"), "--torch-compile", "--output-dir",
+                              str(tmp_path / "out"), "--no-graph"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert process.returncode == 2
+    last_line = process.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: torch_compile=True, but torch.compile cannot build code on this cpu")
+    assert "--no-torch-compile" in last_line and "Traceback" not in process.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_documents_every_hyperparameter():
     process = _run("--help")
     assert process.returncode == 0
     for flag in ("--lora-r", "--learning-rate", "--num-train-epochs", "--max-seq-length", "--max-new-tokens",
                  "--early-stopping-patience", "--validation-fraction", "--hold-out-fraction", "--seed",
-                 "--start", "--presaved-model-dir", "--visualize", "--load-in-4bit"):
+                 "--start", "--presaved-model-dir", "--visualize", "--load-in-4bit", "--torch-compile"):
         assert flag in process.stdout, flag
