@@ -276,7 +276,8 @@ def test_generation_after_bf16_training_runs_in_the_weights_precision(tiny_model
 
 def _compiled_training(tiny_model_dir, output_dir, compile_layers: bool) -> tuple:
     """Six logged losses of ``_logged_losses``'s recipe with ``compile_decoder_layers`` set, whether every
-    decoder layer was compiled at every optimizer step, and the layers after ``train()`` returned."""
+    decoder layer was compiled and the attention implementation at every optimizer step, and the model
+    after ``train()`` returned."""
     import functools
 
     from transformers import TrainerCallback
@@ -286,8 +287,9 @@ def _compiled_training(tiny_model_dir, output_dir, compile_layers: bool) -> tupl
     class Spy(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             layers = model.get_base_model().model.layers
-            seen.append(all(layer._compiled_call_impl is not None for layer in layers))
-            trained.append(layers)
+            seen.append((all(layer._compiled_call_impl is not None for layer in layers),
+                         model.get_base_model().config._attn_implementation))
+            trained.append(model)
 
     class SpiedTrainer(SupervisedTokensTrainer):
         def __init__(self, *args, **kwargs):
@@ -305,10 +307,12 @@ def test_compiled_decoder_layers_keep_the_loss_curve_and_are_restored_after_trai
 
     eager, eager_seen, _ = _compiled_training(tiny_model_dir, tmp_path / "eager", compile_layers=False)
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled, compiled_seen, layers = _compiled_training(tiny_model_dir, tmp_path / "compiled", compile_layers=True)
-    assert eager_seen == [False] * 6 and compiled_seen == [True] * 6
+    compiled, compiled_seen, model = _compiled_training(tiny_model_dir, tmp_path / "compiled", compile_layers=True)
+    # The examples are far shorter than EAGER_ATTENTION_MAX_TOKENS: compiled training uses eager attention.
+    assert eager_seen == [(False, "sdpa")] * 6 and compiled_seen == [(True, "eager")] * 6
     assert counters["stats"]["unique_graphs"] > graphs_before  # the compiler produced graphs, no fallback
-    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # restored for generation
     assert len(compiled) == 6 and compiled[-1] < compiled[0]
     assert compiled == pytest.approx(eager, rel=1e-4)
 
@@ -353,3 +357,32 @@ def test_torch_compile_is_on_by_default_only_on_a_cpu_where_it_can_build_code(mo
     assert training.compile_decoder_layers(device) is expected
     assert training.compile_decoder_layers(device, torch_compile=False) is False
     assert (training.torch_compile_problems(True, device) == []) is (problem is None)
+
+
+@pytest.mark.parametrize("longest, compiled, expected", [
+    (256, True, "eager"),
+    (257, True, "sdpa"),
+    (40, False, "sdpa"),
+])
+def test_compiled_cpu_training_uses_eager_attention_only_for_short_examples(tiny_model_dir, longest, compiled, expected):
+    from peft import get_peft_model
+
+    from philo_dataflow.modeling import lora_config
+    from philo_dataflow.training import EAGER_ATTENTION_MAX_TOKENS, _training_attention
+
+    assert EAGER_ATTENTION_MAX_TOKENS == 256
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, lora_config(base))
+    with _training_attention(model, longest, compiled):
+        assert base.config._attn_implementation == expected
+    assert base.config._attn_implementation == "sdpa"
+
+
+def test_longest_example_reads_every_dataset():
+    from datasets import Dataset
+
+    from philo_dataflow.training import _longest_example
+
+    short, long = Dataset.from_dict({"input_ids": [[1, 2], [3]]}), Dataset.from_dict({"input_ids": [[1] * 7]})
+    assert _longest_example(short, None) == 2
+    assert _longest_example(short, {"a": long}) == 7
