@@ -182,7 +182,10 @@ def compile_decoder_layers(device: torch.device, torch_compile: Optional[bool] =
 
     Only the training loop (and the validation passes inside it) runs compiled: the layers are
     restored when it returns, so generation and the final ``evaluate()`` run the model as loaded.
-    Compilation uses dynamic shapes (batches of every length share the graph).
+    Compilation uses dynamic shapes (batches of every length share the graph). On a CPU, compiled
+    training also switches to eager attention when no training or validation example is longer than
+    ``EAGER_ATTENTION_MAX_TOKENS`` (restored with the layers): inductor fuses its softmax, and its
+    matmuls run near the peak where torch's CPU flash-attention backward does not.
 
     :param torch_compile: True or False forces it; None (the default) turns it on for a CPU where
         ``torch.compile`` builds and runs a small forward and backward graph (inductor's CPU backend
