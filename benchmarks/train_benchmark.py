@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 
 logger = logging.getLogger("train_benchmark")
 
-VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_eager", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: ``eval_steps`` given to the library so that no evaluation falls inside the measured steps.
 NO_EVAL_STEPS = 10**9
 #: Logged training losses averaged into "loss after the steps".
@@ -141,6 +141,7 @@ def _step_meter_class() -> type:
             self.step_real_tokens: list[int] = []
             self.step_positions: list[int] = []
             self.losses: list[float] = []
+            self.attention_in_training: set = set()  # the model's attention implementation at each step's end
             self._real = 0
             self._positions = 0
 
@@ -165,6 +166,8 @@ def _step_meter_class() -> type:
             self._real += int(mask.sum()) if mask is not None and mask.dim() == 2 else positions
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            config = getattr(kwargs.get("model"), "config", None)
+            self.attention_in_training.add(str(getattr(config, "_attn_implementation", None)))
             self.step_end_times.append(time.perf_counter())
             self.step_end_cpu_times.append(time.process_time())
             self.step_real_tokens.append(self._real)
@@ -325,6 +328,7 @@ def _train(trainer: Any) -> dict:
     started = time.perf_counter()
     trainer.train()
     summary = meter.summary(torch.get_num_threads())
+    description["attn_implementation_in_training"] = ",".join(sorted(meter.attention_in_training))
     if not summary["real_tokens_per_s"]:
         raise RuntimeError("the step meter counted no tokens: the trainer never called training_step with input_ids")
     return {"status": "ok", **summary, "train_s": time.perf_counter() - started, "settings": description}
@@ -421,7 +425,7 @@ def _pad_to_max_length(settings: TrainSettings, output_dir: Path) -> dict:
 _RUNNERS: dict[str, Callable[..., dict]] = {
     "ours": _ours,
     "ours_gradient_checkpointing": lambda settings, output_dir: _ours(settings, output_dir, gradient_checkpointing=True),
-    "ours_eager": lambda settings, output_dir: _ours(settings, output_dir, torch_compile=False),
+    "ours_uncompiled": lambda settings, output_dir: _ours(settings, output_dir, torch_compile=False),
     "trl_default": _trl,
     "trl_padding_free": lambda settings, output_dir: _trl(settings, output_dir, padding_free=True),
     "trl_packing": lambda settings, output_dir: _trl(settings, output_dir, packing=True),
@@ -640,6 +644,7 @@ def _notes(result: dict) -> str:
         f"{s['trainer']} + {s['data_collator']}", f"sampler {s['train_sampling_strategy']}",
         f"{s['precision']}", f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
         f"decoder layers {'compiled' if s.get('compiled_decoder_layers') else 'eager'}",
+        f"attention {s.get('attn_implementation_in_training') or s.get('attn_implementation')} in training",
         f"{s['train_rows']} train rows", f"{result['real_tokens_all_steps']} real tokens in {result['optimizer_steps']} steps",
     ]
     if result.get("peak_cuda_memory_bytes"):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_eager", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: Seconds either smoke run may take before the test fails (each takes well under a minute on a quiet
 #: two-core machine).
 TIMEOUT_S = 300
@@ -51,7 +51,11 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
     from philo_dataflow.training import compile_decoder_layers
 
     assert results["ours"]["settings"]["compiled_decoder_layers"] is compile_decoder_layers(torch.device("cpu"))
-    assert results["ours_eager"]["settings"]["compiled_decoder_layers"] is False
+    assert results["ours_uncompiled"]["settings"]["compiled_decoder_layers"] is False
+    assert results["ours_uncompiled"]["settings"]["attn_implementation_in_training"] == "sdpa"
+    # The smoke records are short: compiled training switches to eager attention for them.
+    expected = "eager" if results["ours"]["settings"]["compiled_decoder_layers"] else "sdpa"
+    assert results["ours"]["settings"]["attn_implementation_in_training"] == expected
     assert results["ours"]["speedup_of_ours"] == 1.0
     assert results["pad_to_max_length"]["padding_share"] > results["ours"]["padding_share"]
     mfu = report["model_flops_utilisation"]
