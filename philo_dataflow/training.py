@@ -23,10 +23,11 @@ from transformers import (
     EarlyStoppingCallback,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
-from .cross_entropy import supervised_causal_lm_loss
+from .cross_entropy import LOSS_CHUNK_TOKENS, supervised_causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +269,31 @@ def _training_attention(model: torch.nn.Module, longest_example: int, compiled: 
             causal_lm.set_attn_implementation(previous)
 
 
+#: Loss chunk (tokens) in the memory-saving mode (``gradient_checkpointing=True``): with activations
+#: recomputed, the fused loss's chunk of logits is a visible share of the peak (``benchmarks/README.md``).
+MEMORY_SAVING_LOSS_CHUNK_TOKENS = 64
+
+
+class ReturnFreedMemory(TrainerCallback):
+    """After every optimizer step, hands the heap memory glibc keeps freed back to the system
+    (``malloc_trim(0)``, glibc's own call; a no-op where the C library has none). With activations
+    recomputed the freed memory is mostly the last step's recomputed layers, which the next step
+    allocates afresh; without checkpointing trimming measured slower (``benchmarks/README.md``)."""
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        try:
+            self._malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+            self._malloc_trim = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+
+
 def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads each batch to its own longest example (dynamic padding, right side); labels are padded
     with -100 by position, so padding is never supervised and the EOS always is."""
@@ -282,9 +308,10 @@ class SupervisedTokensTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, compile_decoder_layers: bool = False, **kwargs):
+    def __init__(self, *args, compile_decoder_layers: bool = False, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, **kwargs):
         super().__init__(*args, **kwargs)
         self.compile_decoder_layers = compile_decoder_layers
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def train(self, *args, **kwargs):
         """``Trainer.train``, with the decoder layers compiled when ``compile_decoder_layers`` is set, and
@@ -296,7 +323,7 @@ class SupervisedTokensTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.accelerator.autocast():
-            loss, outputs = supervised_causal_lm_loss(model, inputs, num_items_in_batch)
+            loss, outputs = supervised_causal_lm_loss(model, inputs, num_items_in_batch, self.loss_chunk_tokens)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -309,6 +336,7 @@ def trainer(
     tokenizer: PreTrainedTokenizerBase,
     compile_decoder_layers: bool,
     early_stopping_patience: int = 2,
+    gradient_checkpointing: bool = False,
 ) -> Trainer:
     """The Trainer (a ``SupervisedTokensTrainer``), with early stopping on validation loss; not yet trained.
 
@@ -327,8 +355,10 @@ def trainer(
         train_dataset=tokenized_train.select_columns(columns),
         eval_dataset=tokenized_validation.select_columns(columns),
         processing_class=tokenizer,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)]
+        + ([ReturnFreedMemory()] if gradient_checkpointing else []),
         compile_decoder_layers=compile_decoder_layers,
+        loss_chunk_tokens=MEMORY_SAVING_LOSS_CHUNK_TOKENS if gradient_checkpointing else LOSS_CHUNK_TOKENS,
     )
 
 

@@ -386,3 +386,39 @@ def test_longest_example_reads_every_dataset():
     short, long = Dataset.from_dict({"input_ids": [[1, 2], [3]]}), Dataset.from_dict({"input_ids": [[1] * 7]})
     assert _longest_example(short, None) == 2
     assert _longest_example(short, {"a": long}) == 7
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_the_memory_saving_mode_uses_small_loss_chunks_and_returns_freed_memory(
+        tiny_model_dir, small_jsonl, tmp_path, gradient_checkpointing):
+    import philo_dataflow
+    from conftest import FAST_INPUTS
+    from philo_dataflow.cross_entropy import LOSS_CHUNK_TOKENS
+    from philo_dataflow.training import MEMORY_SAVING_LOSS_CHUNK_TOKENS, ReturnFreedMemory
+
+    inputs = {"data_path": small_jsonl, "model_id": tiny_model_dir, "output_dir": str(tmp_path / "out"),
+              **FAST_INPUTS, "gradient_checkpointing": gradient_checkpointing}
+    trainer = philo_dataflow.build_driver({"start": "base"}).execute(["trainer"], inputs=inputs)["trainer"]
+    trims = [c for c in trainer.callback_handler.callbacks if isinstance(c, ReturnFreedMemory)]
+    assert trainer.model.is_gradient_checkpointing is gradient_checkpointing
+    if not gradient_checkpointing:
+        assert trainer.loss_chunk_tokens == LOSS_CHUNK_TOKENS and not trims
+        return
+    assert trainer.loss_chunk_tokens == MEMORY_SAVING_LOSS_CHUNK_TOKENS < LOSS_CHUNK_TOKENS
+    assert len(trims) == 1
+    calls = []
+    trims[0]._malloc_trim = lambda pad: calls.append(pad) or 1
+    trainer.train()
+    assert calls == [0] * trainer.state.global_step and trainer.state.global_step == FAST_INPUTS["max_steps"]
+
+
+def test_return_freed_memory_finds_glibcs_malloc_trim():
+    import platform
+
+    from philo_dataflow.training import ReturnFreedMemory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    callback = ReturnFreedMemory()
+    assert callback._malloc_trim is not None
+    callback.on_step_end(None, None, None)  # returns memory; must not raise
