@@ -60,7 +60,7 @@ HYPERPARAMETERS = (
 BOOLEAN_FLAGS = (
     ("bf16", "bf16 autocast in training; unset = auto: on where bf16 is native (CUDA GPU >= sm80, CPU with AVX512-BF16 or AMX)"),
     ("load_in_4bit", "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)"),
-    ("gradient_checkpointing", "recompute activations in backward to save memory"),
+    ("gradient_checkpointing", "memory-saving mode: recompute activations in backward, small loss chunks, return freed memory each step"),
     ("torch_compile", "compile each decoder layer for training (torch.compile); unset = auto: on for a CPU with a C++ compiler"),
     ("allow_pickle", "load pickle weights (.bin) when there are no safetensors (unpickling can run code)"),
     ("trust_remote_code", "let a model directory or hub repository run its own Python code (auto_map)"),
