@@ -89,6 +89,8 @@ class TrainSettings:
     :param trl_precision: ``match`` trains TRL in the library's precision; ``trl-default`` leaves
         TRL's own default (bf16 autocast when fp16 is off).
     :param work_dir: where children write checkpoints, results and logs.
+    :param load_in_4bit: QLoRA: the library's ``load_in_4bit`` input, so every variant trains the same
+        4-bit NF4 base model (``base_model``/``peft_model`` nodes); CUDA with bitsandbytes only.
     """
 
     data_path: str
@@ -109,6 +111,7 @@ class TrainSettings:
     seed: int
     trl_precision: str
     work_dir: str
+    load_in_4bit: bool = False
 
 
 class Refused(Exception):
@@ -261,6 +264,7 @@ def _library_nodes(settings: TrainSettings, names: list[str], output_dir: Path, 
         "lora_dropout": settings.lora_dropout,
         "lora_target_modules": settings.lora_target_modules,
         "lora_layers_to_transform": settings.lora_layers_to_transform,
+        "load_in_4bit": settings.load_in_4bit,
         "seed": settings.seed,
         **extra_inputs,
     }
@@ -532,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj", help="LoRA target modules, comma-separated or all-linear (default: q_proj,v_proj)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the library's)")
     parser.add_argument("--seed", type=int, default=42, help="seed input of the library (default: 42)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: every variant trains the library's 4-bit NF4 base model (CUDA with bitsandbytes only)")
     parser.add_argument("--trl-precision", choices=("match", "trl-default"), default="match",
                         help="match: TRL trains in the library's precision; trl-default: TRL's own (bf16 autocast) (default: match)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -573,6 +579,10 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
         pairs = len(instruction_records(raw_records(str(data_path)), str(data_path)))
         if pairs < records + args.validation_records:
             problems.append(f"--records {records} + --validation-records {args.validation_records}: {data_path} has only {pairs} pairs")
+    if args.load_in_4bit:
+        from philo_dataflow.modeling import device, quantization_problems
+
+        problems += [f"--load-in-4bit: {line}" for line in quantization_problems(True, device())]
     if problems:
         raise SystemExit("train_benchmark: " + "; ".join(problems))
     if smoke and args.model_id is None:
@@ -586,6 +596,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
         lora_layers_to_transform=args.lora_layers_to_transform,
         learning_rate=args.learning_rate, seed=args.seed, trl_precision=args.trl_precision, work_dir=str(work_dir),
+        load_in_4bit=args.load_in_4bit,
     )
 
 
@@ -684,7 +695,7 @@ def render_report(report: dict) -> str:
         f"peft {machine['packages']['peft']}, trl {machine['packages']['trl']}.",
         f"Model {s['model_id']}; {s['records']} records of {Path(s['data_path']).name}; batch {s['batch_size']}, "
         f"max_seq_length {s['max_seq_length']}, {s['steps']} optimizer steps (first untimed); LoRA r={s['lora_r']}, "
-        f"alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, targets {s['lora_target_modules']}, layers {s.get('lora_layers_to_transform', 'all')}; "
+        f"alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, targets {s['lora_target_modules']}, layers {s.get('lora_layers_to_transform', 'all')}{', 4-bit NF4 base (QLoRA)' if s.get('load_in_4bit') else ''}; "
         f"TRL precision: {s['trl_precision']}.",
         f"Load average (1/5/15 min) at start {report['load_average_start']}, at end {report['load_average_end']}.",
         f"philo_dataflow: commit {report['library']['commit']}"

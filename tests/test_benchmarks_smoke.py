@@ -95,3 +95,20 @@ def test_answer_style_measures_restating_and_shared_wording(tmp_path):
     assert direct["answer_vs_same_school_answer"] > indirect["answer_vs_same_school_answer"]
     assert direct["words"] == (8 + 7 + 8) / 3
     assert direct["common_openings"][0] == ("Stoicism says", 2)
+
+
+def test_qlora_benchmark_is_refused_in_one_line_without_cuda(tmp_path):
+    """``--load-in-4bit`` (QLoRA, the GPU path) is refused before any variant starts where there is no
+    CUDA GPU, naming the flag; on a GPU machine it trains every variant on the 4-bit base model."""
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a CUDA GPU is present: the QLoRA benchmark would run")
+    process = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_benchmark.py"), "--smoke", "--load-in-4bit",
+                              "--work-dir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert process.returncode != 0
+    last_line = process.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train_benchmark: --load-in-4bit: load_in_4bit=True needs a CUDA GPU")
+    assert "Traceback" not in process.stderr
