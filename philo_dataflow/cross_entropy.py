@@ -92,6 +92,12 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_tokens, torch.is_grad_enabled())
 
 
+def unwrapped_causal_lm(model: nn.Module) -> nn.Module:
+    """The causal LM inside ``model``: a PEFT model's base model, or ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def fusable_parts(model: nn.Module) -> Optional[tuple]:
     """``(decoder, head)`` of ``model`` (a causal LM, or a PEFT model wrapping one) when its loss can be
     fused with ``chunked_linear_cross_entropy``, else None.
@@ -103,8 +109,7 @@ def fusable_parts(model: nn.Module) -> Optional[tuple]:
     """
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return None
-    get_base_model = getattr(model, "get_base_model", None)
-    causal_lm = get_base_model() if callable(get_base_model) else model
+    causal_lm = unwrapped_causal_lm(model)
     config = getattr(causal_lm, "config", None)
     if getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
         return None

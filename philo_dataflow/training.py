@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .cross_entropy import LOSS_CHUNK_TOKENS, supervised_causal_lm_loss
+from .cross_entropy import LOSS_CHUNK_TOKENS, supervised_causal_lm_loss, unwrapped_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +256,7 @@ def _training_attention(model: torch.nn.Module, longest_example: int, compiled: 
     """Within the block, a model whose decoder layers are ``compiled`` on a CPU uses eager attention
     (``set_attn_implementation("eager")``) when no example is longer than ``EAGER_ATTENTION_MAX_TOKENS``;
     on exit its own attention implementation is restored, so generation is unchanged."""
-    get_base_model = getattr(model, "get_base_model", None)
-    causal_lm = get_base_model() if callable(get_base_model) else model
+    causal_lm = unwrapped_causal_lm(model)
     config = getattr(causal_lm, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     device = next(causal_lm.parameters()).device
