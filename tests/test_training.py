@@ -303,9 +303,13 @@ def _compiled_training(tiny_model_dir, output_dir, compile_layers: bool) -> tupl
 def test_compiled_decoder_layers_keep_the_loss_curve_and_are_restored_after_training(tiny_model_dir, tmp_path, one_torch_thread):
     """Regional compilation trains to eager's loss curve (fp32: up to the compiler's reordering of sums),
     really runs compiled graphs during ``train()``, and leaves the layers eager for generation."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
     eager, eager_seen, _ = _compiled_training(tiny_model_dir, tmp_path / "eager", compile_layers=False)
+    # Earlier tests in this process may have compiled the same graphs; dynamo would reuse them and count
+    # nothing new. Forgetting every compiled frame makes this training compile (and count) its own.
+    torch._dynamo.reset()
     graphs_before = counters["stats"]["unique_graphs"]
     compiled, compiled_seen, model = _compiled_training(tiny_model_dir, tmp_path / "compiled", compile_layers=True)
     # The examples are far shorter than EAGER_ATTENTION_MAX_TOKENS: compiled training uses eager attention.
