@@ -321,7 +321,7 @@ def test_compiled_decoder_layers_keep_the_loss_curve_and_are_restored_after_trai
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-def test_the_compiler_probe_finds_a_broken_toolchain(monkeypatch):
+def test_the_compiler_probe_finds_a_broken_toolchain():
     """The probe really compiles: with inductor pointed at a C++ compiler that does not exist (and its
     on-disk cache off) it reports why, so auto mode trains eagerly and ``torch_compile=True`` is refused
     up front, not with a traceback from inside the first backward pass."""
@@ -332,20 +332,23 @@ def test_the_compiler_probe_finds_a_broken_toolchain(monkeypatch):
 
     training._compiler_problem.cache_clear()
     torch._dynamo.reset()  # forget the probe graph compiled by earlier tests, so this call must compile
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    # torch's own config patch, not monkeypatch: monkeypatch's undo deleted fx_graph_cache from inductor's
+    # config module, and every later compile in the process failed (found by running the files in reverse).
     try:
-        cpu = torch.device("cpu")
-        problem = training._compiler_problem("cpu")
-        assert problem is not None and "C++ compiler" in problem
-        assert training.compile_decoder_layers(cpu) is False
-        assert training.compile_decoder_layers(cpu, torch_compile=False) is False
-        with pytest.raises(ValueError, match=r"torch_compile=True, but torch.compile cannot build code on this cpu .*"
-                                             r"install a C\+\+ compiler .*--no-torch-compile"):
-            training.compile_decoder_layers(cpu, torch_compile=True)
+        with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}):
+            cpu = torch.device("cpu")
+            problem = training._compiler_problem("cpu")
+            assert problem is not None and "C++ compiler" in problem
+            assert training.compile_decoder_layers(cpu) is False
+            assert training.compile_decoder_layers(cpu, torch_compile=False) is False
+            with pytest.raises(ValueError, match=r"torch_compile=True, but torch.compile cannot build code on this "
+                                                 r"cpu .*install a C\+\+ compiler .*--no-torch-compile"):
+                training.compile_decoder_layers(cpu, torch_compile=True)
     finally:
         training._compiler_problem.cache_clear()
         torch._dynamo.reset()
+    assert training._compiler_problem("cpu") is None  # the toolchain works again for the tests after this one
+    training._compiler_problem.cache_clear()
 
 
 @pytest.mark.parametrize("device_type, problem, expected", [
