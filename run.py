@@ -1,17 +1,21 @@
 """philo_dataflow command line: fine-tune (or load) a LoRA adapter, compare it with its base model on
-held-out questions, and write the adapter, predictions, metrics, figures, report and dataflow graph.
+held-out questions, and write the adapter, predictions, metrics, figures, report, resolved configuration
+and dataflow graph.
 
     python run.py                                   # embedded SmolLM2-135M-Instruct on example_data/
+    python run.py --config configs/cpu_demo.yaml --set lora_r=8      # a config file, one key changed
+    python run.py --config outputs/config.yaml --output-dir outputs/again   # reproduce a run
     python run.py --data-path ../shared/data/phillm/main_data.json --output-dir outputs/phillm
     python run.py --start presaved --presaved-model-dir outputs/adapter --output-dir outputs/re-eval
     python run.py --visualize dataflow.png          # only draw the dataflow graph
     python run.py --judge-model gpt-4.1             # also judge base vs fine-tuned (OPENAI_API_KEY)
-    python run.py --judge-model local --judge-base-url http://127.0.0.1:8080/v1   # a local server
 
-Every hyperparameter flag defaults to the library's documented default (shown in --help).
+Every input flag defaults to the library's documented default (shown in --help); a config file's keys
+are the inputs' names, and flags and --set override them.
 """
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -21,147 +25,219 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Optional
 
-DEFAULT_DATA_PATH = "example_data/philosophy_qa.jsonl"
+import yaml
+
+from philo_dataflow.lib.artifacts import (
+    CONFIG_FILE,
+    DATAFLOW_FILE,
+    MANIFEST_INPUTS,
+    METRICS_FILE,
+    read_manifest,
+)
+from philo_dataflow.lib.inputs import (
+    BY_NAME,
+    EXAMPLE_DATA_PATH,
+    INPUTS,
+    JUDGE_INPUTS,
+    START_MODES,
+    coerced,
+    type_problem,
+)
+from philo_dataflow.lib.judge_protocol import CRITERIA, RESPONSE_FORMATS
+from philo_dataflow.lib.problems import InputProblems, Problem, flag
+
 #: Nodes computed (and so validated) before any model is loaded, then handed to the full run as overrides.
 DATA_NODES = ("instruction_records", "train_set", "validation_set", "hold_out_set")
-
-#: (flag name = input name, type, help). Defaults are read from the library's function signatures.
-HYPERPARAMETERS = (
-    ("input_text_key", str, "record key of the question (default: alpaca instruction/input)"),
-    ("output_text_key", str, "record key of the answer (default: alpaca output)"),
-    ("category_key", str, "record key of the category / school of thought"),
-    ("validation_fraction", float, "share of each category held for validation (early stopping)"),
-    ("hold_out_fraction", float, "share of each category held out for the final comparison"),
-    ("seed", int, "seed of the split, model init, dropout and data order"),
-    ("max_seq_length", int, "tokens per training example, prompt included"),
-    ("lora_r", int, "LoRA rank"),
-    ("lora_alpha", int, "LoRA scaling numerator (update scaled by alpha / r)"),
-    ("lora_dropout", float, "dropout on the LoRA input"),
-    ("lora_target_modules", str, "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"),
-    ("lora_layers_to_transform", str, "decoder layers to adapt: 'all', 'top:N', 'top:P%%' (last P percent) or indices such as 0-3,8"),
-    ("learning_rate", float, "peak AdamW learning rate"),
-    ("num_train_epochs", int, "passes over the train split (early stopping may end sooner)"),
-    ("max_steps", int, "optimizer steps to stop after; -1 uses --num-train-epochs"),
-    ("per_device_train_batch_size", int, "examples per training forward pass"),
-    ("per_device_eval_batch_size", int, "examples per evaluation forward pass"),
-    ("gradient_accumulation_steps", int, "forward passes per optimizer step"),
-    ("warmup_ratio", float, "share of optimizer steps of linear warm-up"),
-    ("lr_scheduler_type", str, "learning-rate schedule after warm-up"),
-    ("weight_decay", float, "AdamW weight decay"),
-    ("eval_steps", int, "optimizer steps between evaluations; unset = once per epoch"),
-    ("logging_steps", int, "optimizer steps between training-loss logs"),
-    ("early_stopping_patience", int, "evaluations without improvement before stopping"),
-    ("neftune_noise_alpha", float, "NEFTune embedding-noise scale; unset = off"),
-    ("max_new_tokens", int, "cap on generated tokens per answer"),
-    ("generation_batch_size", int, "questions per batched generate call"),
-    ("resume_from_checkpoint", str, "checkpoint dir of an interrupted run to resume, or 'last' (the newest complete one)"),
-)
-BOOLEAN_FLAGS = (
-    ("bf16", "bf16 autocast in training; unset = auto: on where bf16 is native (CUDA GPU >= sm80, CPU with AVX512-BF16 or AMX)"),
-    ("load_in_4bit", "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)"),
-    ("gradient_checkpointing", "memory-saving mode: recompute activations in backward, small loss chunks, return freed memory each step"),
-    ("torch_compile", "compile each decoder layer for training (torch.compile); unset = auto: on for a CPU with a C++ compiler"),
-    ("allow_pickle", "load pickle weights (.bin) when there are no safetensors (unpickling can run code)"),
-    ("trust_remote_code", "let a model directory or hub repository run its own Python code (auto_map)"),
-)
-#: LLM-judge flags (flag name = input name, type, help); the judge runs only with --judge-model.
-JUDGE_FLAGS = (
-    ("judge_model", str, "judge model at the endpoint, e.g. gpt-4.1; giving it runs the LLM judge"),
-    ("judge_base_url", str, "OpenAI-compatible /v1 base URL (OpenAI, vLLM, Ollama, llama.cpp server)"),
-    ("judge_api_key_env", str, "environment variable holding the judge's API key (loopback needs none)"),
-    ("judge_response_format", str, "structured output: auto (probe), json_schema or json_object"),
-    ("judge_max_concurrency", int, "judge requests in flight at once"),
-    ("judge_max_tokens", int, "cap on tokens of one judge reply"),
-    ("judge_timeout", float, "seconds one judge request may take before it is retried"),
-    ("judge_max_retries", int, "retries of one judge request on 429/5xx/timeouts, with backoff"),
-    ("judge_malformed_retries", int, "re-asks of a judge reply that does not validate"),
-    ("judge_rationale_max_chars", int, "cap on a rationale's characters with json_object (local servers)"),
-    ("judge_cache_dir", str, "cache of judge replies; share one between runs to never pay twice"),
-)
-#: Inputs a presaved run takes from the adapter's manifest unless given on the command line.
-FROM_MANIFEST = (
-    "data_path", "input_text_key", "output_text_key", "category_key", "validation_fraction",
-    "hold_out_fraction", "seed", "max_seq_length", "max_new_tokens",
-)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.split("\n\n")[1:2]),
-    )
-    parser.add_argument("--data-path", help=f"question/answer file: .json, .jsonl or .csv (default: {DEFAULT_DATA_PATH})")
-    parser.add_argument("--model-id", default=defaults["model_id"],
-                        help="hub id, local model directory, .gguf file, or the embedded default (default: %(default)s)")
-    parser.add_argument("--output-dir", default=defaults["output_dir"], help="run directory (default: %(default)s)")
-    parser.add_argument("--start", choices=("base", "presaved"), default="base",
-                        help="base: train a new adapter; presaved: load --presaved-model-dir (default: %(default)s)")
-    parser.add_argument("--presaved-model-dir", help="adapter directory written by a base run (<output-dir>/adapter)")
-    parser.add_argument("--outputs", default=None,
-                        help="comma-separated final variables to compute (default: every file of a run)")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing over another run's files in --output-dir")
-    parser.add_argument("--visualize", metavar="PATH", help="only draw the dataflow graph to PATH (.png/.svg) and exit")
-    parser.add_argument("--no-graph", action="store_true", help="do not draw <output-dir>/dataflow.png")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    group = parser.add_argument_group("hyperparameters (default: the library's default)")
-    for name, kind, text in HYPERPARAMETERS:
-        group.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {str(defaults.get(name)).replace('%', '%%')})")
-    for name, text in BOOLEAN_FLAGS:
-        group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{text} (default: {'auto' if defaults.get(name) is None else defaults.get(name)})")
-    judge = parser.add_argument_group("LLM judge (runs only with --judge-model; see docs/judge.md)")
-    for name, kind, text in JUDGE_FLAGS:
-        choices = ("auto", "json_schema", "json_object") if name == "judge_response_format" else None
-        shown = "<output-dir>/judge_cache" if name == "judge_cache_dir" else defaults.get(name)
-        judge.add_argument(_flag(name), type=kind, default=None, choices=choices, help=f"{text} (default: {shown})")
-    return parser
+#: Keys a config file may hold besides the inputs: the driver's ``start`` config and run options.
+RUN_KEYS = ("start", "outputs", "overwrite")
+#: ``--help`` sections of the inputs table's groups.
+GROUP_TITLES = {
+    "data": "data and split",
+    "model": "model",
+    "lora": "LoRA adapter",
+    "training": "training",
+    "generation": "generation and report",
+    "judge": "LLM judge (runs only with --judge-model; see docs/judge.md)",
+}
+CLI_INPUTS = tuple(spec for spec in INPUTS if spec.cli)
 
 
 class UserError(Exception):
     """A mistake in the command line or the files it names: one line, exit code 2."""
 
 
-def _inputs_from_args(args: argparse.Namespace) -> dict:
-    inputs = {"output_dir": args.output_dir}
-    for name, *_ in HYPERPARAMETERS:
-        if getattr(args, name) is not None:
-            inputs[name] = getattr(args, name)
-    for name, _ in BOOLEAN_FLAGS:
-        if getattr(args, name) is not None:
-            inputs[name] = getattr(args, name)
-    if args.data_path:
-        inputs["data_path"] = args.data_path
-    if args.start == "base":
-        inputs["model_id"] = args.model_id
-        inputs.setdefault("data_path", DEFAULT_DATA_PATH)
-    else:
-        from philo_dataflow.modeling import _read_manifest
+def _number(text: str):
+    """A float flag's value; an integer stays an ``int`` (``--lora-alpha 32`` equals the default 32)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
-        presaved = args.presaved_model_dir or str(Path(args.output_dir) / "adapter")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: run options, then one flag per input of ``lib.inputs.INPUTS``, grouped as the table is;
+    every input flag defaults to None, meaning "not given" (the config file's or the library's value)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n\n")[1:2]),
+    )
+    parser.add_argument("--config", metavar="YAML", help="a config file of input names and values, e.g. "
+                        f"configs/cpu_demo.yaml or a run's <output_dir>/{CONFIG_FILE}; flags override it")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="set one input (YAML value), on top of --config; repeatable")
+    parser.add_argument("--start", choices=START_MODES, default=None,
+                        help="base: train a new adapter; presaved: load --presaved-model-dir (default: base)")
+    parser.add_argument("--outputs", default=None,
+                        help="comma-separated final variables to compute (default: every file of a run)")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="allow writing over another run's files in --output-dir")
+    parser.add_argument("--visualize", metavar="PATH", help="only draw the dataflow graph to PATH (.png/.svg) and exit")
+    parser.add_argument("--no-graph", action="store_true", help=f"do not draw <output-dir>/{DATAFLOW_FILE}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    groups = {group: parser.add_argument_group(title) for group, title in GROUP_TITLES.items()}
+    for spec in CLI_INPUTS:
+        text = f"{spec.help} (default: {spec.shown()})".replace("%", "%%")
+        if spec.kind is bool:
+            groups[spec.group].add_argument(spec.flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = _number if spec.kind is float and isinstance(spec.default, int) else spec.kind
+            choices = RESPONSE_FORMATS if spec.name == "judge_response_format" else None
+            groups[spec.group].add_argument(spec.flag, type=kind, default=None, choices=choices, help=text)
+    return parser
+
+
+def _closest(key: str) -> str:
+    names = [spec.name for spec in CLI_INPUTS] + list(RUN_KEYS)
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "; see run.py --help for the inputs."
+
+
+def _checked_settings(settings: Any, where: str) -> tuple[dict, list]:
+    """``settings`` (from a config file or ``--set``) checked against the inputs table: every key an input
+    or a run key, every value of the input's type. :return: ``(settings, problems)``."""
+    if not isinstance(settings, dict):
+        return {}, [f"{where}: must hold a mapping of input names to values, not a {type(settings).__name__}."]
+    problems = []
+    for key, value in settings.items():
+        if not isinstance(key, str) or (key not in RUN_KEYS and (key not in BY_NAME or not BY_NAME[key].cli)):
+            problems.append(f"{where}: unknown key {key!r}{_closest(str(key))}")
+        elif key == "start" and value not in START_MODES:
+            problems.append(f"{where}: key 'start' must be one of {list(START_MODES)}, not {value!r}.")
+        elif key == "overwrite" and not isinstance(value, bool):
+            problems.append(f"{where}: key 'overwrite' must be true or false, not {value!r}.")
+        elif key == "outputs" and not (isinstance(value, str) or (isinstance(value, list)
+                                                                  and all(isinstance(v, str) for v in value))):
+            problems.append(f"{where}: key 'outputs' must be a list of variable names, not {value!r}.")
+        elif key in BY_NAME and type_problem(key, value):
+            problems.append(f"{where}: key {key!r} {type_problem(key, value)}.")
+    return {key: coerced(key, value) for key, value in settings.items()}, problems
+
+
+def _config_file_settings(path: str) -> tuple[dict, list]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return {}, [f"{path}: the config file cannot be read ({getattr(error, 'strerror', None) or error}); "
+                    "check --config."]
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return {}, [f"{path}: not valid YAML{where} ({getattr(error, 'problem', None) or 'syntax error'})."]
+    return _checked_settings({} if settings is None else settings, path)
+
+
+def _override_settings(overrides: list) -> tuple[dict, list]:
+    settings, problems = {}, []
+    for override in overrides:
+        key, equals, text = override.partition("=")
+        if not equals or not key.strip():
+            problems.append(f"--set {override!r}: write KEY=VALUE, e.g. --set lora_r=8.")
+            continue
         try:
-            manifest_inputs = _read_manifest(presaved)["inputs"]
-        except ValueError:
-            manifest_inputs = {}  # the preflight reports what is wrong with the adapter directory
-        for name in FROM_MANIFEST:
-            if name not in inputs and manifest_inputs.get(name) is not None:
-                inputs[name] = manifest_inputs[name]
-        inputs["presaved_model_dir"] = presaved
+            settings[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            problems.append(f"--set {override!r}: the value is not valid YAML.")
+    checked, more = _checked_settings(settings, "--set")
+    return checked, problems + more
+
+
+def resolved_settings(args: argparse.Namespace) -> dict:
+    """The run's settings: the config file's, then ``--set``, then the flags given, over the defaults.
+
+    :return: ``{"start": ..., "outputs": [...] or None, "overwrite": bool, "given": {input: value}}``;
+        ``given`` holds the inputs set anywhere but the table's defaults.
+    :raises InputProblems: an unreadable or invalid config file, an unknown key or a wrong type, one line
+        each naming the file (or ``--set``) and the key.
+    """
+    problems, layers = [], []
+    if args.config:
+        settings, found = _config_file_settings(args.config)
+        layers.append(settings)
+        problems += found
+    settings, found = _override_settings(args.overrides)
+    layers.append(settings)
+    problems += found
+    if problems:
+        raise InputProblems([Problem("config", line) for line in problems])
+    flags = {spec.name: getattr(args, spec.name) for spec in CLI_INPUTS if getattr(args, spec.name) is not None}
+    flags.update({key: getattr(args, key) for key in RUN_KEYS if getattr(args, key) is not None})
+    merged = {}
+    for layer in [*layers, flags]:
+        merged.update(layer)
+    outputs = merged.pop("outputs", None)
+    if isinstance(outputs, str):
+        outputs = [o.strip() for o in outputs.split(",") if o.strip()]
+    return {"start": merged.pop("start", "base"), "outputs": outputs, "overwrite": bool(merged.pop("overwrite", False)),
+            "given": merged}
+
+
+def run_inputs(start: str, given: dict) -> dict:
+    """The inputs ``dr.execute`` gets: those given, the example data and embedded model for a base run,
+    and for a presaved run the adapter's manifest values of ``MANIFEST_INPUTS`` not given."""
+    inputs = {"output_dir": BY_NAME["output_dir"].default, **given}
+    if start == "base":
+        inputs.setdefault("data_path", EXAMPLE_DATA_PATH)
+        inputs.setdefault("model_id", BY_NAME["model_id"].default)
+        inputs.pop("presaved_model_dir", None)
+        return inputs
+    inputs.pop("model_id", None)  # the adapter's manifest names its base model
+    presaved = inputs.get("presaved_model_dir") or str(Path(inputs["output_dir"]) / "adapter")
+    try:
+        manifest_inputs = read_manifest(presaved)["inputs"]
+    except ValueError:
+        manifest_inputs = {}  # the preflight reports what is wrong with the adapter directory
+    for name in MANIFEST_INPUTS:
+        if name != "model_id" and name not in inputs and manifest_inputs.get(name) is not None:
+            inputs[name] = manifest_inputs[name]
+    inputs["presaved_model_dir"] = presaved
     return inputs
 
 
-def _flag_problems(args: argparse.Namespace, outputs: list, available: set) -> list:
-    """Mistakes in the command line itself, reported with the preflight's problems."""
-    from philo_dataflow.preflight import Problem
+def run_config(start: str, inputs: dict) -> dict:
+    """What ``config.yaml`` records: ``start`` and every command-line input with its resolved value (the
+    judge's settings only when the judge runs), so ``--config`` on it reproduces the run."""
+    judged = inputs.get("judge_model") is not None
+    values = {"start": start}
+    for spec in CLI_INPUTS:
+        if spec.name in JUDGE_INPUTS and not judged or spec.name == "presaved_model_dir" and start == "base":
+            continue
+        if spec.name == "model_id" and start == "presaved":
+            continue
+        value = inputs.get(spec.name, None if spec.required else spec.default)
+        values[spec.name] = value
+    return values
 
+
+def _setting_problems(given: dict, outputs: list, available: set) -> list:
+    """Mistakes in the command line itself, reported with the preflight's problems."""
     problems = []
-    judge_flags = [name for name, *_ in JUDGE_FLAGS if getattr(args, name) is not None]
-    if judge_flags and args.judge_model is None:
-        problems.append(Problem("judge_model", f"{', '.join(_flag(n) for n in judge_flags)} configure the LLM judge; "
+    judge_settings = [name for name in JUDGE_INPUTS if name != "judge_model" and name in given]
+    if judge_settings and given.get("judge_model") is None:
+        problems.append(Problem("judge_model", f"{', '.join(flag(n) for n in judge_settings)} configure the LLM judge; "
                                                "add --judge-model to run it."))
     unknown = [o for o in outputs if o not in available]
     if unknown:
@@ -170,6 +246,8 @@ def _flag_problems(args: argparse.Namespace, outputs: list, available: set) -> l
 
 
 def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
+    from philo_dataflow.lib.graph import graph_style
+
     if shutil.which("dot") is None:
         raise UserError("drawing the graph needs Graphviz's `dot`: apt-get install graphviz (setup.sh does).")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +255,7 @@ def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
     # Rendered aside and renamed into place, like every other output: a crash leaves no half-drawn file.
     with tempfile.TemporaryDirectory(prefix=".dataflow.", dir=Path(path).parent) as staging:
         dr.visualize_execution(outputs, str(Path(staging) / "graph"), render_kwargs={"format": suffix, "view": False},
-                               inputs=inputs, bypass_validation=True, deduplicate_inputs=True)
+                               inputs=inputs, bypass_validation=True, deduplicate_inputs=True, **graph_style())
         os.replace(Path(staging) / f"graph.{suffix}", f"{stem}.{suffix}")
     return f"{stem}.{suffix}"
 
@@ -190,7 +268,7 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
             for path in paths:
                 if isinstance(path, str) and path.startswith(str(Path(output_dir))):
                     print(f"  {path}")
-    metrics_path = Path(output_dir) / "metrics.json"
+    metrics_path = Path(output_dir) / METRICS_FILE
     if not metrics_path.is_file():
         return
     metrics = json.loads(metrics_path.read_text())
@@ -211,8 +289,6 @@ def _print_judge_summary(metrics: dict) -> None:
         print("  LLM judge: not run (no judge endpoint configured; pass --judge-model NAME, and --judge-base-url "
               "for a server other than OpenAI's).")
         return
-    from philo_dataflow.judging import CRITERIA
-
     settings, rubric, pairwise, calls = judge["settings"], judge["rubric"], judge["pairwise"], judge["calls"]
     print(f"\nLLM judge {settings['model']} ({settings['prompt_version']}): {calls['judgments']} judgments, "
           f"{calls['failed']} failed, {calls['replies_from_cache']} of {calls['replies']} replies from the cache")
@@ -225,38 +301,44 @@ def _print_judge_summary(metrics: dict) -> None:
           f"base {pairwise['mean_answer_words']['base']:.0f}, fine-tuned {pairwise['mean_answer_words']['finetuned']:.0f}")
 
 
-def main(argv=None) -> int:
-    import philo_dataflow
+def main(argv: Optional[list] = None) -> int:
     from hamilton.plugins import h_tqdm
+
+    import philo_dataflow
     from philo_dataflow import preflight
 
-    defaults = preflight.library_defaults()
-    args = build_parser(defaults).parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         # A user's mistake gets one line from us, not Hamilton's traceback banner or library deprecation notes.
         logging.getLogger("hamilton").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else list(philo_dataflow.DEFAULT_OUTPUTS)
-        judge_inputs = {name: getattr(args, name) for name, *_ in JUDGE_FLAGS if getattr(args, name) is not None}
-        if args.judge_model is not None:
+        settings = resolved_settings(args)
+        start, given = settings["start"], settings["given"]
+        judged = given.get("judge_model") is not None
+        outputs = list(settings["outputs"] or philo_dataflow.DEFAULT_OUTPUTS)
+        if judged:
             outputs += [o for o in philo_dataflow.JUDGE_OUTPUTS if o not in outputs]
-        dr = philo_dataflow.build_driver({"start": args.start}, adapters=[h_tqdm.ProgressBar("philo_dataflow")])
+        dr = philo_dataflow.build_driver({"start": start, "judge": judged},
+                                         adapters=[h_tqdm.ProgressBar("philo_dataflow")])
         if args.visualize:
-            inputs = {"data_path": args.data_path or DEFAULT_DATA_PATH}
+            inputs = {"data_path": given.get("data_path", EXAMPLE_DATA_PATH)}
             print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
             return 0
-        inputs = {**_inputs_from_args(args), **judge_inputs}
+        inputs = run_inputs(start, given)
+        if settings["outputs"] is None:
+            outputs += list(philo_dataflow.RUN_OUTPUTS)
+            inputs["run_config"] = run_config(start, inputs)
         # Every check that needs no model runs before anything is written, and all its problems are shown.
-        problems = _flag_problems(args, outputs, {v.name for v in dr.list_available_variables()})
-        problems += preflight.check_run_inputs(inputs, args.start, args.overwrite)
+        problems = _setting_problems(given, outputs, {v.name for v in dr.list_available_variables()})
+        problems += preflight.check_run_inputs(inputs, start, settings["overwrite"])
         if problems:
-            raise preflight.InputProblems(problems)
+            raise InputProblems(problems)
         graph_note = None
         if not args.no_graph:
             try:
-                graph_note = _draw_graph(dr, outputs, inputs, str(Path(args.output_dir) / "dataflow.png"))
+                graph_note = _draw_graph(dr, outputs, inputs, str(Path(inputs["output_dir"]) / DATAFLOW_FILE))
             except UserError as error:
                 graph_note = f"not drawn: {error}"
         started = time.time()
@@ -269,7 +351,7 @@ def main(argv=None) -> int:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    _print_summary(result, args.output_dir, time.time() - started)
+    _print_summary(result, inputs["output_dir"], time.time() - started)
     if graph_note:
         print(f"  dataflow graph: {graph_note}")
     return 0

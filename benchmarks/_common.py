@@ -30,7 +30,7 @@ DEFAULT_DATA_PATH = "../shared/data/phillm/main_data.json"
 #: Data of ``--smoke`` runs: the example file shipped in the repository.
 SMOKE_DATA_PATH = "example_data/philosophy_qa.jsonl"
 #: Packages whose versions are recorded with every result.
-RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "sf-hamilton")
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "apache-hamilton")
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -262,30 +262,6 @@ def work_directory(given: Optional[str], prefix: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-def tiny_model_dir(directory: Path, tokenizer: Any = None) -> str:
-    """A randomly initialised 2-layer Llama (hidden size 32, tied embeddings) with ``tokenizer`` (default:
-    the embedded model's), saved to ``directory``: the model of ``--smoke`` runs and of the test suite's
-    ``tiny_model_dir`` fixtures."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
-
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL_ID))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,6 +1,6 @@
 """Hold-out generation speed: the library's batched greedy decoding against one prompt at a time.
 
-Both modes call ``philo_dataflow.prediction.generate_greedy`` (left-padded batches, KV cache, stop at
+Both modes call ``philo_dataflow.lib.generation.generate_greedy`` (left-padded batches, KV cache, stop at
 EOS) on the same hold-out questions with the same ``max_new_tokens``, each mode in its own child process
 (so each peak RSS is its own). The model is the library's ``peft_model`` node: the base model wrapped
 with a fresh LoRA adapter, as hold-out generation runs in the library (the untrained adapter's B
@@ -38,7 +38,6 @@ from _common import (  # noqa: E402
     markdown_table,
     peak_rss_bytes,
     run_children,
-    tiny_model_dir,
     work_directory,
     write_json,
 )
@@ -85,8 +84,8 @@ class GenerationSettings:
 def _generate(settings: GenerationSettings, mode: str) -> dict:
     """Greedy answers to the hold-out questions in ``mode``, timed after a two-token warm-up call."""
     import philo_dataflow
-    from philo_dataflow.prediction import generate_greedy
-    from philo_dataflow.tokenization import prompt_token_ids
+    from philo_dataflow.lib.generation import generate_greedy
+    from philo_dataflow.lib.prompts import prompt_token_ids
 
     inputs = {
         "data_path": settings.data_path,
@@ -222,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> GenerationSettings:
-    from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
+    from philo_dataflow.lib.inputs import EMBEDDED_MODEL_ID
+    from philo_dataflow.lib.model_sources import resolve_model_path
     from philo_dataflow.preflight import library_defaults
+    from philo_dataflow.testing import tiny_model_dir
 
     smoke = args.smoke
     data_path = (REPO_ROOT / (args.data_path or (SMOKE_DATA_PATH if smoke else DEFAULT_DATA_PATH))).resolve()

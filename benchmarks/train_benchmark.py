@@ -48,7 +48,6 @@ from _common import (  # noqa: E402
     markdown_table,
     peak_rss_bytes,
     run_children,
-    tiny_model_dir,
     work_directory,
     write_json,
 )
@@ -350,7 +349,7 @@ def _trl_dataset(train_set: Any, tokenizer: Any, prompt_format: str) -> Any:
     template (TRL then applies it), else the library's rendered prompt and the answer as text."""
     from datasets import Dataset
 
-    from philo_dataflow.tokenization import CHAT_TEMPLATE, render_prompt
+    from philo_dataflow.lib.prompts import CHAT_TEMPLATE, render_prompt
 
     questions, answers = train_set["input_text"], train_set["output_text"]
     if prompt_format == CHAT_TEMPLATE:
@@ -552,8 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettings:
     """The shared settings, after checking every flag (all problems reported at once)."""
+    from philo_dataflow.lib.inputs import EMBEDDED_MODEL_ID
+    from philo_dataflow.lib.model_sources import resolve_model_path
     from philo_dataflow.loading import instruction_records, raw_records
-    from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
+    from philo_dataflow.testing import tiny_model_dir
 
     smoke = args.smoke
     data_path = (REPO_ROOT / (args.data_path or (SMOKE_DATA_PATH if smoke else DEFAULT_DATA_PATH))).resolve()
@@ -580,7 +581,8 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
         if pairs < records + args.validation_records:
             problems.append(f"--records {records} + --validation-records {args.validation_records}: {data_path} has only {pairs} pairs")
     if args.load_in_4bit:
-        from philo_dataflow.modeling import device, quantization_problems
+        from philo_dataflow.lib.model_sources import quantization_problems
+        from philo_dataflow.modeling import device
 
         problems += [f"--load-in-4bit: {line}" for line in quantization_problems(True, device())]
     if problems:

@@ -7,13 +7,18 @@ Hamilton dataflow.
                          "training_and_validation_set_metrics"],
                         inputs={"data_path": "example_data/philosophy_qa.jsonl"})
 
-Adding ``JUDGE_OUTPUTS`` to the request also runs the LLM judge (``judging``); only then are the
-``judge_*`` inputs (at least ``judge_model``) needed.
-
 Config ``start``: ``"base"`` trains a new adapter; ``"presaved"`` loads the adapter in the input
-``presaved_model_dir`` (the ``adapter`` directory a base run saved).
+``presaved_model_dir`` (the ``adapter`` directory a base run saved). Config ``judge=True`` adds the LLM
+judge (``judging``): its results join ``metrics.json`` and the report, ``JUDGE_OUTPUTS`` write its own
+files, and the ``judge_*`` inputs (at least ``judge_model``) are needed.
+
+The output lists are derived from the nodes' ``@tag(output=...)``: ``"default"`` nodes write every file
+of a run (``DEFAULT_OUTPUTS``), ``"final"`` nodes are the other values users ask for, ``"judge"`` nodes
+write the judge's files, ``"run"`` nodes write what only ``run.py`` provides (its resolved ``config.yaml``).
 """
 
+import functools
+import inspect
 from typing import Optional
 
 from hamilton import driver
@@ -32,54 +37,14 @@ from . import (
     tokenization,
     training,
 )
-from .modeling import EMBEDDED_MODEL_ID
+from .lib.inputs import EMBEDDED_MODEL_ID, START_MODES
 
 #: The stage modules, in the order the data flows through them.
 MODULES = (
     loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, saving,
 )
-
-#: Outputs ``run.py`` computes by default: they write every file of a run to ``output_dir``.
-DEFAULT_OUTPUTS = (
-    "save_best_models",
-    "saved_hold_out_predictions",
-    "saved_metrics",
-    "saved_figures",
-    "saved_report",
-)
-
-#: Final variables users request; each resolves under ``start="base"`` and ``start="presaved"``.
-FINAL_VARIABLES = (
-    *DEFAULT_OUTPUTS,
-    "hold_out_set_predictions",
-    "training_and_validation_set_metrics",
-    "finetuned_model_on_validation_set",
-    "validation_set_metrics",
-    "hold_out_set_metrics",
-    "fit_trainer_eval_metrics",
-    "finetuned_model",
-    "fit_trainer",
-    "model_summary",
-    "tokenization_stats",
-    "split_summary",
-    "loss_curve_figure",
-    "rouge_comparison_figure",
-    "report_markdown",
-    "run_metrics",
-    "tokenized_hold_out",
-)
-
-#: Outputs of the LLM judge (``judging``), computed only when requested; they need the input
-#: ``judge_model`` (and an endpoint, see ``judging.judge_client``). They write ``judgments.jsonl`` and
-#: ``judge_comparison.html``, and rewrite ``metrics.json`` and ``report.md`` with the judged results.
-JUDGE_OUTPUTS = (
-    "saved_judgments",
-    "saved_judged_metrics",
-    "saved_judged_report",
-    "saved_judge_figure",
-)
-
-START_MODES = ("base", "presaved")
+#: The tag key of the nodes the output lists are made of, and its values.
+OUTPUT_TAG = "output"
 
 
 def build_driver(
@@ -87,17 +52,57 @@ def build_driver(
 ) -> driver.Driver:
     """A Hamilton driver over ``MODULES``.
 
-    :param config: ``{"start": "base" | "presaved"}``; ``"base"`` when omitted.
+    :param config: ``{"start": "base" | "presaved", "judge": bool}``; ``start="base"`` and no judge when
+        omitted.
     :param adapters: Hamilton lifecycle adapters, e.g. ``[h_tqdm.ProgressBar("philo_dataflow")]``.
-    :raises ValueError: ``start`` is not one of ``START_MODES``.
+    :raises ValueError: ``start`` is not one of ``START_MODES``, or ``judge`` is not a bool.
     """
-    config = {"start": "base", **(config or {})}
+    config = {"start": "base", "judge": False, **(config or {})}
     if config["start"] not in START_MODES:
         raise ValueError(f"config start={config['start']!r}: use one of {START_MODES}.")
+    if not isinstance(config["judge"], bool):
+        raise ValueError(f"config judge={config['judge']!r}: use True or False.")
     builder = driver.Builder().with_config(config).with_modules(*MODULES)
     if adapters:
         builder = builder.with_adapters(*adapters)
     return builder.build()
 
 
-__all__ = ["MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "EMBEDDED_MODEL_ID", "build_driver"]
+def _definition_order(variable) -> tuple:
+    function = variable.originating_functions[0] if variable.originating_functions else None
+    module = inspect.getmodule(function)
+    position = MODULES.index(module) if module in MODULES else len(MODULES)
+    line = function.__code__.co_firstlineno if function is not None else 0
+    return position, line, variable.name
+
+
+@functools.cache
+def outputs_tagged(*values: str) -> tuple:
+    """Names of the nodes tagged ``output`` with one of ``values``, under any config, in the order of
+    ``MODULES`` and of their definitions."""
+    found = {}
+    for start in START_MODES:
+        for judge in (False, True):
+            for variable in build_driver({"start": start, "judge": judge}).list_available_variables():
+                if variable.tags.get(OUTPUT_TAG) in values:
+                    found.setdefault(variable.name, variable)
+    return tuple(sorted(found, key=lambda name: _definition_order(found[name])))
+
+
+def __getattr__(name: str):
+    # The lists are read off the built graphs, so they are made on first use, not at import.
+    if name == "DEFAULT_OUTPUTS":
+        return outputs_tagged("default")
+    if name == "FINAL_VARIABLES":
+        return outputs_tagged("default", "final")
+    if name == "JUDGE_OUTPUTS":
+        return outputs_tagged("judge")
+    if name == "RUN_OUTPUTS":
+        return outputs_tagged("run")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "RUN_OUTPUTS", "EMBEDDED_MODEL_ID",
+    "START_MODES", "build_driver", "outputs_tagged",
+]

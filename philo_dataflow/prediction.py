@@ -1,4 +1,5 @@
-"""Stage 7 — greedy, batched, left-padded generation on held-out questions.
+"""Prediction: greedy, batched, left-padded answers to the held-out and validation questions
+(``lib.generation``).
 
 The base model's answers come from the same weights with the adapter disabled
 (``PeftModel.disable_adapter()``), so no second copy of the model is held in memory.
@@ -7,65 +8,22 @@ The base model's answers come from the same weights with the adapter disabled
 import contextlib
 import logging
 
-import torch
 from datasets import Dataset
-from hamilton.function_modifiers import extract_fields, parameterize, value
+from hamilton.function_modifiers import (
+    extract_fields,
+    parameterize,
+    tag,
+    tag_outputs,
+    value,
+)
 from peft import PeftModel
-from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from .tokenization import prompt_token_ids
+from .lib.generation import generate_greedy
+from .lib.inputs import raise_hyperparameter_problems
+from .lib.prompts import prompt_token_ids
 
 logger = logging.getLogger(__name__)
-
-
-def generate_greedy(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    description: str = "generating",
-) -> list[dict]:
-    """Greedy continuations of tokenized prompts, in the order given.
-
-    Prompts are sorted by length (longest first) and batched; each batch is left-padded (PITFALLS
-    row 6) and decoded with the KV cache; a sequence stops at its first EOS token.
-
-    :param prompts: token ids of each prompt (unpadded).
-    :param max_new_tokens: cap on generated tokens per prompt.
-    :param batch_size: prompts per ``generate`` call.
-    :return: one dict per prompt: ``text`` (decoded, special tokens dropped), ``token_ids`` (generated
-        ids up to and including the EOS), ``ended_on_eos`` (bool).
-    """
-    eos = tokenizer.eos_token_id
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-    )
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[dict] = [{}] * len(prompts)
-    device = next(model.parameters()).device
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=description, unit="batch"):
-            padded = tokenizer.pad(
-                {"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt"
-            ).to(device)  # (batch, prompt_len)
-            output = model.generate(**padded, generation_config=generation_config)
-            new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()  # (batch, <= max_new_tokens)
-            for i, tokens in zip(batch, new_tokens):
-                ended = eos in tokens
-                tokens = tokens[: tokens.index(eos) + 1] if ended else tokens
-                results[i] = {
-                    "text": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                    "token_ids": tokens,
-                    "ended_on_eos": ended,
-                }
-    return results
 
 
 def _generations(
@@ -78,8 +36,6 @@ def _generations(
     use_adapter: bool,
     description: str,
 ) -> list[dict]:
-    from .preflight import raise_hyperparameter_problems  # imported here: preflight imports the stage modules
-
     raise_hyperparameter_problems(max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size)
     prompts = [prompt_token_ids(tokenizer, prompt_format, q) for q in examples["input_text"]]
     adapter_off = contextlib.nullcontext() if use_adapter else finetuned_model.disable_adapter()
@@ -105,10 +61,8 @@ def hold_out_generations(
     (same weights, adapter disabled); see ``generate_greedy`` for the dict of each answer.
 
     :param max_new_tokens: cap on generated tokens per answer.
-    :param generation_batch_size: questions per batched ``generate`` call. Default 32: decoding a small
-        model on a CPU is bound by reading the weights once per step, so a wider batch costs little more
-        per step (measured: the base model's 27 example-data hold-out answers took 28 s in one batch of 32
-        against 42 s in batches of 16 on a 2-core CPU). Answers are identical at any batch size.
+    :param generation_batch_size: questions per batched ``generate`` call; answers are identical at any
+        batch size (the default's measurement: ``benchmarks/README.md``).
     :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     return _generations(
@@ -117,6 +71,7 @@ def hold_out_generations(
     )
 
 
+@tag(output="final")
 def hold_out_set_predictions(
     hold_out_set: Dataset,
     base_model_hold_out_generations: list[dict],
@@ -147,6 +102,7 @@ def hold_out_set_predictions(
     return rows
 
 
+@tag_outputs(finetuned_model_on_validation_set={"output": "final"})
 @extract_fields({"validation_predictions": list, "validation_references": list})
 def finetuned_model_on_validation_set(
     validation_set: Dataset,

@@ -1,4 +1,4 @@
-"""Preflight — every check of a run's inputs that can be made before a model is loaded, with all
+"""Preflight: every check of a run's inputs that can be made before a model is loaded, with all
 problems reported at once.
 
 ``check_run_inputs(inputs, start)`` returns the problems; ``preflight(inputs, start)`` raises them as one
@@ -13,16 +13,16 @@ It reads the data file, the tokenizer and the config of the model, the headers o
 safetensors file and, when a judge is configured, the judge endpoint's model list; it reads no model
 weights and writes nothing. What it checks, in order:
 
-1. hyperparameters in range (``RULES``, plus: the two split fractions sum to less than 1;
-   ``num_train_epochs`` > 0 unless ``max_steps`` > 0);
+1. inputs in range (the rules of ``lib.inputs.INPUTS``, plus: the two split fractions sum to less than
+   1; ``num_train_epochs`` > 0 unless ``max_steps`` > 0);
 2. ``output_dir``: a directory, or one that can be created, writable, and not holding another run's
    files unless ``overwrite`` (or a resumed run) asks for it;
 3. the data: readable UTF-8, valid for its suffix, keys present and holding strings (every bad record
-   named, see ``loading``), every labelled category with ``splitting.MIN_CATEGORY_RECORDS`` records or
+   named, see ``lib.records``), every labelled category with ``splitting.MIN_CATEGORY_RECORDS`` records or
    more, no split left empty;
 4. the model: the base model available (a local directory with config, safetensors weights and
-   tokenizer, the local Hugging Face cache, or a reachable hub; ``modeling.model_source_problems``),
-   or the presaved adapter intact and made for its base model (``modeling.presaved_adapter_problems``);
+   tokenizer, the local Hugging Face cache, or a reachable hub; ``lib.model_sources``), or the
+   presaved adapter intact and made for its base model;
    LoRA target modules and layers present in the model; 4-bit loading possible; every prompt shorter
    than ``max_seq_length`` so that each example keeps at least one supervised answer token;
 5. ``resume_from_checkpoint`` a complete checkpoint;
@@ -32,216 +32,69 @@ weights and writes nothing. What it checks, in order:
 The nodes of ``loading``, ``splitting``, ``tokenization``, ``modeling``, ``training`` and ``prediction``
 raise the same messages for the inputs they take, so ``dr.execute`` without a preflight fails with a
 ``ValueError`` there too, only later: ``training_args`` and the generation nodes check the Trainer's and
-generation's settings with ``raise_hyperparameter_problems`` (a bad ``max_new_tokens`` is found there only
-after training). The output directory, the judge endpoint and the prompt lengths of every record at once
+generation's settings with ``lib.inputs.raise_hyperparameter_problems`` (a bad ``max_new_tokens`` is found
+there only after training). The output directory, the judge endpoint and the prompt lengths of every record at once
 are checked here only.
 """
 
 import difflib
-import functools
 import inspect
 import logging
-import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import openai
-from transformers import SchedulerType
 
-from . import judging, loading, modeling, splitting, tokenization, training
+from . import splitting, tokenization
+from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
+from .lib.inputs import (
+    DEFAULTS,
+    RULES,
+    START_MODES,
+    hyperparameter_problems,
+    out_of_range,
+    raise_hyperparameter_problems,
+)
+from .lib.judge_client import JudgeClient, is_loopback, make_judge_client
+from .lib.judge_protocol import RESPONSE_FORMATS, check_judge_settings
+from .lib.model_sources import (
+    default_device,
+    layer_indices,
+    lora_target_problems,
+    model_skeleton,
+    model_source_problems,
+    presaved_adapter_problems,
+    quantization_problems,
+    tokenizer_without_weights,
+)
+from .lib.problems import (
+    InputProblems,
+    Problem,
+    capped_lines,
+    flag,
+    listed,
+    problems_of,
+)
+from .lib.prompts import no_room_for_an_answer, prompt_token_ids
+from .lib.records import NormalisedPairs, normalised_pairs, read_records
+from .lib.trainer import checked_resume_checkpoint, torch_compile_problems
 
 logger = logging.getLogger(__name__)
 
-#: Files that mark an output directory as holding a finished run.
-PREVIOUS_RUN_FILES = ("adapter", "metrics.json", "hold_out_predictions.jsonl")
 #: Seconds the judge endpoint has to answer ``GET /models`` in the preflight (no retries).
 JUDGE_PROBE_TIMEOUT_SECONDS = 10.0
 
-
-def flag(name: str) -> str:
-    """The ``run.py`` flag of an input: ``learning_rate`` -> ``--learning-rate``."""
-    return "--" + name.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem with a run's inputs.
-
-    :param input: the input it concerns (``data_path``, ``learning_rate``...; see ``flag``).
-    :param message: one line: what is wrong, where (file, record, key, input) and what to do.
-    """
-
-    input: str
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class InputProblems(ValueError):
-    """Every problem found with a run's inputs (``problems``, a list of ``Problem``); the message has one
-    line per problem."""
-
-    def __init__(self, problems: list):
-        self.problems = list(problems)
-        super().__init__("\n".join(problem.message for problem in self.problems))
-
-
-def _problems_of(input_name: str, error: Exception) -> list:
-    """A ValueError of a stage's own check as problems of ``input_name``, one per line of its message."""
-    if isinstance(error, InputProblems):
-        return list(error.problems)
-    return [Problem(input_name, line) for line in str(error).splitlines() if line.strip()]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The values an input accepts.
-
-    :param kind: ``int`` (integers only), ``float`` (any finite real number) or ``str``.
-    :param low: smallest value (``low_open``: excluded), None for no bound.
-    :param high: largest value (``high_open``: excluded), None for no bound.
-    :param optional: None is accepted too (the input is unset, or the feature off).
-    :param choices: for ``str``, the accepted values; empty accepts any non-empty string.
-    """
-
-    kind: type
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-    optional: bool = False
-    choices: tuple = ()
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.optional
-        if self.kind is str:
-            return isinstance(value, str) and bool(value.strip()) and (not self.choices or value in self.choices)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.kind is int and not isinstance(value, int):
-            return False
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
-
-    def describe(self) -> str:
-        if self.kind is str:
-            text = f"one of {list(self.choices)}" if self.choices else "a non-empty string"
-        else:
-            text = "an integer" if self.kind is int else "a number"
-            low, high = (f"{bound:.15g}" if bound is not None else None for bound in (self.low, self.high))
-            if low is not None and high is not None:
-                text += f" in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-            elif low is not None:
-                text += f" {'>' if self.low_open else '>='} {low}"
-        return text + (", or unset" if self.optional else "")
-
-
-_FRACTION = Rule(float, 0, 1, low_open=True, high_open=True)
-#: The accepted values of each hyperparameter input (with ``max_steps``, checked in
-#: ``hyperparameter_problems``: -1 or an integer >= 1).
-RULES = {
-    "input_text_key": Rule(str, optional=True),
-    "output_text_key": Rule(str, optional=True),
-    "category_key": Rule(str),
-    "validation_fraction": _FRACTION,
-    "hold_out_fraction": _FRACTION,
-    "seed": Rule(int, 0, 2**32 - 1),  # numpy's seed range; the Trainer seeds numpy too
-    "max_seq_length": Rule(int, 2),
-    "lora_r": Rule(int, 1),
-    "lora_alpha": Rule(float, 0, low_open=True),
-    "lora_dropout": Rule(float, 0, 1, high_open=True),
-    "lora_target_modules": Rule(str),
-    "lora_layers_to_transform": Rule(str),
-    "learning_rate": Rule(float, 0, low_open=True),
-    "num_train_epochs": Rule(float, 0, low_open=True),
-    "per_device_train_batch_size": Rule(int, 1),
-    "per_device_eval_batch_size": Rule(int, 1),
-    "gradient_accumulation_steps": Rule(int, 1),
-    "warmup_ratio": Rule(float, 0, 1, high_open=True),
-    "lr_scheduler_type": Rule(str, choices=tuple(scheduler.value for scheduler in SchedulerType)),
-    "weight_decay": Rule(float, 0),
-    "eval_steps": Rule(int, 1, optional=True),
-    "logging_steps": Rule(int, 1),
-    "early_stopping_patience": Rule(int, 1),
-    "neftune_noise_alpha": Rule(float, 0, low_open=True, optional=True),
-    "max_new_tokens": Rule(int, 1),
-    "generation_batch_size": Rule(int, 1),
-}
+__all__ = [
+    "InputProblems", "Problem", "RULES", "check_run_inputs", "flag", "hyperparameter_problems", "library_defaults",
+    "preflight", "raise_hyperparameter_problems",
+]
 
 
 def library_defaults() -> dict:
-    """The default of every input, read from the signatures of the dataflow's node functions."""
-    return dict(_library_defaults())
-
-
-@functools.lru_cache(maxsize=1)
-def _library_defaults() -> dict:
-    import philo_dataflow
-
-    defaults = {}
-    for module in philo_dataflow.MODULES:
-        for name, function in inspect.getmembers(module, inspect.isfunction):
-            if function.__module__ == module.__name__ and not name.startswith("_"):
-                for parameter in inspect.signature(function).parameters.values():
-                    if parameter.default is not inspect.Parameter.empty:
-                        defaults.setdefault(parameter.name, parameter.default)
-    return defaults
-
-
-def _out_of_range(name: str, value: Any, must: str) -> Problem:
-    default = _library_defaults().get(name)
-    shown = f"; the default is {default!r}" if default is not None else ""
-    return Problem(name, f"{name}={value!r} ({flag(name)}): must be {must}{shown}.")
-
-
-def hyperparameter_problems(values: dict) -> list:
-    """Problems of the hyperparameters among ``values`` (input name -> value): each checked against
-    ``RULES``; ``max_steps`` is -1 or an integer >= 1; ``num_train_epochs`` is checked only when
-    ``max_steps`` does not override it; ``validation_fraction + hold_out_fraction`` is below 1.
-
-    :return: one ``Problem`` per input out of range, naming the input, its flag, the accepted values
-        and the default.
-    """
-    problems = [
-        _out_of_range(name, values[name], rule.describe())
-        for name, rule in RULES.items()
-        if name in values and not rule.accepts(values[name])
-        and not (name == "num_train_epochs" and _overrides_epochs(values.get("max_steps")))
-    ]
-    max_steps = values.get("max_steps", -1)
-    if max_steps != -1 and not _overrides_epochs(max_steps):
-        problems.append(_out_of_range("max_steps", max_steps, "-1 (train num_train_epochs epochs) or an integer >= 1"))
-    fractions = [values.get(name) for name in ("validation_fraction", "hold_out_fraction")]
-    if all(_FRACTION.accepts(fraction) for fraction in fractions) and sum(fractions) >= 1:
-        problems.append(Problem(
-            "hold_out_fraction",
-            f"validation_fraction + hold_out_fraction = {sum(fractions):g} ({flag('validation_fraction')}, "
-            f"{flag('hold_out_fraction')}): must be below 1 so that the train split keeps records; lower one of them.",
-        ))
-    return problems
-
-
-def raise_hyperparameter_problems(**values: Any) -> None:
-    """``hyperparameter_problems(values)`` for a dataflow node: the nodes that take hyperparameters call
-    it with theirs, so ``dr.execute`` without a preflight fails with the preflight's own lines.
-
-    :raises InputProblems: (a ValueError) one line per input out of range.
-    """
-    problems = hyperparameter_problems(values)
-    if problems:
-        raise InputProblems(problems)
-
-
-def _overrides_epochs(max_steps: Any) -> bool:
-    return isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1
+    """The default of every input that has one (``lib.inputs.DEFAULTS``)."""
+    return dict(DEFAULTS)
 
 
 def output_dir_problems(output_dir: Any, overwrite: bool = False, presaved_model_dir: Optional[str] = None) -> list:
@@ -272,7 +125,7 @@ def output_dir_problems(output_dir: Any, overwrite: bool = False, presaved_model
     return []
 
 
-def _sparse_category_problems(raw_records: list, found: loading.NormalisedPairs, data_path: str,
+def _sparse_category_problems(raw_records: list, found: NormalisedPairs, data_path: str,
                               category_key: str) -> list:
     """Categories labelled in the data (under ``category_key``) with too few records to reach the
     validation and hold-out splits. Categories found in the text are left alone: a school named in a
@@ -284,12 +137,12 @@ def _sparse_category_problems(raw_records: list, found: loading.NormalisedPairs,
             labelled[pair["category"]].append(index)
     lines = [
         f"{data_path}: category {category!r} (key {category_key!r}) has {len(indices)} record(s) (record "
-        f"{loading.listed(indices)}); each category needs {splitting.MIN_CATEGORY_RECORDS} or more to reach the "
+        f"{listed(indices)}); each category needs {splitting.MIN_CATEGORY_RECORDS} or more to reach the "
         "validation and hold-out splits: add records, correct the label, or drop it."
         for category, indices in sorted(labelled.items())
         if len(indices) < splitting.MIN_CATEGORY_RECORDS
     ]
-    return [Problem("data_path", line) for line in loading.capped_lines(lines, "categories")]
+    return [Problem("data_path", line) for line in capped_lines(lines, "categories")]
 
 
 def data_problems(values: dict, bad_inputs: set) -> tuple:
@@ -297,7 +150,7 @@ def data_problems(values: dict, bad_inputs: set) -> tuple:
 
     :param values: the run's inputs with defaults filled in.
     :param bad_inputs: inputs already found out of range; checks that use them are skipped.
-    :return: ``(problems, found)``; ``found`` is the file's ``loading.NormalisedPairs``, or None when the
+    :return: ``(problems, found)``; ``found`` is the file's ``NormalisedPairs``, or None when the
         records could not be read or normalised.
     """
     data_path = values.get("data_path")
@@ -305,12 +158,12 @@ def data_problems(values: dict, bad_inputs: set) -> tuple:
         return [Problem("data_path", f"data_path={data_path!r} ({flag('data_path')}): give a .json, .jsonl or .csv "
                                      "file of question/answer records.")], None
     try:
-        raw_records = loading.raw_records(data_path)
+        raw_records = read_records(data_path)
     except ValueError as error:
-        return _problems_of("data_path", error), None
+        return problems_of("data_path", error), None
     if bad_inputs & {"input_text_key", "output_text_key", "category_key"}:
         return [], None
-    found = loading.normalised_pairs(raw_records, data_path, values.get("input_text_key"),
+    found = normalised_pairs(raw_records, data_path, values.get("input_text_key"),
                                      values.get("output_text_key"), values["category_key"])
     if found.problems:
         return [Problem("data_path", line) for line in found.problems], None
@@ -326,13 +179,13 @@ def data_problems(values: dict, bad_inputs: set) -> tuple:
     return problems, found
 
 
-def _supervision_problems(tokenizer, prompt_format: str, found: loading.NormalisedPairs, data_path: str,
+def _supervision_problems(tokenizer, prompt_format: str, found: NormalisedPairs, data_path: str,
                           max_seq_length: int) -> list:
     """Prompts of ``max_seq_length`` tokens or more, which would leave an example no supervised answer
     token (``tokenization.tokenize_example`` refuses them): one problem naming every such record."""
     too_long = []
     for pair, index in zip(found.pairs, found.source_indices):
-        length = len(tokenization.prompt_token_ids(tokenizer, prompt_format, pair["input_text"]))
+        length = len(prompt_token_ids(tokenizer, prompt_format, pair["input_text"]))
         if length >= max_seq_length:
             too_long.append((index, length, pair["input_text"]))
     if not too_long:
@@ -340,18 +193,18 @@ def _supervision_problems(tokenizer, prompt_format: str, found: loading.Normalis
     if len(too_long) == 1:
         index, length, question = too_long[0]
         return [Problem("max_seq_length", f"{data_path} record {index} ({question[:60]!r}...): "
-                                          f"{tokenization.no_room_for_an_answer(length, max_seq_length)}")]
+                                          f"{no_room_for_an_answer(length, max_seq_length)}")]
     longest = max(length for _, length, _ in too_long)
     return [Problem(
         "max_seq_length",
         f"{data_path}: {len(too_long)} of {len(found.pairs)} prompts are max_seq_length={max_seq_length} tokens or "
-        f"longer (records {loading.listed([index for index, _, _ in too_long])}; the longest is {longest} tokens), "
+        f"longer (records {listed([index for index, _, _ in too_long])}; the longest is {longest} tokens), "
         f"leaving no answer token to supervise: raise max_seq_length ({flag('max_seq_length')}) above {longest} or "
         "shorten those questions.",
     )]
 
 
-def model_problems(values: dict, start: str, found: Optional[loading.NormalisedPairs], bad_inputs: set) -> list:
+def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], bad_inputs: set) -> list:
     """Problems of the model, the LoRA targets and the prompt lengths (module docstring, item 4)."""
     allow_pickle, trust_remote_code = bool(values.get("allow_pickle")), bool(values.get("trust_remote_code"))
     if start == "presaved":
@@ -360,25 +213,25 @@ def model_problems(values: dict, start: str, found: Optional[loading.NormalisedP
             return [Problem("presaved_model_dir", f"presaved_model_dir ({flag('presaved_model_dir')}) is required with "
                                                   "start='presaved': give the 'adapter' directory of a base run.")]
         problems = [Problem("presaved_model_dir", line)
-                    for line in modeling.presaved_adapter_problems(adapter_dir, allow_pickle, trust_remote_code)]
+                    for line in presaved_adapter_problems(adapter_dir, allow_pickle, trust_remote_code)]
         if problems:
             return problems
-        tokenizer_source, prompt_format = adapter_dir, modeling._read_manifest(adapter_dir)["prompt_format"]
+        tokenizer_source, prompt_format = adapter_dir, read_manifest(adapter_dir)["prompt_format"]
     else:
         model_id = values.get("model_id")
-        problems = [Problem("model_id", line) for line in modeling.model_source_problems(model_id, allow_pickle)]
+        problems = [Problem("model_id", line) for line in model_source_problems(model_id, allow_pickle)]
         problems += [Problem("load_in_4bit", line)
-                     for line in modeling.quantization_problems(bool(values.get("load_in_4bit")), modeling.device())]
+                     for line in quantization_problems(bool(values.get("load_in_4bit")), default_device())]
         problems += [Problem("torch_compile", line)
-                     for line in training.torch_compile_problems(values.get("torch_compile"), modeling.device())]
+                     for line in torch_compile_problems(values.get("torch_compile"), default_device())]
         if problems:
             return problems
         problems += _lora_problems(values, model_id, bad_inputs)
         tokenizer_source, prompt_format = model_id, None
     try:
-        tokenizer = modeling.tokenizer_without_weights(tokenizer_source, trust_remote_code)
+        tokenizer = tokenizer_without_weights(tokenizer_source, trust_remote_code)
     except ValueError as error:
-        return problems + _problems_of("model_id", error)
+        return problems + problems_of("model_id", error)
     if found is None or "max_seq_length" in bad_inputs:
         return problems
     prompt_format = prompt_format or tokenization.prompt_format__base(tokenizer)
@@ -392,23 +245,23 @@ def _lora_problems(values: dict, model_id: str, bad_inputs: set) -> list:
     if bad_inputs & {"lora_target_modules", "lora_layers_to_transform"} or (targets, layers) == ("all-linear", "all"):
         return []
     try:
-        skeleton = modeling.model_skeleton(model_id, bool(values.get("trust_remote_code")))
+        skeleton = model_skeleton(model_id, bool(values.get("trust_remote_code")))
     except ValueError as error:
-        return _problems_of("model_id", error)
-    problems = [Problem("lora_target_modules", line) for line in modeling.lora_target_problems(targets, skeleton)]
+        return problems_of("model_id", error)
+    problems = [Problem("lora_target_modules", line) for line in lora_target_problems(targets, skeleton)]
     try:
-        modeling._layer_indices(layers, skeleton.config.num_hidden_layers)
+        layer_indices(layers, skeleton.config.num_hidden_layers)
     except ValueError as error:
         problems.append(Problem("lora_layers_to_transform", str(error)))
     return problems
 
 
 def resume_problems(values: dict) -> list:
-    """Problems of ``resume_from_checkpoint``: not a complete checkpoint (``training.resume_checkpoint_dir``)."""
+    """Problems of ``resume_from_checkpoint``: not a complete checkpoint (``lib.trainer.checked_resume_checkpoint``)."""
     try:
-        training.resume_checkpoint_dir(values.get("output_dir", "outputs"), values.get("resume_from_checkpoint"))
+        checked_resume_checkpoint(values.get("output_dir", "outputs"), values.get("resume_from_checkpoint"))
     except ValueError as error:
-        return _problems_of("resume_from_checkpoint", error)
+        return problems_of("resume_from_checkpoint", error)
     return []
 
 
@@ -419,7 +272,7 @@ def _arguments(function, values: dict) -> dict:
 def judge_problems(values: dict) -> list:
     """Problems of the LLM-judge settings and endpoint; none when ``judge_model`` is unset.
 
-    The client is built by ``judging.judge_client`` (a missing key fails there), then ``GET /models`` is
+    The client is built by ``lib.judge_client.make_judge_client`` (a missing key fails there), then ``GET /models`` is
     asked once, without retries, within ``JUDGE_PROBE_TIMEOUT_SECONDS``: the endpoint must answer, accept
     the key, and list ``judge_model`` when it lists models. A loopback server listing a single model is
     taken to serve any name (llama.cpp's server does). The key never appears in a message.
@@ -427,22 +280,22 @@ def judge_problems(values: dict) -> list:
     if values.get("judge_model") is None:
         return []
     try:
-        judge = judging.judge_client(**_arguments(judging.judge_client, values))
+        judge = make_judge_client(**_arguments(make_judge_client, values))
     except ValueError as error:
-        return _problems_of("judge_model", error)
+        return problems_of("judge_model", error)
     problems = []
     try:
-        judging._check_judge_settings(**_arguments(judging._check_judge_settings, values))
+        check_judge_settings(**_arguments(check_judge_settings, values))
     except ValueError as error:
-        problems += _problems_of("judge_settings", error)
+        problems += problems_of("judge_settings", error)
     response_format = values.get("judge_response_format", "auto")
-    if response_format not in judging.RESPONSE_FORMATS:
-        problems.append(_out_of_range("judge_response_format", response_format,
-                                      f"one of {list(judging.RESPONSE_FORMATS)}"))
+    if response_format not in RESPONSE_FORMATS:
+        problems.append(out_of_range("judge_response_format", response_format,
+                                      f"one of {list(RESPONSE_FORMATS)}"))
     return problems + _judge_endpoint_problems(judge, values.get("judge_timeout", JUDGE_PROBE_TIMEOUT_SECONDS))
 
 
-def _judge_endpoint_problems(judge: judging.JudgeClient, timeout: float) -> list:
+def _judge_endpoint_problems(judge: JudgeClient, timeout: float) -> list:
     client = judge.client.with_options(timeout=min(timeout, JUDGE_PROBE_TIMEOUT_SECONDS), max_retries=0)
     where = f"judge_base_url={judge.public_base_url!r} ({flag('judge_base_url')})"
     try:
@@ -461,7 +314,7 @@ def _judge_endpoint_problems(judge: judging.JudgeClient, timeout: float) -> list
                                               "check the server.")]
         logger.info("judge endpoint does not list models (HTTP %d); judge_model not checked", error.status_code)
         return []
-    if not listed or judge.model in listed or (len(listed) == 1 and judging._is_loopback(judge.base_url)):
+    if not listed or judge.model in listed or (len(listed) == 1 and is_loopback(judge.base_url)):
         return []
     close = difflib.get_close_matches(judge.model, listed, n=3)
     hint = f"did you mean {close}?" if close else f"it lists {listed[:5]}{' ...' if len(listed) > 5 else ''}."
@@ -479,11 +332,9 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
         ``resume_from_checkpoint``).
     :return: list of ``Problem``, empty when the inputs look right.
     """
-    import philo_dataflow
-
-    if start not in philo_dataflow.START_MODES:
-        return [Problem("start", f"start={start!r} ({flag('start')}): use one of {list(philo_dataflow.START_MODES)}.")]
-    values = {**_library_defaults(), **inputs}
+    if start not in START_MODES:
+        return [Problem("start", f"start={start!r} ({flag('start')}): use one of {list(START_MODES)}.")]
+    values = {**DEFAULTS, **inputs}
     problems = hyperparameter_problems(values)
     bad_inputs = {problem.input for problem in problems}
     resuming = start == "base" and values.get("resume_from_checkpoint") is not None

@@ -1,11 +1,17 @@
-"""Stage 10 — the run's metrics in one dict and a Markdown report for people."""
+"""Report: the run's metrics in one dict (``metrics.json``) and a Markdown report for people, with an
+LLM-judge section when the run was judged."""
 
 import datetime
-import math
+from typing import Optional
 
-from .metrics import ROUGE_TYPES
+from hamilton.function_modifiers import tag
+
+from .lib.formatting import fmt, one_line, pct
+from .lib.judge_protocol import CRITERIA
+from .lib.scores import ROUGE_TYPES
 
 
+@tag(output="final")
 def run_metrics(
     training_and_validation_set_metrics: dict,
     model_summary: dict,
@@ -13,11 +19,12 @@ def run_metrics(
     split_summary: dict,
     base_model_id: str,
     data_path: str,
+    judge_results: Optional[dict],
 ) -> dict:
     """Everything ``metrics.json`` holds: validation loss and training facts, hold-out ROUGE / EOS /
     length for base and fine-tuned (overall, per category, ROUGE-L difference CI), the model summary,
-    tokenization and split statistics."""
-    return {
+    tokenization and split statistics, and ``judge`` (``judging.judge_metrics``) when the run was judged."""
+    metrics = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_id": base_model_id,
         "data_path": data_path,
@@ -26,18 +33,15 @@ def run_metrics(
         "tokenization": tokenization_stats,
         "splits": split_summary,
     }
+    if judge_results is not None:
+        metrics["judge"] = judge_results
+    return metrics
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
+@tag(output="final")
 def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], report_examples: int = 3) -> str:
-    """A Markdown report: hold-out comparison, per-category ROUGE-L, validation loss, sample answers.
+    """A Markdown report: hold-out comparison, per-category ROUGE-L, validation loss, sample answers, and
+    the LLM judge's results when ``run_metrics`` holds them.
 
     :param report_examples: hold-out questions shown with both answers.
     """
@@ -54,16 +58,16 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         + f". Created {run_metrics['created']}.",
         "",
         f"On {base['count']} hold-out questions the fine-tuned model is **{verdict}** the base model by ROUGE-L: "
-        f"difference {_fmt(diff['mean'])} (bootstrap 95% CI {_fmt(diff['ci95_low'])} to {_fmt(diff['ci95_high'])}).",
+        f"difference {fmt(diff['mean'])} (bootstrap 95% CI {fmt(diff['ci95_low'])} to {fmt(diff['ci95_high'])}).",
         "",
         "| hold-out | " + " | ".join(ROUGE_TYPES) + " | EOS-stop rate | mean words | mean new tokens |",
         "|---|" + "---|" * (len(ROUGE_TYPES) + 3),
     ]
     for name, summary in (("base", base), ("fine-tuned", tuned)):
         lines.append(
-            f"| {name} | " + " | ".join(_fmt(summary[t]) for t in ROUGE_TYPES)
-            + f" | {_fmt(summary['eos_stop_rate'], 2)} | {_fmt(summary['mean_answer_words'], 1)}"
-            + f" | {_fmt(summary['mean_new_tokens'], 1)} |"
+            f"| {name} | " + " | ".join(fmt(summary[t]) for t in ROUGE_TYPES)
+            + f" | {fmt(summary['eos_stop_rate'], 2)} | {fmt(summary['mean_answer_words'], 1)}"
+            + f" | {fmt(summary['mean_new_tokens'], 1)} |"
         )
     splits = run_metrics["splits"]
     split_names = list(splits)
@@ -78,14 +82,14 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
     for category in categories:
         pair = hold_out["per_category"].get(category)
         scores = (
-            [_fmt(pair["base"]["rougeL"]), _fmt(pair["finetuned"]["rougeL"]),
+            [fmt(pair["base"]["rougeL"]), fmt(pair["finetuned"]["rougeL"]),
              f"{pair['finetuned']['rougeL'] - pair['base']['rougeL']:+.3f}"] if pair else ["—", "—", "—"]
         )
         counts = [str(splits[name]["per_category"].get(category, 0)) for name in split_names]
         lines.append(f"| {category} | " + " | ".join(counts + scores) + " |")
     lines += [
         "",
-        f"Validation loss of the kept checkpoint: {_fmt(validation.get('eval_loss'), 4)} "
+        f"Validation loss of the kept checkpoint: {fmt(validation.get('eval_loss'), 4)} "
         f"(steps {validation.get('global_step', 'n/a')}, stopped early: {validation.get('stopped_early', 'n/a')}).",
         f"Trainable parameters: {run_metrics['model_summary']['trainable_parameters']:,} of "
         f"{run_metrics['model_summary']['total_parameters']:,}.",
@@ -96,10 +100,57 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         # Answers may hold blank lines; joined, each stays inside its Markdown list item.
         lines += [
             "",
-            f"**Q ({row['category']}):** {_one_line(row['question'])}",
+            f"**Q ({row['category']}):** {one_line(row['question'])}",
             "",
-            f"- *reference:* {_one_line(row['reference'])}",
-            f"- *base:* {_one_line(row['base_prediction'])}",
-            f"- *fine-tuned:* {_one_line(row['finetuned_prediction'])}",
+            f"- *reference:* {one_line(row['reference'])}",
+            f"- *base:* {one_line(row['base_prediction'])}",
+            f"- *fine-tuned:* {one_line(row['finetuned_prediction'])}",
         ]
-    return "\n".join(lines) + "\n"
+    report = "\n".join(lines) + "\n"
+    return _judge_section(report, run_metrics["judge"]) if "judge" in run_metrics else report
+
+
+def _judge_section(report_markdown: str, judge_metrics: dict) -> str:
+    """``report_markdown`` with an "LLM judge" section: rubric means with answer lengths, per-school
+    means, pairwise win / tie / loss, position consistency, and how the judge was asked."""
+    settings, rubric, pairwise = judge_metrics["settings"], judge_metrics["rubric"], judge_metrics["pairwise"]
+    calls = judge_metrics["calls"]
+    lines = [
+        "",
+        "## LLM judge",
+        "",
+        f"Judge `{settings['model']}` at `{settings['base_url']}`, prompt {settings['prompt_version']}, temperature "
+        f"{settings['temperature']}, response format {settings['response_format']}. {calls['judgments']} judgments, "
+        f"{calls['failed']} failed (recorded in `judgments.jsonl`), {calls['replies_from_cache']} of "
+        f"{calls['replies']} replies from the cache.",
+        "",
+        "| rubric (mean 1–5) | " + " | ".join(c.replace("_", " ") for c in CRITERIA) + " | judged | failed | mean words |",
+        "|---|" + "---|" * (len(CRITERIA) + 3),
+    ]
+    for model, name in (("base", "base"), ("finetuned", "fine-tuned")):
+        s = rubric[model]
+        lines.append(f"| {name} | " + " | ".join(fmt(s[c], 2) for c in CRITERIA)
+                     + f" | {s['judged']} | {s['failed']} | {fmt(s['mean_answer_words'], 1)} |")
+    d = rubric["finetuned_minus_base"]
+    lines.append("| fine-tuned − base | " + " | ".join(fmt(d[c], 2) for c in CRITERIA)
+                 + f" | {d['paired_questions']} pairs | | |")
+    lines += ["", "| school | model | " + " | ".join(c.replace("_", " ") for c in CRITERIA) + " | mean words |",
+              "|---|---|" + "---|" * (len(CRITERIA) + 1)]
+    for school, pair in rubric["per_school"].items():
+        for model, name in (("base", "base"), ("finetuned", "fine-tuned")):
+            s = pair[model]
+            lines.append(f"| {school} | {name} | " + " | ".join(fmt(s[c], 2) for c in CRITERIA)
+                         + f" | {fmt(s['mean_answer_words'], 1)} |")
+    words = pairwise["mean_answer_words"]
+    lines += [
+        "",
+        f"Pairwise, asked in both orders (a win only when both orders agree; Zheng et al. 2023), on "
+        f"{pairwise['judged']} of {pairwise['questions']} questions: fine-tuned **wins {pct(pairwise['win_rate'])}, "
+        f"ties {pct(pairwise['tie_rate'])}, loses {pct(pairwise['loss_rate'])}** "
+        f"({pairwise['wins']} / {pairwise['ties']} / {pairwise['losses']}). Position consistency of the judge: "
+        f"{pct(pairwise['position_consistency'])} (answer shown first preferred in both orders: "
+        f"{pct(pairwise['first_position_preferred_rate'])}, second: {pct(pairwise['second_position_preferred_rate'])}). "
+        f"Mean answer words: base {fmt(words['base'], 1)}, fine-tuned {fmt(words['finetuned'], 1)}; the longer "
+        f"answer won {pct(pairwise['longer_answer_won_share'])} of decisive pairs.",
+    ]
+    return report_markdown.rstrip("\n") + "\n" + "\n".join(lines) + "\n"

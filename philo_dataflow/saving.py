@@ -1,71 +1,44 @@
-"""Stage 6 / edges — write the adapter, predictions, metrics, figures and report under ``output_dir``.
-
-Every file is written to a temporary name and renamed into place, and the adapter directory is built
-in a temporary directory and swapped in, so a failed run never leaves a half-written output or a
-previous run's files half-overwritten.
+"""Saving: every file a run writes under ``output_dir``, each by one node, once (names in
+``lib.artifacts``). Every file is written to a temporary name and renamed into place, and the adapter
+directory is built in a temporary directory and swapped in, so a failed run never leaves a half-written
+output or a previous run's files half-overwritten.
 """
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import plotly.graph_objects as go
+import yaml
+from hamilton.function_modifiers import config, tag
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
-from .modeling import MANIFEST_FILE
-from .training import LOG_HISTORY_FILE
+from .lib.artifacts import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    JUDGE_FIGURE_FILE,
+    JUDGMENTS_FILE,
+    LOG_HISTORY_FILE,
+    LOSS_CURVE_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PREDICTIONS_CSV_FILE,
+    PREDICTIONS_JSONL_FILE,
+    REPORT_FILE,
+    ROUGE_FIGURE_FILE,
+    UMASK,
+    library_versions,
+    sha256_of_file,
+    write_text_atomically,
+)
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_DIR = "adapter"
-#: Read once: ``os.umask`` can only be read by setting it, which is not thread-safe (judge threads write).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_VERSIONED = ("philo_dataflow", "torch", "transformers", "peft", "datasets", "apache-hamilton", "rouge_score")
-
-
-def _library_versions() -> dict:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_text_atomically(path: Path, text: str) -> str:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename, so
-    ``path`` holds either its previous content or all of ``text``, never part of it (a full disk or a
-    crash mid-write leaves the previous file and no temporary file). The file gets the usual
-    permissions (0666 minus the umask), not ``mkstemp``'s owner-only 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_UMASK)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return str(path)
 
 
 def run_manifest(
@@ -103,13 +76,14 @@ def run_manifest(
         "prompt_format": prompt_format,
         "lora_config": json.loads(json.dumps(lora_config.to_dict(), default=str)),
         "training_args": json.loads(training_args.to_json_string()),
-        "library_versions": _library_versions(),
-        "data_sha256": _sha256(data_path),
+        "library_versions": library_versions(),
+        "data_sha256": sha256_of_file(data_path),
         "splits": {name: s["total"] for name, s in split_summary.items()},
         "validation_metrics": fit_trainer_eval_metrics,
     }
 
 
+@tag(output="default")
 def save_best_models(
     finetuned_model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -135,9 +109,9 @@ def save_best_models(
         (staging / MANIFEST_FILE).write_text(json.dumps(run_manifest, indent=2, default=str), encoding="utf-8")
         (staging / LOG_HISTORY_FILE).write_text(json.dumps(training_log_history, indent=2), encoding="utf-8")
         # mkdtemp and safetensors make owner-only entries; an adapter is shared like any saved model.
-        os.chmod(staging, 0o777 & ~_UMASK)
+        os.chmod(staging, 0o777 & ~UMASK)
         for path in staging.iterdir():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
         if target.exists():
             retired = target.with_name(f".{ADAPTER_DIR}.previous")
             shutil.rmtree(retired, ignore_errors=True)
@@ -157,6 +131,7 @@ def save_best_models(
     return {"status": "success", "adapter_dir": str(target), "files": sorted(p.name for p in target.iterdir())}
 
 
+@tag(output="default")
 def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir: str = "outputs") -> dict:
     """Writes the side-by-side hold-out predictions as ``hold_out_predictions.jsonl`` and ``.csv``.
 
@@ -169,16 +144,18 @@ def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir:
     writer.writerows(hold_out_set_predictions)
     out = Path(output_dir)
     return {
-        "jsonl": write_text_atomically(out / "hold_out_predictions.jsonl", jsonl),
-        "csv": write_text_atomically(out / "hold_out_predictions.csv", buffer.getvalue()),
+        "jsonl": write_text_atomically(out / PREDICTIONS_JSONL_FILE, jsonl),
+        "csv": write_text_atomically(out / PREDICTIONS_CSV_FILE, buffer.getvalue()),
     }
 
 
+@tag(output="default")
 def saved_metrics(run_metrics: dict, output_dir: str = "outputs") -> str:
     """Writes ``run_metrics`` to ``<output_dir>/metrics.json``; returns the path."""
-    return write_text_atomically(Path(output_dir) / "metrics.json", json.dumps(run_metrics, indent=2, default=str))
+    return write_text_atomically(Path(output_dir) / METRICS_FILE, json.dumps(run_metrics, indent=2, default=str))
 
 
+@tag(output="default")
 def saved_figures(loss_curve_figure: go.Figure, rouge_comparison_figure: go.Figure, output_dir: str = "outputs") -> dict:
     """Writes the figures as self-contained interactive HTML (plotly.js inlined, works offline).
 
@@ -186,13 +163,45 @@ def saved_figures(loss_curve_figure: go.Figure, rouge_comparison_figure: go.Figu
     """
     out = Path(output_dir)
     return {
-        "loss_curve": write_text_atomically(out / "loss_curve.html", loss_curve_figure.to_html(include_plotlyjs=True)),
+        "loss_curve": write_text_atomically(out / LOSS_CURVE_FILE, loss_curve_figure.to_html(include_plotlyjs=True)),
         "rouge_comparison": write_text_atomically(
-            out / "rouge_comparison.html", rouge_comparison_figure.to_html(include_plotlyjs=True)
+            out / ROUGE_FIGURE_FILE, rouge_comparison_figure.to_html(include_plotlyjs=True)
         ),
     }
 
 
+@tag(output="default")
 def saved_report(report_markdown: str, output_dir: str = "outputs") -> str:
     """Writes the Markdown report to ``<output_dir>/report.md``; returns the path."""
-    return write_text_atomically(Path(output_dir) / "report.md", report_markdown)
+    return write_text_atomically(Path(output_dir) / REPORT_FILE, report_markdown)
+
+
+@config.when(judge=True)
+@tag(output="judge")
+def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict], output_dir: str = "outputs") -> str:
+    """Writes every judgment, failures with their raw replies included, to ``<output_dir>/judgments.jsonl``:
+    the rubric records, then the pairwise records (see ``rubric_judgments`` / ``pairwise_judgments``)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*rubric_judgments, *pairwise_judgments])
+    return write_text_atomically(Path(output_dir) / JUDGMENTS_FILE, text)
+
+
+@config.when(judge=True)
+@tag(output="judge")
+def saved_judge_figure(judge_comparison_figure: go.Figure, output_dir: str = "outputs") -> str:
+    """Writes ``judge_comparison_figure`` as self-contained HTML to ``<output_dir>/judge_comparison.html``."""
+    return write_text_atomically(
+        Path(output_dir) / JUDGE_FIGURE_FILE, judge_comparison_figure.to_html(include_plotlyjs=True)
+    )
+
+
+@tag(output="run")
+def saved_run_config(run_config: dict, output_dir: str = "outputs") -> str:
+    """Writes the resolved configuration of a run (every input, with defaults filled in, and the
+    ``start`` and ``judge`` config) to ``<output_dir>/config.yaml``, which ``run.py --config`` takes back to
+    reproduce the run.
+
+    :param run_config: input and config names -> values (``run.py`` passes it).
+    :return: the path.
+    """
+    text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return write_text_atomically(Path(output_dir) / CONFIG_FILE, text)

@@ -1,4 +1,4 @@
-"""Stage 3 — seeded, category-stratified train / validation / hold-out split.
+"""Splitting: a seeded, category-stratified train / validation / hold-out split.
 
 Prompts are unique after ``instruction_records`` (duplicates are kept once), so no prompt can land in
 two splits. Every category with at least ``MIN_CATEGORY_RECORDS`` records is represented in the
@@ -10,12 +10,13 @@ import random
 from collections import defaultdict
 
 from datasets import Dataset
-from hamilton.function_modifiers import extract_fields
+from hamilton.function_modifiers import extract_fields, tag
+
+from .lib.inputs import raise_hyperparameter_problems
 
 logger = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ("input_text", "output_text", "category")
-
 
 #: Records a category needs for the validation and hold-out splits to get one each.
 MIN_CATEGORY_RECORDS = 3
@@ -42,8 +43,6 @@ def data_splits(
     Within each category the records are shuffled with ``random.Random(seed)`` and the first
     ``round(n * hold_out_fraction)`` go to hold-out, the next ``round(n * validation_fraction)`` to
     validation (each at least one for a category of three or more records), the rest to train.
-    The defaults (10% / 10%) leave a hold-out set big enough to compare two models; the reference module
-    held out 1%.
 
     :param instruction_records: normalised pairs (see ``instruction_records``).
     :param data_path: the data file, named in errors.
@@ -51,17 +50,11 @@ def data_splits(
     :param hold_out_fraction: share of each category never seen in training, for the final comparison.
     :param seed: seed of the shuffle.
     :return: dict of three ``datasets.Dataset`` with columns ``input_text``, ``output_text``, ``category``.
-    :raises preflight.InputProblems: (a ValueError) a fraction outside (0, 1), fractions summing to 1 or
+    :raises lib.problems.InputProblems: (a ValueError) a fraction outside (0, 1), fractions summing to 1 or
         more, a seed outside [0, 2**32).
     :raises ValueError: too few records to give every split one record.
     """
-    from .preflight import InputProblems, hyperparameter_problems
-
-    problems = hyperparameter_problems(
-        {"validation_fraction": validation_fraction, "hold_out_fraction": hold_out_fraction, "seed": seed}
-    )
-    if problems:
-        raise InputProblems(problems)
+    raise_hyperparameter_problems(validation_fraction=validation_fraction, hold_out_fraction=hold_out_fraction, seed=seed)
     by_category = defaultdict(list)
     for record in instruction_records:
         by_category[record["category"]].append(record)
@@ -91,6 +84,7 @@ def data_splits(
     }
 
 
+@tag(output="final")
 def split_summary(train_set: Dataset, validation_set: Dataset, hold_out_set: Dataset) -> dict:
     """Record counts per split and per category: ``{"train_set": {"total": n, "per_category": {...}}, ...}``."""
     summary = {}

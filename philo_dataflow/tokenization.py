@@ -1,35 +1,24 @@
-"""Stage 2 — prompt rendering and tokenization with masked labels.
-
-One function, ``render_prompt``, turns a question (and, for training, its answer) into text; it serves
-training, evaluation, generation and presaved loading alike (PITFALLS row 7). Labels are built from the
-prompt's token length, never by searching for a response marker (rows 3–4):
-
-    input_ids = prompt_ids + response_ids          # response_ids end with the EOS / end-of-turn token
-    labels    = [-100] * len(prompt_ids) + response_ids
-
-Padding is added later by the collator, which pads labels with -100 by position (row 2), so the EOS stays
-supervised even where the pad token *is* the EOS token.
-"""
+"""Tokenization: the prompt format and the three splits tokenized for causal-LM training, labels masked
+on the prompt (``lib.prompts``)."""
 
 import logging
-from typing import Optional
 
 from datasets import Dataset
-from hamilton.function_modifiers import config, hamilton_exclude, parameterize, source, value
+from hamilton.function_modifiers import (
+    config,
+    parameterize,
+    source,
+    tag,
+    tag_outputs,
+    value,
+)
 from transformers import PreTrainedTokenizerBase
 
-from .loading import capped_lines
+from .lib.inputs import raise_hyperparameter_problems
+from .lib.problems import capped_lines
+from .lib.prompts import ALPACA, CHAT_TEMPLATE, IGNORE_INDEX, tokenize_example
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-CHAT_TEMPLATE = "chat_template"
-ALPACA = "alpaca"
-#: Prompt of the Stanford Alpaca project (Taori et al. 2023), used when a tokenizer has no chat template.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 @config.when(start="base")
@@ -39,91 +28,9 @@ def prompt_format__base(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 @config.when(start="presaved")
-def prompt_format__presaved(presaved_model_dir: str) -> str:
+def prompt_format__presaved(presaved_manifest: dict) -> str:
     """The prompt format the presaved adapter was trained with, read from its manifest."""
-    from .modeling import _read_manifest
-
-    return _read_manifest(presaved_model_dir)["prompt_format"]
-
-
-def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt_format: str, instruction: str, response: Optional[str] = None
-) -> str:
-    """The text the model sees: the prompt alone (``response=None``), or prompt and response.
-
-    With ``"chat_template"`` the tokenizer's template renders a single user turn, with the generation
-    prompt when ``response`` is None. With ``"alpaca"`` the Alpaca prompt is used and the tokenizer's BOS
-    token is prefixed when the tokenizer would add one. The result is meant to be tokenized with
-    ``add_special_tokens=False`` (no double BOS, PITFALLS row 5).
-    """
-    if prompt_format == CHAT_TEMPLATE:
-        messages = [{"role": "user", "content": instruction}]
-        if response is None:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        messages.append({"role": "assistant", "content": response})
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    if prompt_format != ALPACA:
-        raise ValueError(f"prompt_format={prompt_format!r}: use {CHAT_TEMPLATE!r} or {ALPACA!r}.")
-    bos = tokenizer.bos_token or ""
-    adds_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
-    text = (bos if adds_bos else "") + ALPACA_PROMPT.format(instruction=instruction)
-    return text if response is None else text + response
-
-
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt_format: str, instruction: str) -> list[int]:
-    """Token ids of the rendered prompt, as both training and generation see them."""
-    return tokenizer(render_prompt(tokenizer, prompt_format, instruction), add_special_tokens=False).input_ids
-
-
-@hamilton_exclude
-def no_room_for_an_answer(prompt_length: int, max_seq_length: int) -> str:
-    """The problem of a prompt of ``prompt_length`` tokens that leaves no answer token within
-    ``max_seq_length`` (an example needs ``max_seq_length > prompt_length``)."""
-    return (
-        f"the prompt alone is {prompt_length} tokens, max_seq_length={max_seq_length}: no answer token "
-        "would be supervised. Raise max_seq_length or shorten the question."
-    )
-
-
-def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_format: str,
-    instruction: str,
-    response: str,
-    max_seq_length: int,
-) -> dict:
-    """One training example: ``input_ids``, ``attention_mask`` and ``labels`` (all of length ``seq_len``
-    <= ``max_seq_length``) and ``truncated`` (the response was cut to fit).
-
-    The response part is what the full render adds after the prompt, cut just after its first EOS /
-    end-of-turn token (the chat template's trailing newline is dropped), or with the EOS appended when the
-    render has none — so the last supervised label is the EOS (PITFALLS row 1) unless truncated.
-
-    :raises ValueError: the prompt alone fills ``max_seq_length``, leaving no supervised token.
-    """
-    prompt_text = render_prompt(tokenizer, prompt_format, instruction)
-    full_text = render_prompt(tokenizer, prompt_format, instruction, response)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the rendered prompt is not a prefix of the rendered example; check the chat template.")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    if eos in response_ids:
-        response_ids = response_ids[: response_ids.index(eos) + 1]
-    else:
-        response_ids = response_ids + [eos]
-    room = max_seq_length - len(prompt_ids)
-    if room <= 0:
-        raise ValueError(no_room_for_an_answer(len(prompt_ids), max_seq_length))
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    input_ids = prompt_ids + response_ids
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        "truncated": truncated,
-    }
+    return presaved_manifest["prompt_format"]
 
 
 @parameterize(
@@ -131,6 +38,7 @@ def tokenize_example(
     tokenized_validation={"examples": source("validation_set"), "split_name": value("validation_set")},
     tokenized_hold_out={"examples": source("hold_out_set"), "split_name": value("hold_out_set")},
 )
+@tag_outputs(tokenized_hold_out={"output": "final"})
 def tokenized_split(
     examples: Dataset,
     split_name: str,
@@ -142,15 +50,11 @@ def tokenized_split(
     (each a list of ``seq_len`` ints, unpadded) and ``truncated`` (bool).
 
     :param max_seq_length: tokens per example, prompt included; longer answers are cut (and counted).
-    :raises preflight.InputProblems: (a ValueError) ``max_seq_length`` is not an integer >= 2.
+    :raises lib.problems.InputProblems: (a ValueError) ``max_seq_length`` is not an integer >= 2.
     :raises ValueError: examples have no supervised token; one line per record names the split and the
-        record (the first ``loading.MAX_LISTED_RECORDS``, then how many more).
+        record (the first ``lib.problems.MAX_LISTED_RECORDS``, then how many more).
     """
-    from .preflight import InputProblems, hyperparameter_problems
-
-    problems = hyperparameter_problems({"max_seq_length": max_seq_length})
-    if problems:
-        raise InputProblems(problems)
+    raise_hyperparameter_problems(max_seq_length=max_seq_length)
     rows, failures = [], []
     for index, (instruction, response) in enumerate(zip(examples["input_text"], examples["output_text"])):
         try:
@@ -165,6 +69,7 @@ def tokenized_split(
     return Dataset.from_list(rows)
 
 
+@tag(output="final")
 def tokenization_stats(tokenized_train: Dataset, tokenized_validation: Dataset, max_seq_length: int = 512) -> dict:
     """Token-length statistics of the train split (only; no hold-out leakage) and truncation counts.
 

@@ -1,16 +1,17 @@
 """Shared fixtures: a tiny Llama model (2 layers, hidden 32) with the embedded model's real tokenizer,
 built in seconds, so every stage is tested on CPU without a download."""
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from philo_dataflow.testing import EXAMPLE_DATA, example_subset  # noqa: F401 (EXAMPLE_DATA: for the test modules)
+from philo_dataflow.testing import tiny_model_dir as tiny_model_dir_with
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "phillm" / "main_data.json"
-EXAMPLE_DATA = REPO / "example_data" / "philosophy_qa.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -29,7 +30,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
     """The embedded SmolLM2 GGUF converted (once per machine) to a safetensors directory."""
-    from philo_dataflow.modeling import EMBEDDED_MODEL_ID, resolve_model_path
+    from philo_dataflow.lib.inputs import EMBEDDED_MODEL_ID
+    from philo_dataflow.lib.model_sources import resolve_model_path
 
     return resolve_model_path(EMBEDDED_MODEL_ID)
 
@@ -51,21 +53,15 @@ def alpaca_tokenizer(embedded_model_dir):
     return tokenizer
 
 
-def _tiny_model_dir(directory: Path, tokenizer) -> str:
-    from benchmarks._common import tiny_model_dir  # the benchmarks' --smoke model, one recipe for both
-
-    return tiny_model_dir(directory, tokenizer)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, chat_tokenizer) -> str:
     """A randomly initialised 2-layer Llama with the chat tokenizer, saved as a local model dir."""
-    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-chat"), chat_tokenizer)
+    return tiny_model_dir_with(tmp_path_factory.mktemp("tiny-chat"), chat_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_alpaca_model_dir(tmp_path_factory, alpaca_tokenizer) -> str:
-    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-alpaca"), alpaca_tokenizer)
+    return tiny_model_dir_with(tmp_path_factory.mktemp("tiny-alpaca"), alpaca_tokenizer)
 
 
 def logits_against_base(model, tiny_model_dir: str) -> dict:
@@ -86,13 +82,7 @@ def logits_against_base(model, tiny_model_dir: str) -> dict:
 @pytest.fixture
 def small_jsonl(tmp_path) -> str:
     """30 alpaca records from the example data (three schools), as a JSONL file."""
-    rows = [json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()]
-    picked = []
-    for school in ("Stoicism", "Taoism", "Hedonism"):
-        picked += [r for r in rows if r["school"] == school][:10]
-    path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
-    return str(path)
+    return example_subset(tmp_path / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
 
 
 #: Inputs that make a tiny-model run take seconds.

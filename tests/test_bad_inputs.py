@@ -12,12 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from bad_inputs.cases import (
+    ACCEPTED,
+    CASES,
+    GOOD,
+    JUDGE_MODELS,
+    UNSET_KEY_VARIABLE,
+    Case,
+    Env,
+)
 
 import philo_dataflow
 import run
-from bad_inputs.cases import ACCEPTED, CASES, GOOD, JUDGE_MODELS, UNSET_KEY_VARIABLE, Case, Env
 from philo_dataflow import preflight
-from philo_dataflow.modeling import MANIFEST_FILE
+from philo_dataflow.lib.artifacts import MANIFEST_FILE
+from philo_dataflow.testing import tree
 
 
 def _save_adapter(model, tokenizer_dir: str, target: Path, model_id: str) -> str:
@@ -101,16 +110,6 @@ def _argv(case: Case, inputs: dict) -> list:
     return argv + (["--overwrite"] if case.overwrite else []) + list(case.cli_extra)
 
 
-def _tree(root: Path) -> dict:
-    """Every path under ``root`` with its type, size and modification time."""
-    found = {}
-    for directory, names, files in os.walk(root):
-        for name in names + files:
-            stat = os.lstat(os.path.join(directory, name))
-            found[os.path.relpath(os.path.join(directory, name), root)] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
-    return found
-
-
 def _assert_matches(problems: list, expected: tuple) -> None:
     """Exactly one problem per expected entry, each holding all of that entry's substrings."""
     wanted = [(entry,) if isinstance(entry, str) else entry for entry in expected]
@@ -132,7 +131,7 @@ def test_corpus_is_large_and_named_uniquely():
 def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path, capsys):
     _skip_if_not_applicable(case)
     inputs = _inputs(case, env, tmp_path)
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
     if not case.cli_only:
         problems = preflight.check_run_inputs(inputs, case.start, case.overwrite)
@@ -154,20 +153,21 @@ def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path
         expected = case.graph_expected or (first if isinstance(first, str) else first[0])
         with pytest.raises(ValueError, match=re.escape(expected)):
             philo_dataflow.build_driver({"start": case.start}).execute(list(case.graph), inputs=inputs)
-    assert _tree(tmp_path) == before, "a failed run wrote or changed files"
+    assert tree(tmp_path) == before, "a failed run wrote or changed files"
 
 
 @pytest.mark.parametrize("case", ACCEPTED, ids=lambda case: case.id)
 def test_odd_but_right_input_passes_the_preflight(case, env, tmp_path):
     inputs = _inputs(case, env, tmp_path)
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert [problem.message for problem in preflight.check_run_inputs(inputs, case.start, case.overwrite)] == []
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
 
 
 def test_bom_and_duplicates_load_as_the_plain_file():
-    from philo_dataflow.loading import instruction_records, raw_records
     from bad_inputs.cases import data
+
+    from philo_dataflow.loading import instruction_records, raw_records
 
     plain = instruction_records(raw_records(GOOD), GOOD)
     assert instruction_records(raw_records(data("bom.jsonl")), "x") == plain

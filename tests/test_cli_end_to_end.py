@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-from conftest import EXAMPLE_DATA, REPO
+from philo_dataflow.testing import example_subset
 
 
 def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -20,12 +21,7 @@ def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def embedded_run(tmp_path_factory, embedded_model_dir):
     """Three optimizer steps of the embedded model on 45 example records (5 per school)."""
     work = tmp_path_factory.mktemp("embedded")
-    rows = [json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()]
-    picked = []
-    for school in sorted({r["school"] for r in rows}):
-        picked += [r for r in rows if r["school"] == school][:5]
-    data = work / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    data = Path(example_subset(work / "data.jsonl", 5))
     out = work / "out"
     process = _run("--data-path", str(data), "--output-dir", str(out), "--max-steps", "3", "--eval-steps", "1",
                    "--logging-steps", "1", "--max-new-tokens", "12", "--hold-out-fraction", "0.2",

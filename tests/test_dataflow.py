@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_INPUTS, logits_against_base
 
 import philo_dataflow
-from conftest import FAST_INPUTS, logits_against_base
-from philo_dataflow import prediction, training
-from philo_dataflow.prediction import generate_greedy
+from philo_dataflow.lib.generation import generate_greedy
 
 
 @pytest.mark.parametrize("start", ["base", "presaved"])
@@ -50,6 +49,7 @@ def test_exactly_one_node_trains():
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_model_dir):
     import json as _json
+
     from conftest import EXAMPLE_DATA
 
     work = tmp_path_factory.mktemp("run")
@@ -88,7 +88,7 @@ def test_base_run_writes_every_output(base_run):
 
 
 def test_lora_weights_moved_and_base_weights_frozen(base_run):
-    # PITFALLS row 11: LoRA B starts at zero and must move after training.
+    # docs/pitfalls.md, "LoRA weights that never move": LoRA B starts at zero and must move after training.
     model = base_run["result"]["finetuned_model"]
     after = dict(model.named_parameters())
     moved = [n for n, before in base_run["lora_B_before"].items() if not torch.equal(before, after[n].detach())]
@@ -117,8 +117,8 @@ def test_validation_generation_and_metrics(base_run):
 
 
 def test_batched_greedy_equals_one_at_a_time(base_run, chat_tokenizer):
-    # PITFALLS row 6: left-padded batches give exactly the tokens of unbatched decoding.
-    from philo_dataflow.tokenization import prompt_token_ids
+    # docs/pitfalls.md, "right-padded generation": left-padded batches give exactly the tokens of unbatched decoding.
+    from philo_dataflow.lib.prompts import prompt_token_ids
 
     model = base_run["result"]["finetuned_model"]
     questions = ["What is Stoicism?", "In Taoism, what does wu wei ask of a ruler facing a crisis?", "Hedonism?",

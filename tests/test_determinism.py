@@ -3,9 +3,9 @@ predictions (exactly, on CPU); another seed gives another split, so the comparis
 
 import pytest
 import torch
+from conftest import FAST_INPUTS
 
 import philo_dataflow
-from conftest import FAST_INPUTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,7 +3,6 @@ server SIGKILLed mid-run loses no judgment it made, and a re-run asks only for t
 while saving (a full disk) leaves the previous outputs byte-identical and no temporary file behind."""
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -15,22 +14,17 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
-
-import philo_dataflow
 from conftest import REPO
 from judge_servers import JudgeServerProcess
-from philo_dataflow import judging, saving
+
+import philo_dataflow
+from philo_dataflow import saving
+from philo_dataflow.lib import artifacts
+from philo_dataflow.lib.judge_protocol import PAIR_ORDERS
+from philo_dataflow.testing import tree
 from philo_dataflow.training import resume_checkpoint_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _tree(directory: Path) -> dict:
-    """Every file under ``directory`` (hidden ones included), relative path -> SHA-256."""
-    return {
-        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*")) if path.is_file()
-    }
 
 
 # --- training killed mid-epoch -------------------------------------------------------------------
@@ -170,13 +164,13 @@ def _judged(dr, server: JudgeServerProcess, output_dir: Path) -> dict:
 def _failed_calls(judgments_path: Path) -> list[dict]:
     records = [json.loads(line) for line in judgments_path.read_text().splitlines()]
     calls = [r for r in records if r["kind"] == "rubric"] + [r[o] for r in records if r["kind"] == "pairwise"
-                                                               for o in judging.PAIR_ORDERS]
+                                                               for o in PAIR_ORDERS]
     assert len(calls) == 4 * _QUESTIONS
     return [c for c in calls if c["status"] == "failed"]
 
 
 def test_judge_killed_mid_run_keeps_its_judgments_and_a_rerun_asks_only_the_missing(tmp_path):
-    dr = philo_dataflow.build_driver({"start": "base"})
+    dr = philo_dataflow.build_driver({"start": "base", "judge": True})
     out = tmp_path / "out"
     server = JudgeServerProcess(tmp_path, answer_limit=_ANSWERED_BEFORE_KILL).wait_until_ready()
 
@@ -282,10 +276,9 @@ def _savers(objects: dict, version: str) -> dict:
         "metrics": (saving.saved_metrics, dict(run_metrics=metrics)),
         "figures": (saving.saved_figures, dict(loss_curve_figure=figure, rouge_comparison_figure=figure)),
         "report": (saving.saved_report, dict(report_markdown=f"# Report {version}\n")),
-        "judgments": (judging.saved_judgments, dict(rubric_judgments=rows, pairwise_judgments=[])),
-        "judge_figure": (judging.saved_judge_figure, dict(judge_comparison_figure=figure)),
-        "judged_metrics": (judging.saved_judged_metrics, dict(run_metrics=metrics, judge_metrics={}, saved_metrics="")),
-        "judged_report": (judging.saved_judged_report, dict(judged_report_markdown=f"# {version}\n", saved_report="")),
+        "judgments": (saving.saved_judgments, dict(rubric_judgments=rows, pairwise_judgments=[])),
+        "judge_figure": (saving.saved_judge_figure, dict(judge_comparison_figure=figure)),
+        "run_config": (saving.saved_run_config, dict(run_config={"version": version})),
     }
 
 
@@ -293,7 +286,7 @@ _FAULTS = [
     ("adapter", "disk full while saving the tokenizer"),
     ("adapter", "rename into place fails"),
     *[(name, "disk full") for name in ("predictions", "metrics", "figures", "report", "judgments", "judge_figure",
-                                       "judged_metrics", "judged_report")],
+                                       "run_config")],
 ]
 
 
@@ -302,7 +295,7 @@ def test_an_error_while_saving_leaves_the_previous_outputs_intact(tmp_path, savi
     out = tmp_path / "out"
     for saver, arguments in _savers(saving_objects, "previous").values():
         saver(**arguments, output_dir=str(out))
-    previous = _tree(out)
+    previous = tree(out)
     assert {"adapter/adapter_model.safetensors", "adapter/philo_dataflow_manifest.json", "metrics.json",
             "judgments.jsonl", "hold_out_predictions.csv", "loss_curve.html", "report.md"} <= set(previous)
 
@@ -314,16 +307,17 @@ def test_an_error_while_saving_leaves_the_previous_outputs_intact(tmp_path, savi
 
         monkeypatch.setattr(saving_objects["tokenizer"], "save_pretrained", full_disk)
     else:
-        faulty_os = _FaultyOs(full_disk=True) if fault == "disk full" else _FaultyOs(rename_of=f".{saving.ADAPTER_DIR}.")
+        faulty_os = _FaultyOs(full_disk=True) if fault == "disk full" else _FaultyOs(rename_of=f".{artifacts.ADAPTER_DIR}.")
         monkeypatch.setattr(saving, "os", faulty_os)
+        monkeypatch.setattr(artifacts, "os", faulty_os)
     with pytest.raises(OSError):
         saver(**arguments, output_dir=str(out))
-    assert _tree(out) == previous  # byte-identical, and no temporary file or directory left
+    assert tree(out) == previous  # byte-identical, and no temporary file or directory left
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
     monkeypatch.undo()
     saver(**arguments, output_dir=str(out))  # without the fault, the same call does replace the files
-    assert _tree(out) != previous
+    assert tree(out) != previous
     assert all(not p.name.startswith(".") for p in out.rglob("*"))
 
 
@@ -333,5 +327,5 @@ def test_saved_outputs_get_the_usual_permissions_not_owner_only(tmp_path, saving
     for saver, arguments in _savers(saving_objects, "v").values():
         saver(**arguments, output_dir=str(tmp_path))
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~saving._UMASK}
-    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~saving._UMASK
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~artifacts.UMASK}
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~artifacts.UMASK

@@ -8,11 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
-
-import philo_dataflow
 from conftest import EXAMPLE_DATA
 from judge_servers import FaultyJudgeServer, LlamaCppServer
+
+import philo_dataflow
 from philo_dataflow import judging
+from philo_dataflow.lib import judge_client, judge_protocol
+from philo_dataflow.lib.scores import MODELS
 
 CANARY_KEY = "sk-canary-7f3c9a1e5b2d4c6e8a0b"
 KEY_ENV = "PHILO_TEST_JUDGE_KEY"
@@ -39,23 +41,20 @@ def _synthetic_rows(count: int) -> list[dict]:
 
 
 def _judged_run(output_dir: Path, rows: list[dict], **judge_inputs) -> dict:
-    """Every judge output through the driver, with the hold-out rows and the non-judge outputs they join
-    given as overrides (no model is trained)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, report_path = output_dir / "metrics.json", output_dir / "report.md"
-    metrics_path.write_text('{"model_id": "tiny"}')
-    report_path.write_text("# Fine-tuning report\n")
-    dr = philo_dataflow.build_driver({"start": "base"})
-    outputs = [*philo_dataflow.JUDGE_OUTPUTS, "judge_metrics", "rubric_judgments", "pairwise_judgments",
-               "resolved_judge_response_format"]
-    return dr.execute(outputs, inputs={"output_dir": str(output_dir), **judge_inputs}, overrides={
-        "hold_out_set_predictions": rows, "run_metrics": {"model_id": "tiny"}, "saved_metrics": str(metrics_path),
-        "report_markdown": "# Fine-tuning report\n", "saved_report": str(report_path),
+    """Every judge output and the metrics and report it joins, through the judged driver, with the
+    hold-out rows given and the training facts as overrides (no model is trained)."""
+    dr = philo_dataflow.build_driver({"start": "base", "judge": True})
+    outputs = [*philo_dataflow.JUDGE_OUTPUTS, "saved_metrics", "saved_report", "judge_metrics", "rubric_judgments",
+               "pairwise_judgments", "resolved_judge_response_format"]
+    return dr.execute(outputs, inputs={"output_dir": str(output_dir), "data_path": "d.jsonl", **judge_inputs}, overrides={
+        "hold_out_set_predictions": rows, "fit_trainer_eval_metrics": {}, "base_model_id": "tiny",
+        "model_summary": {"trainable_parameters": 1, "total_parameters": 2}, "tokenization_stats": {},
+        "split_summary": {"hold_out_set": {"total": len(rows), "per_category": {}}},
     })
 
 
 def _calls(result: dict) -> list[dict]:
-    return result["rubric_judgments"] + [p[o] for p in result["pairwise_judgments"] for o in judging.PAIR_ORDERS]
+    return result["rubric_judgments"] + [p[o] for p in result["pairwise_judgments"] for o in judge_protocol.PAIR_ORDERS]
 
 
 # --- pairwise bookkeeping ------------------------------------------------------------------------
@@ -72,18 +71,18 @@ def _calls(result: dict) -> list[dict]:
     ("B", None, "failed", None),
 ])
 def test_pair_outcome_counts_a_win_only_when_both_orders_agree(base_first, finetuned_first, outcome, consistent):
-    assert judging._pair_outcome(base_first, finetuned_first) == (outcome, consistent)
+    assert judge_protocol.pair_outcome(base_first, finetuned_first) == (outcome, consistent)
 
 
 def test_pairwise_summary_rates_and_position_consistency():
     verdicts = [("B", "A")] * 3 + [("A", "B")] * 2 + [("tie", "tie")] + [("A", "A")] * 3 + [("B", "B")] + [(None, "A")]
     records = []
     for index, (first, second) in enumerate(verdicts):
-        outcome, consistent = judging._pair_outcome(first, second)
+        outcome, consistent = judge_protocol.pair_outcome(first, second)
         records.append({
             "outcome": outcome, "position_consistent": consistent,
-            "preferred": {"base_first": judging._preferred_model("base_first", first),
-                          "finetuned_first": judging._preferred_model("finetuned_first", second)},
+            "preferred": {"base_first": judge_protocol.preferred_model("base_first", first),
+                          "finetuned_first": judge_protocol.preferred_model("finetuned_first", second)},
             "answer_words": {"base": 5, "finetuned": 10 if index < 3 else 2},
         })
     summary = judging._pairwise_summary(records)
@@ -121,7 +120,7 @@ def test_judge_client_needs_a_key_except_on_loopback(monkeypatch):
         judging.judge_client("gpt-4.1", "https://api.example.com/v1", KEY_ENV)
     for url in ("http://127.0.0.1:8080/v1", "http://localhost:11434/v1", "http://[::1]:8000/v1"):
         client = judging.judge_client("local", url, KEY_ENV)
-        assert client.client.api_key == judging.LOOPBACK_PLACEHOLDER_KEY
+        assert client.client.api_key == judge_client.LOOPBACK_PLACEHOLDER_KEY
     monkeypatch.setenv(KEY_ENV, CANARY_KEY)
     assert judging.judge_client("gpt-4.1", "https://api.example.com/v1", KEY_ENV).client.api_key == CANARY_KEY
 
@@ -134,24 +133,26 @@ def test_invalid_judge_inputs_are_named_together():
     with pytest.raises(ValueError, match="judge_response_format='xml'"):
         judging.resolved_judge_response_format(None, None, "xml")
     with pytest.raises(ValueError, match="hold_out_set_predictions is empty"):
-        judging.rubric_judgments([], None, None, "json_schema")
+        judging.rubric_judgments([], None)
     with pytest.raises(ValueError, match=r"hold_out_set_predictions: rows lack the key\(s\) \['finetuned_prediction'\]"):
-        judging.pairwise_judgments([{"question": "q", "category": "c", "reference": "r", "base_prediction": "b"}],
-                                   None, None, "json_schema")
-    with pytest.raises(ValueError, match="judge_max_concurrency=0"):
-        judging.rubric_judgments(_synthetic_rows(1), None, None, "json_schema", judge_max_concurrency=0)
+        judging.pairwise_judgments([{"question": "q", "category": "c", "reference": "r", "base_prediction": "b"}], None)
+    with pytest.raises(ValueError, match="judge_max_concurrency=0.*judge_max_tokens=0"):
+        judging.judge_request(None, None, "json_schema", judge_max_concurrency=0, judge_max_tokens=0)
 
 
 def test_judge_outputs_resolve_under_both_configs_only_with_a_judge_model():
+    inputs = {"data_path": "d.jsonl", "presaved_model_dir": "adapter"}
     for start in philo_dataflow.START_MODES:
-        dr = philo_dataflow.build_driver({"start": start})
-        inputs = {"data_path": "d.jsonl", "presaved_model_dir": "adapter"}
-        dr.validate_execution([*philo_dataflow.FINAL_VARIABLES, *philo_dataflow.JUDGE_OUTPUTS],
-                              inputs={**inputs, "judge_model": "gpt-4.1"})
+        judged = philo_dataflow.build_driver({"start": start, "judge": True})
+        judged.validate_execution([*philo_dataflow.FINAL_VARIABLES, *philo_dataflow.JUDGE_OUTPUTS],
+                                  inputs={**inputs, "judge_model": "gpt-4.1"})
         with pytest.raises(ValueError, match="judge_model"):
-            dr.validate_execution(list(philo_dataflow.JUDGE_OUTPUTS), inputs=inputs)
-        needed = {n.name for n in dr.what_is_upstream_of(*philo_dataflow.FINAL_VARIABLES)}
-        assert not any(name.startswith("judge") for name in needed)
+            judged.validate_execution(list(philo_dataflow.DEFAULT_OUTPUTS), inputs=inputs)
+        plain = philo_dataflow.build_driver({"start": start})
+        plain.validate_execution(list(philo_dataflow.FINAL_VARIABLES), inputs=inputs)
+        names = {variable.name for variable in plain.list_available_variables()}
+        assert not any(name.startswith("judge_") and name != "judge_results" for name in names)
+        assert names.isdisjoint(philo_dataflow.JUDGE_OUTPUTS)
 
 
 def test_run_py_judges_when_asked_and_says_so_when_not(tmp_path, tiny_model_dir, small_jsonl, monkeypatch, capsys):
@@ -194,8 +195,9 @@ def _judged_with_faulty(server, cache_dir: Path, model: str, rows: list[dict], *
                                   judge_max_retries=settings.pop("max_retries", 2))
     cache = judging.judge_cache(judge_cache_dir=str(cache_dir))
     mode = judging.resolved_judge_response_format(client, cache, settings.pop("response_format", "json_schema"))
-    rubric = judging.rubric_judgments(rows, client, cache, mode, **settings)
-    pairwise = judging.pairwise_judgments(rows, client, cache, mode, **settings)
+    request = judging.judge_request(client, cache, mode, **settings)
+    rubric = judging.rubric_judgments(rows, request)
+    pairwise = judging.pairwise_judgments(rows, request)
     return mode, rubric, pairwise
 
 
@@ -209,7 +211,7 @@ def test_client_retries_429_5xx_and_timeouts(tmp_path, model, hits_per_call):
     with FaultyJudgeServer(slow_seconds=1.5) as server:
         _, rubric, pairwise = _judged_with_faulty(server, tmp_path, model, rows, timeout=0.5, max_retries=2,
                                                   judge_max_concurrency=2)
-    calls = rubric + [p[o] for p in pairwise for o in judging.PAIR_ORDERS]
+    calls = rubric + [p[o] for p in pairwise for o in judge_protocol.PAIR_ORDERS]
     assert all(c["status"] == "ok" for c in calls)
     assert server.hits[model] == hits_per_call * len(calls) == hits_per_call * 8
 
@@ -222,7 +224,7 @@ def test_failures_are_recorded_with_raw_text_not_raised(tmp_path):
                    for model in ("always-429", "garbage-content", "garbage-body", "bad-then-good")}
     for model in ("always-429", "garbage-content", "garbage-body"):
         _, rubric, pairwise = results[model]
-        calls = rubric + [p[o] for p in pairwise for o in judging.PAIR_ORDERS]
+        calls = rubric + [p[o] for p in pairwise for o in judge_protocol.PAIR_ORDERS]
         assert all(c["status"] == "failed" and c["judgment"] is None and c["error"] and c["raw"] for c in calls)
         assert all(p["outcome"] == "failed" and p["position_consistent"] is None for p in pairwise)
     always_429 = results["always-429"][1][0]
@@ -248,7 +250,7 @@ def test_auto_detection_falls_back_to_json_object_and_is_remembered(tmp_path):
     with FaultyJudgeServer() as server:
         mode, rubric, _ = _judged_with_faulty(server, tmp_path, "rejects-json-schema", rows, response_format="auto")
         assert mode == "json_object" and rubric[0]["status"] == "ok"
-        assert server.formats["json_schema"] == judging._PROBE_TRIES  # a 500 must repeat before it counts
+        assert server.formats["json_schema"] == judge_client._PROBE_TRIES  # a 500 must repeat before it counts
         hits = server.hits["rejects-json-schema"]
         again, _, _ = _judged_with_faulty(server, tmp_path, "rejects-json-schema", rows, response_format="auto")
         assert again == "json_object" and server.hits["rejects-json-schema"] == hits  # no probe, no call
@@ -256,19 +258,19 @@ def test_auto_detection_falls_back_to_json_object_and_is_remembered(tmp_path):
 
 
 def test_lenient_parsing_of_replies():
-    assert judging._json_object_text('```json\n{"a": 1}\n```') == {"a": 1}
-    assert judging._json_object_text('Here it is: {"a": {"b": 2}} hope that helps') == {"a": {"b": 2}}
-    assert judging._json_object_text('{"rationale": "two\nlines"}') == {"rationale": "two\nlines"}
+    assert judge_protocol.json_object_text('```json\n{"a": 1}\n```') == {"a": 1}
+    assert judge_protocol.json_object_text('Here it is: {"a": {"b": 2}} hope that helps') == {"a": {"b": 2}}
+    assert judge_protocol.json_object_text('{"rationale": "two\nlines"}') == {"rationale": "two\nlines"}
     with pytest.raises(ValueError, match="no JSON object"):
-        judging._json_object_text("[1, 2]")
-    verdict = judging._PairwiseJudgment.model_validate({"rationale": "x", "verdict": "[[B]]"})
+        judge_protocol.json_object_text("[1, 2]")
+    verdict = judge_protocol.PairwiseJudgment.model_validate({"rationale": "x", "verdict": "[[B]]"})
     assert verdict.verdict == "B"
-    assert judging._PairwiseJudgment.model_validate({"rationale": "x", "verdict": "Tie"}).verdict == "tie"
-    score = judging._CriterionJudgment.model_validate({"rationale": "fine", "score": "5"})
+    assert judge_protocol.PairwiseJudgment.model_validate({"rationale": "x", "verdict": "Tie"}).verdict == "tie"
+    score = judge_protocol.CriterionJudgment.model_validate({"rationale": "fine", "score": "5"})
     assert score.score == 5
     for bad in ({"rationale": "fine", "score": 0}, {"rationale": "  ", "score": 3}, {"rationale": "x", "score": 2.5}):
         with pytest.raises(ValueError):
-            judging._CriterionJudgment.model_validate(bad)
+            judge_protocol.CriterionJudgment.model_validate(bad)
 
 
 # --- key hygiene ---------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ def llama_server(tmp_path_factory):
         import llama_cpp  # noqa: F401
     except ImportError as error:
         pytest.fail(f"llama-cpp-python[server] is a dev requirement: run `bash setup.sh --dev` ({error})")
-    from philo_dataflow.modeling import embedded_gguf_path
+    from philo_dataflow.lib.model_sources import embedded_gguf_path
 
     server = LlamaCppServer(str(embedded_gguf_path()), tmp_path_factory.mktemp("llama") / "server.log")
     try:
@@ -358,11 +360,11 @@ def test_llama_cpp_judged_run_completes(llama_judged_runs):
     assert metrics["model_id"] == "tiny", "judged metrics must keep the run's metrics"
     judge = metrics["judge"]
     assert judge["settings"]["model"] == "smollm2-135m" and judge["settings"]["temperature"] == 0
-    assert judge["settings"]["prompt_version"] == judging.PROMPT_VERSION and "school_alignment" in judge["settings"]["rubric"]
-    for model in judging.MODELS:
+    assert judge["settings"]["prompt_version"] == judge_protocol.PROMPT_VERSION and "school_alignment" in judge["settings"]["rubric"]
+    for model in MODELS:
         judged = judge["rubric"][model]
         assert judged["judged"] + judged["failed"] == LLAMA_ROWS
-        assert judged["judged"] == 0 or all(1 <= judged[c] <= 5 for c in judging.CRITERIA)
+        assert judged["judged"] == 0 or all(1 <= judged[c] <= 5 for c in judge_protocol.CRITERIA)
         assert judged["mean_answer_words"] > 0
     pairwise = judge["pairwise"]
     assert pairwise["wins"] + pairwise["ties"] + pairwise["losses"] == pairwise["judged"]
@@ -380,8 +382,8 @@ def test_llama_cpp_rerun_is_served_from_the_cache(llama_judged_runs, llama_serve
     after_first, after_second = llama_judged_runs["requests"]
     first, second = llama_judged_runs["first"], llama_judged_runs["second"]
     # the server saw each reply once, plus the probe: json_schema rejected on each try, json_object accepted
-    assert after_first == first["judge_metrics"]["calls"]["replies"] + judging._PROBE_TRIES + 1
-    assert llama_server.chat_requests_logged("500") == judging._PROBE_TRIES
+    assert after_first == first["judge_metrics"]["calls"]["replies"] + judge_client._PROBE_TRIES + 1
+    assert llama_server.chat_requests_logged("500") == judge_client._PROBE_TRIES
     assert after_second == after_first, "the second identical run sent requests"
     assert second["judge_metrics"]["calls"]["replies_from_cache"] == second["judge_metrics"]["calls"]["replies"]
     strip = lambda calls: [{k: v for k, v in c.items() if k != "attempts"} for c in calls]  # noqa: E731

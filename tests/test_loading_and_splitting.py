@@ -2,9 +2,10 @@ import csv
 import json
 
 import pytest
-
 from conftest import EXAMPLE_DATA, SHARED_DATA
-from philo_dataflow.loading import SCHOOLS_OF_THOUGHT, instruction_records, raw_records
+
+from philo_dataflow.lib.records import SCHOOLS_OF_THOUGHT
+from philo_dataflow.loading import instruction_records, raw_records
 from philo_dataflow.splitting import data_splits
 
 

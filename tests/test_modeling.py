@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from philo_dataflow.modeling import base_model, model_summary, peft_model__base, lora_config, tokenizer__base
+from philo_dataflow.modeling import (
+    base_model,
+    lora_config,
+    model_summary,
+    peft_model__base,
+    tokenizer__base,
+)
 
 
 def test_unknown_model_offline_is_a_clear_error(monkeypatch):
@@ -34,7 +40,7 @@ def test_4bit_needs_cuda(tiny_model_dir):
 
 
 def test_embedded_model_is_dense_trainable_and_summarised(embedded_model_dir):
-    from philo_dataflow.modeling import EMBEDDED_MODEL_ID
+    from philo_dataflow.lib.inputs import EMBEDDED_MODEL_ID
 
     model = base_model(EMBEDDED_MODEL_ID, torch.device("cpu"))
     assert getattr(model, "hf_quantizer", None) is None  # the GGUF quantizer marker is gone

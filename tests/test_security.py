@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXAMPLE_DATA, FAST_INPUTS, REPO
+from judge_servers import FaultyJudgeServer
 from transformers import AutoModelForCausalLM
 
 import philo_dataflow
-from conftest import EXAMPLE_DATA, FAST_INPUTS, REPO
-from judge_servers import FaultyJudgeServer
 from philo_dataflow import modeling
+from philo_dataflow.lib import model_sources
+from philo_dataflow.lib.artifacts import MANIFEST_FILE
 from philo_dataflow.modeling import base_model, tokenizer__base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,7 +44,7 @@ def test_pickle_model_weights_load_only_with_allow_pickle(pickle_model_dir, tiny
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: it is a pickle file.*allow_pickle=True \(--allow-pickle\)"):
         base_model(str(pickle_model_dir), CPU)
     # The preflight says the same; transformers 5 always saves safetensors, so no safe_serialization advice.
-    (message,) = modeling.model_source_problems(str(pickle_model_dir))
+    (message,) = model_sources.model_source_problems(str(pickle_model_dir))
     assert "allow_pickle=True (--allow-pickle)" in message and "save_pretrained" in message
     assert "safe_serialization" not in message
     loaded = base_model(str(pickle_model_dir), CPU, allow_pickle=True)
@@ -61,7 +63,7 @@ def test_pickle_adapter_loads_only_with_allow_pickle(tmp_path, tiny_model_dir):
     trained.save_pretrained(adapter_dir, safe_serialization=False)  # PEFT still writes adapter_model.bin
     assert {p.name for p in adapter_dir.iterdir()} >= {"adapter_model.bin", "adapter_config.json"}
     manifest = {"inputs": {"model_id": tiny_model_dir}, "prompt_format": "chat_template"}
-    (adapter_dir / modeling.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (adapter_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
     dr = philo_dataflow.build_driver({"start": "presaved"})
     with pytest.raises(ValueError, match=r"adapter_model\.bin: it is a pickle file.*--allow-pickle"):
         dr.execute(["peft_model"], inputs={"presaved_model_dir": str(adapter_dir)})
@@ -73,9 +75,10 @@ def test_pickle_adapter_loads_only_with_allow_pickle(tmp_path, tiny_model_dir):
 def test_cli_re_evaluates_a_pickle_adapter_only_with_allow_pickle(tmp_path, tiny_model_dir, small_jsonl, capsys):
     """``run.py --start presaved`` on a directory holding only ``adapter_model.bin``: the preflight refuses
     it naming the flag, and accepts it with ``--allow-pickle`` (as the library's loader does)."""
-    import run
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
+
+    import run
 
     adapter_dir = tmp_path / "adapter"
     trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -85,7 +88,7 @@ def test_cli_re_evaluates_a_pickle_adapter_only_with_allow_pickle(tmp_path, tiny
     assert not list(adapter_dir.glob("*.safetensors"))
     manifest = {"inputs": {"model_id": tiny_model_dir, "data_path": small_jsonl, **FAST_INPUTS},
                 "prompt_format": "chat_template"}
-    (adapter_dir / modeling.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (adapter_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
     argv = ["--start", "presaved", "--presaved-model-dir", str(adapter_dir), "--output-dir", str(tmp_path / "out"),
             "--outputs", "hold_out_set_predictions", "--no-graph", "--max-new-tokens", "2"]
 
@@ -146,9 +149,10 @@ def test_trust_remote_code_is_off_unless_asked_and_passed_through_when_asked(tin
 def test_cli_flags_for_pickle_and_remote_code_are_off_unless_given():
     import run
 
-    parser = run.build_parser({"model_id": "tiny", "output_dir": "out"})
-    assert run._inputs_from_args(parser.parse_args([])).keys().isdisjoint({"allow_pickle", "trust_remote_code"})
-    given = run._inputs_from_args(parser.parse_args(["--allow-pickle", "--trust-remote-code"]))
+    parser = run.build_parser()
+    unset = run.run_inputs("base", run.resolved_settings(parser.parse_args([]))["given"])
+    assert unset.keys().isdisjoint({"allow_pickle", "trust_remote_code"})
+    given = run.run_inputs("base", run.resolved_settings(parser.parse_args(["--allow-pickle", "--trust-remote-code"]))["given"])
     assert given["allow_pickle"] is True and given["trust_remote_code"] is True
 
 
@@ -175,7 +179,7 @@ def test_nothing_is_written_outside_the_output_dir_whatever_the_data_names(tmp_p
         inputs = {**FAST_INPUTS, "data_path": "data/qa.jsonl", "model_id": tiny_model_dir, "output_dir": "out",
                   "hold_out_fraction": 0.25, "judge_model": "ok", "judge_base_url": server.base_url,
                   "judge_response_format": "json_schema"}
-        result = philo_dataflow.build_driver({"start": "base"}).execute(
+        result = philo_dataflow.build_driver({"start": "base", "judge": True}).execute(
             [*philo_dataflow.DEFAULT_OUTPUTS, *philo_dataflow.JUDGE_OUTPUTS, "hold_out_set"], inputs=inputs)
     assert set(result["hold_out_set"]["category"]) == set(HOSTILE_CATEGORIES)  # they reached every stage
 
@@ -187,7 +191,7 @@ def test_nothing_is_written_outside_the_output_dir_whatever_the_data_names(tmp_p
                           r"|[\w.-]+\.(json|jsonl|csv|html|md|safetensors|jinja|bin|pt|pth))$")
     assert not [n for n in names if not expected.fullmatch(n)], sorted(n for n in names if not expected.fullmatch(n))
     # The data path is recorded as given: relative stays relative.
-    manifest = json.loads((work / "out" / "adapter" / modeling.MANIFEST_FILE).read_text())
+    manifest = json.loads((work / "out" / "adapter" / MANIFEST_FILE).read_text())
     assert manifest["inputs"]["data_path"] == "data/qa.jsonl"
     assert json.loads((work / "out" / "metrics.json").read_text())["data_path"] == "data/qa.jsonl"
 

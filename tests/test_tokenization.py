@@ -1,17 +1,17 @@
-"""PITFALLS rows 1–7: masked labels, EOS supervised, no double BOS, truncation, one prompt renderer."""
+"""docs/pitfalls.md, the tokenization rows: masked labels, EOS supervised, no double BOS, truncation, one prompt renderer."""
 
 import pytest
 from datasets import Dataset
 
-from philo_dataflow.tokenization import (
+from philo_dataflow.lib.prompts import (
     ALPACA,
     CHAT_TEMPLATE,
     IGNORE_INDEX,
     prompt_token_ids,
     render_prompt,
     tokenize_example,
-    tokenized_split,
 )
+from philo_dataflow.tokenization import tokenized_split
 from philo_dataflow.training import data_collator
 
 QUESTION = "How would a Stoic respond to an insult?"

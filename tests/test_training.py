@@ -1,14 +1,15 @@
 """The training path's loss: supervised-only (and fused, chunked) output-head loss equals the model's own
-loss, and gradient accumulation normalises by supervised tokens (PITFALLS row 13)."""
+loss, and gradient accumulation normalises by supervised tokens (docs/pitfalls.md, "accumulation normalisation")."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from philo_dataflow import cross_entropy
-from philo_dataflow.cross_entropy import supervised_causal_lm_loss
-from philo_dataflow.tokenization import tokenize_example
-from philo_dataflow.training import SupervisedTokensTrainer, bf16_autocast, data_collator, training_args
+from philo_dataflow.lib import cross_entropy
+from philo_dataflow.lib.cross_entropy import supervised_causal_lm_loss
+from philo_dataflow.lib.prompts import tokenize_example
+from philo_dataflow.lib.trainer import SupervisedTokensTrainer
+from philo_dataflow.training import bf16_autocast, data_collator, training_args
 
 QUESTIONS = [
     ("What is the Stoic dichotomy of control?", "Some things are up to us, others are not."),
@@ -184,7 +185,7 @@ def test_phi_output_head_with_bias_is_fused_exactly(chat_tokenizer):
 
 
 def test_gradient_accumulation_matches_one_big_batch(batch_and_model, loss_path):
-    # PITFALLS row 13: 1 x 4 and 4 x 1 give the same loss when normalised by supervised tokens.
+    # docs/pitfalls.md, "accumulation normalisation": 1 x 4 and 4 x 1 give the same loss when normalised by supervised tokens.
     batch, model, _ = batch_and_model
     whole = _loss(model, batch)
     total_items = (batch["labels"][:, 1:] != -100).sum()
@@ -262,8 +263,9 @@ def test_bf16_autocast_keeps_the_loss_curve_of_fp32(tiny_model_dir, tmp_path, on
 def test_generation_after_bf16_training_runs_in_the_weights_precision(tiny_model_dir, small_jsonl, tmp_path):
     """accelerate wraps the trained model's forward in bf16 autocast; the wrapper is removed before
     generation, so answers are computed in fp32 (the same on machines with and without bf16)."""
-    import philo_dataflow
     from conftest import FAST_INPUTS, logits_against_base
+
+    import philo_dataflow
 
     inputs = {"data_path": small_jsonl, "model_id": tiny_model_dir, "output_dir": str(tmp_path / "out"),
               **FAST_INPUTS, "bf16": True}
@@ -329,15 +331,16 @@ def test_the_compiler_probe_finds_a_broken_toolchain():
     import torch._inductor.config
 
     from philo_dataflow import training
+    from philo_dataflow.lib import trainer
 
-    training._compiler_problem.cache_clear()
+    trainer.compiler_problem.cache_clear()
     torch._dynamo.reset()  # forget the probe graph compiled by earlier tests, so this call must compile
     # torch's own config patch, not monkeypatch: monkeypatch's undo deleted fx_graph_cache from inductor's
     # config module, and every later compile in the process failed (found by running the files in reverse).
     try:
         with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}):
             cpu = torch.device("cpu")
-            problem = training._compiler_problem("cpu")
+            problem = trainer.compiler_problem("cpu")
             assert problem is not None and "C++ compiler" in problem
             assert training.compile_decoder_layers(cpu) is False
             assert training.compile_decoder_layers(cpu, torch_compile=False) is False
@@ -345,10 +348,10 @@ def test_the_compiler_probe_finds_a_broken_toolchain():
                                                  r"cpu .*install a C\+\+ compiler .*--no-torch-compile"):
                 training.compile_decoder_layers(cpu, torch_compile=True)
     finally:
-        training._compiler_problem.cache_clear()
+        trainer.compiler_problem.cache_clear()
         torch._dynamo.reset()
-    assert training._compiler_problem("cpu") is None  # the toolchain works again for the tests after this one
-    training._compiler_problem.cache_clear()
+    assert trainer.compiler_problem("cpu") is None  # the toolchain works again for the tests after this one
+    trainer.compiler_problem.cache_clear()
 
 
 @pytest.mark.parametrize("device_type, problem, expected", [
@@ -358,8 +361,10 @@ def test_the_compiler_probe_finds_a_broken_toolchain():
 ])
 def test_torch_compile_is_on_by_default_only_on_a_cpu_where_it_can_build_code(monkeypatch, device_type, problem, expected):
     from philo_dataflow import training
+    from philo_dataflow.lib import trainer
 
-    monkeypatch.setattr(training, "_compiler_problem", lambda device_type: problem)
+    for module in (training, trainer):
+        monkeypatch.setattr(module, "compiler_problem", lambda device_type: problem)
     device = torch.device(device_type)
     assert training.compile_decoder_layers(device) is expected
     assert training.compile_decoder_layers(device, torch_compile=False) is False
@@ -374,8 +379,11 @@ def test_torch_compile_is_on_by_default_only_on_a_cpu_where_it_can_build_code(mo
 def test_compiled_cpu_training_uses_eager_attention_only_for_short_examples(tiny_model_dir, longest, compiled, expected):
     from peft import get_peft_model
 
+    from philo_dataflow.lib.trainer import (
+        EAGER_ATTENTION_MAX_TOKENS,
+        _training_attention,
+    )
     from philo_dataflow.modeling import lora_config
-    from philo_dataflow.training import EAGER_ATTENTION_MAX_TOKENS, _training_attention
 
     assert EAGER_ATTENTION_MAX_TOKENS == 256
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -388,7 +396,7 @@ def test_compiled_cpu_training_uses_eager_attention_only_for_short_examples(tiny
 def test_longest_example_reads_every_dataset():
     from datasets import Dataset
 
-    from philo_dataflow.training import _longest_example
+    from philo_dataflow.lib.trainer import _longest_example
 
     short, long = Dataset.from_dict({"input_ids": [[1, 2], [3]]}), Dataset.from_dict({"input_ids": [[1] * 7]})
     assert _longest_example(short, None) == 2
@@ -398,10 +406,14 @@ def test_longest_example_reads_every_dataset():
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_the_memory_saving_mode_uses_small_loss_chunks_and_returns_freed_memory(
         tiny_model_dir, small_jsonl, tmp_path, gradient_checkpointing):
-    import philo_dataflow
     from conftest import FAST_INPUTS
-    from philo_dataflow.cross_entropy import LOSS_CHUNK_TOKENS
-    from philo_dataflow.training import MEMORY_SAVING_LOSS_CHUNK_TOKENS, ReturnFreedMemory
+
+    import philo_dataflow
+    from philo_dataflow.lib.cross_entropy import LOSS_CHUNK_TOKENS
+    from philo_dataflow.lib.trainer import (
+        MEMORY_SAVING_LOSS_CHUNK_TOKENS,
+        ReturnFreedMemory,
+    )
 
     inputs = {"data_path": small_jsonl, "model_id": tiny_model_dir, "output_dir": str(tmp_path / "out"),
               **FAST_INPUTS, "gradient_checkpointing": gradient_checkpointing}
@@ -422,7 +434,7 @@ def test_the_memory_saving_mode_uses_small_loss_chunks_and_returns_freed_memory(
 def test_return_freed_memory_finds_glibcs_malloc_trim():
     import platform
 
-    from philo_dataflow.training import ReturnFreedMemory
+    from philo_dataflow.lib.trainer import ReturnFreedMemory
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")

@@ -9,9 +9,8 @@ weight is frozen under LoRA, the gradient with respect to the chunk's hidden sta
 backward pass. The arithmetic is the same as ``F.cross_entropy(lm_head(hidden).float(), labels)``: the
 head's matmul in the autocast dtype, the softmax in float32, the same two matmuls per token. This is the
 "fused linear cross-entropy" of Liger Kernel (Hsu et al. 2024, arXiv:2410.10989) and of Cut
-Cross-Entropy (Wijmans et al. 2024, arXiv:2411.09009), written in plain PyTorch so that it runs on CPU.
-Measured with ``benchmarks/train_benchmark.py`` (SmolLM2-135M, batch 8, bf16 autocast on a 2-core CPU):
-peak RSS 3.37 -> 3.07 GB at the same tokens per second (``benchmarks/README.md``).
+Cross-Entropy (Wijmans et al. 2024, arXiv:2411.09009), written in plain PyTorch so that it runs on CPU
+(its memory saving is measured in ``benchmarks/README.md``).
 """
 
 from typing import Optional
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .tokenization import IGNORE_INDEX
+from .prompts import IGNORE_INDEX
 
 #: Rows of logits computed at once: 256 x 49,152 float32 logits are 50 MB for SmolLM2's vocabulary.
 LOSS_CHUNK_TOKENS = 256

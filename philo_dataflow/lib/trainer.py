@@ -1,0 +1,240 @@
+"""The training machinery behind the ``training`` stage: the ``Trainer`` subclass whose loss is computed
+over supervised tokens only (``cross_entropy``), regional compilation of the decoder layers and the
+eager-attention switch while compiled, the compiler and bf16 probes, the memory-saving callback, and the
+search for a complete checkpoint to resume from.
+"""
+
+import contextlib
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback
+
+from .artifacts import CHECKPOINTS_DIR
+from .cross_entropy import (
+    LOSS_CHUNK_TOKENS,
+    supervised_causal_lm_loss,
+    unwrapped_causal_lm,
+)
+
+#: ``resume_from_checkpoint`` value meaning "the newest complete checkpoint in ``<output_dir>/checkpoints``".
+LAST_CHECKPOINT = "last"
+
+
+#: The Trainer writes this file last into a checkpoint (after adapter, optimizer, scheduler and RNG
+#: states); a checkpoint without a readable one was cut off while being saved.
+_TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch without the keyword
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = get_capabilities() if get_capabilities else {}
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+@functools.cache
+def compiler_problem(device_type: str) -> Optional[str]:
+    """Why ``torch.compile`` cannot build and run a small forward and backward graph on ``device_type``
+    (inductor's C++ backend on a CPU, triton on CUDA), or None. Probed once per process (about 2 s the
+    first time, well under 1 s once inductor's on-disk cache holds the probe)."""
+
+    def probe(x):
+        return torch.nn.functional.silu(x) * x + 1.0
+
+    try:
+        x = torch.randn(4, 8, device=device_type, requires_grad=True)
+        torch.compile(probe, dynamic=True, fullgraph=True)(x).sum().backward()
+    except Exception as error:  # any failure of the toolchain (no compiler, no triton...) means: do not compile
+        message = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {message[0] if message else 'no message'}"
+    return None
+
+
+def torch_compile_problems(torch_compile: Optional[bool], device: torch.device) -> list[str]:
+    """Why ``torch_compile=True`` cannot be honoured here: ``torch.compile`` failed to build the probe
+    graph (``compiler_problem``). None (auto) and False have no problems: auto turns compilation off."""
+    if torch_compile is not True:
+        return []
+    problem = compiler_problem(device.type)
+    if problem is None:
+        return []
+    needs = "a C++ compiler (g++ or clang++ on the PATH, or $CXX)" if device.type == "cpu" else "triton"
+    return [f"torch_compile=True, but torch.compile cannot build code on this {device.type} ({problem}): install "
+            f"{needs}, or leave torch_compile unset (auto) or False (--no-torch-compile)."]
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list:
+    """The first ``nn.ModuleList`` whose children are all of one class (a decoder's layers), or []."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            return list(module)
+    return []
+
+
+@contextlib.contextmanager
+def _compiled_decoder_layers(model: torch.nn.Module, enabled: bool = True):
+    """Within the block, each decoder layer of ``model`` is compiled in place (``nn.Module.compile``,
+    dynamic shapes; parameter names and the state dict stay unchanged); on exit the layers run eagerly
+    again. A forward pass dynamo fails to trace runs eagerly instead (``suppress_errors``); a missing
+    compiler is caught earlier, by ``compiler_problem``. Nested use leaves layers compiled by an outer
+    block to it."""
+    layers = [layer for layer in _repeated_blocks(model) if getattr(layer, "_compiled_call_impl", None) is None] if enabled else []
+    try:
+        for layer in layers:
+            layer.compile(dynamic=True)
+        with torch._dynamo.config.patch(suppress_errors=True) if layers else contextlib.nullcontext():
+            yield model
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
+#: Longest training or validation example, in tokens, up to which compiled training on a CPU uses eager
+#: attention: beyond it eager attention's (batch x heads x length^2) weights cost more memory than its
+#: speed is worth (measured in ``benchmarks/README.md``).
+EAGER_ATTENTION_MAX_TOKENS = 256
+
+
+def _longest_example(*datasets) -> int:
+    """Tokens of the longest example in ``datasets`` (each a ``Dataset`` with ``input_ids``, a dict of
+    them, or None)."""
+    flat = [d for dataset in datasets for d in (dataset.values() if isinstance(dataset, dict) else [dataset]) if d is not None]
+    return max((max(map(len, d["input_ids"]), default=0) for d in flat), default=0)
+
+
+@contextlib.contextmanager
+def _training_attention(model: torch.nn.Module, longest_example: int, compiled: bool):
+    """Within the block, a model whose decoder layers are ``compiled`` on a CPU uses eager attention
+    (``set_attn_implementation("eager")``) when no example is longer than ``EAGER_ATTENTION_MAX_TOKENS``;
+    on exit its own attention implementation is restored, so generation is unchanged."""
+    causal_lm = unwrapped_causal_lm(model)
+    config = getattr(causal_lm, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    device = next(causal_lm.parameters()).device
+    switch = (compiled and device.type == "cpu" and previous not in (None, "eager")
+              and 0 < longest_example <= EAGER_ATTENTION_MAX_TOKENS and hasattr(causal_lm, "set_attn_implementation"))
+    if switch:
+        causal_lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            causal_lm.set_attn_implementation(previous)
+
+
+#: Loss chunk (tokens) in the memory-saving mode (``gradient_checkpointing=True``): with activations
+#: recomputed, the fused loss's chunk of logits is a visible share of the peak (``benchmarks/README.md``).
+MEMORY_SAVING_LOSS_CHUNK_TOKENS = 64
+
+
+class ReturnFreedMemory(TrainerCallback):
+    """After every optimizer step, hands the heap memory glibc keeps freed back to the system
+    (``malloc_trim(0)``, glibc's own call; a no-op where the C library has none). With activations
+    recomputed the freed memory is mostly the last step's recomputed layers, which the next step
+    allocates afresh; without checkpointing trimming measured slower (``benchmarks/README.md``)."""
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        try:
+            self._malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+            self._malloc_trim = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+
+
+class SupervisedTokensTrainer(Trainer):
+    """``Trainer`` whose loss is ``supervised_causal_lm_loss``: the output head (the largest matmul of a
+    small model, whose logits are its largest activation) runs only where the next token is supervised,
+    fused into the loss in chunks where the architecture allows it. Autocast is entered here (the
+    fused path calls the decoder directly, not the ``forward`` accelerate wraps in autocast)."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, compile_decoder_layers: bool = False, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compile_decoder_layers = compile_decoder_layers
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, with the decoder layers compiled when ``compile_decoder_layers`` is set, and
+        then on a CPU with eager attention where every example is short (``EAGER_ATTENTION_MAX_TOKENS``)."""
+        longest = _longest_example(self.train_dataset, self.eval_dataset) if self.compile_decoder_layers else 0
+        with _compiled_decoder_layers(self.model, self.compile_decoder_layers), \
+                _training_attention(self.model, longest, self.compile_decoder_layers):
+            return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.accelerator.autocast():
+            loss, outputs = supervised_causal_lm_loss(model, inputs, num_items_in_batch, self.loss_chunk_tokens)
+        return (loss, outputs) if return_outputs else loss
+
+
+def ready_for_generation(model: PeftModel) -> PeftModel:
+    # Under mixed precision accelerate patches ``model.forward`` with an autocast wrapper that outlives
+    # the Trainer; removed, generation runs in the weights' own precision on every machine, so a
+    # presaved adapter gives the same answers wherever it is re-evaluated.
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    try:
+        json.loads((path / _TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checked_resume_checkpoint(output_dir: str = "outputs", resume_from_checkpoint: Optional[str] = None) -> Optional[str]:
+    """The checkpoint training continues from, checked to be complete; None trains from the start.
+
+    A Trainer checkpoint holds the adapter, optimizer, scheduler and RNG states and the trainer state
+    (log history, best checkpoint, early-stopping counter), so a resumed run takes the same steps on
+    the same batches as an uninterrupted one.
+
+    :param resume_from_checkpoint: a ``checkpoints/checkpoint-N`` directory of an interrupted run, or
+        ``"last"`` for the newest complete one in ``<output_dir>/checkpoints``.
+    :raises ValueError: the directory does not exist or was cut off while being saved (no readable
+        ``trainer_state.json``); ``"last"`` finds no complete checkpoint.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == LAST_CHECKPOINT:
+        checkpoints = Path(output_dir) / CHECKPOINTS_DIR
+        complete = [
+            path for path in checkpoints.glob("checkpoint-*")
+            if re.fullmatch(r"checkpoint-\d+", path.name) and _is_complete_checkpoint(path)
+        ]
+        if not complete:
+            raise ValueError(f"resume_from_checkpoint='last': {checkpoints} holds no complete checkpoint to resume from.")
+        return str(max(complete, key=lambda path: int(path.name.split("-")[1])))
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint directory.")
+    if not _is_complete_checkpoint(path):
+        raise ValueError(
+            f"resume_from_checkpoint={resume_from_checkpoint!r} has no readable {_TRAINER_STATE_FILE}: the run "
+            f"was stopped while saving it. Resume from an earlier checkpoint, or pass '{LAST_CHECKPOINT}' for the "
+            "newest complete one."
+        )
+    return str(path)
