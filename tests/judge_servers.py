@@ -129,11 +129,11 @@ class FaultyJudgeServer:
     ``hits`` counts requests per model; ``formats`` counts response-format types seen. With
     ``answer_limit``, valid judgments after the first ``answer_limit`` are never answered (the request
     is held open, as by a server that hangs); each valid judgment sent appends a line to
-    ``answered_log`` when one is given.
+    ``answered_log`` when one is given. ``GET /v1/models`` lists ``listed_models``.
     """
 
     def __init__(self, slow_seconds: float = 1.0, port: int = 0, answer_limit: Optional[int] = None,
-                 answered_log: Optional[Path] = None):
+                 answered_log: Optional[Path] = None, listed_models: tuple = ()):
         self.hits: Counter = Counter()
         self.formats: Counter = Counter()
         self._seen: Counter = Counter()
@@ -159,7 +159,11 @@ class FaultyJudgeServer:
                     pass  # the client gave up (timeout); that is the point of the slow scenario
 
             def do_GET(self):
-                self._send(200, json.dumps({"object": "list", "data": []}).encode())
+                if self.path.rstrip("/") != "/v1/models":
+                    self._send(404, b'{"error": {"message": "not found"}}')
+                    return
+                models = [{"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in listed_models]
+                self._send(200, json.dumps({"object": "list", "data": models}).encode())
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))

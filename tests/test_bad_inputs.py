@@ -2,25 +2,16 @@
 ``run.main`` in-process (exit code 2, one ``error:`` line per problem) and, where the dataflow checks
 the same input, through ``dr.execute``; none may write anything."""
 
-import http.server
 import json
 import os
 import re
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from bad_inputs.cases import (
-    ACCEPTED,
-    CASES,
-    GOOD,
-    JUDGE_MODELS,
-    UNSET_KEY_VARIABLE,
-    Case,
-    Env,
-)
+
+from bad_inputs.cases import ACCEPTED, CASES, GOOD, JUDGE_MODELS, UNSET_KEY_VARIABLE, Case, Env
+from judge_servers import FaultyJudgeServer, free_port
 
 import philo_dataflow
 import run
@@ -43,23 +34,6 @@ def _save_adapter(model, tokenizer_dir: str, target: Path, model_id: str) -> str
     return str(target)
 
 
-class _ModelList(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path.rstrip("/") != "/v1/models":
-            self.send_error(404)
-            return
-        body = json.dumps({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in JUDGE_MODELS]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -70,14 +44,9 @@ def env(tmp_path_factory, tiny_model_dir):
                             tiny_model_dir)
     wider = LlamaConfig.from_pretrained(tiny_model_dir, hidden_size=48, intermediate_size=96)
     other = _save_adapter(LlamaForCausalLM(wider), tiny_model_dir, root / "other-adapter", tiny_model_dir)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelList)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        closed_port = closed.getsockname()[1]
-    yield Env(tiny_model=tiny_model_dir, adapter=adapter, other_adapter=other,
-              judge_url=f"http://127.0.0.1:{server.server_address[1]}/v1", closed_url=f"http://127.0.0.1:{closed_port}/v1")
-    server.shutdown()
+    with FaultyJudgeServer(listed_models=JUDGE_MODELS) as server:
+        yield Env(tiny_model=tiny_model_dir, adapter=adapter, other_adapter=other, judge_url=server.base_url,
+                  closed_url=f"http://127.0.0.1:{free_port()}/v1")
 
 
 @pytest.fixture(autouse=True)

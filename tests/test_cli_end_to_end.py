@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from conftest import REPO
@@ -12,9 +13,10 @@ from conftest import REPO
 from philo_dataflow.testing import example_subset
 
 
-def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path = REPO, env: Optional[dict] = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``run.py`` with ``args`` in a child process, as a user runs it; its output captured."""
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +95,7 @@ def test_torch_compile_without_a_compiler_is_one_line_error_with_exit_code_2(tmp
     import os
 
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    process = subprocess.run([sys.executable, str(REPO / "run.py"), "--torch-compile", "--output-dir",
-                              str(tmp_path / "out"), "--no-graph"], cwd=REPO, capture_output=True, text=True,
-                             timeout=300, env=env)
+    process = _run("--torch-compile", "--output-dir", str(tmp_path / "out"), "--no-graph", env=env, timeout=300)
     assert process.returncode == 2
     last_line = process.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: torch_compile=True, but torch.compile cannot build code on this cpu")
