@@ -6,7 +6,9 @@ variant (see ``run_children``), and reads back the result JSON each child writes
 without a result (out of memory, a crash) becomes a failure row, never a silent gap.
 """
 
+import argparse
 import dataclasses
+import datetime
 import hashlib
 import importlib.metadata
 import json
@@ -274,3 +276,29 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
     """``value`` formatted with ``spec``, or an em dash when it is missing."""
     return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark's command line with the option every benchmark has (``--data-path``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", default=None, help=f"data file, relative to the repository root (default: "
+                                                          f"{DEFAULT_DATA_PATH}; --smoke: {SMOKE_DATA_PATH})")
+    return parser
+
+
+def new_report(settings: Any, smoke: bool, jobs: Optional[int]) -> tuple[dict, int]:
+    """The start of a benchmark's report: its settings, the machine, the library, and the children run at
+    once (``jobs``; default 2 for ``--smoke``, else 1, so timed children never share the machine).
+
+    :return: ``(report, jobs)``.
+    """
+    jobs = jobs if jobs is not None else (2 if smoke else 1)
+    report = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "settings": dataclasses.asdict(settings),
+        "machine": machine_info(settings.threads),
+        "library": library_state(),
+        "jobs": jobs,
+        "load_average_start": load_average(),
+    }
+    return report, jobs

@@ -30,12 +30,13 @@ from _common import (  # noqa: E402
     REPO_ROOT,
     SMOKE_DATA_PATH,
     ChildJob,
+    benchmark_parser,
     child_environment,
     fmt,
     library_state,
     load_average,
-    machine_info,
     markdown_table,
+    new_report,
     peak_rss_bytes,
     run_children,
     work_directory,
@@ -200,8 +201,7 @@ def render_report(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``--help``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", default=None, help=f"data file, relative to the repository root (default: {DEFAULT_DATA_PATH}; --smoke: {SMOKE_DATA_PATH})")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--questions", type=int, default=None, help="hold-out questions answered (default: 32; --smoke: 4)")
     parser.add_argument("--model-id", default=None, help="model_id as the library takes it (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on new tokens per answer (default: 160; --smoke: 8)")
@@ -260,17 +260,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work_dir = work_directory(args.work_dir, "generation-benchmark-")
     settings = _settings_from_args(args, work_dir)
-    jobs = args.jobs if args.jobs is not None else (2 if args.smoke else 1)
     settings_file = work_dir / "settings.json"
     write_json(settings_file, dataclasses.asdict(settings))
-    report: dict[str, Any] = {
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "settings": dataclasses.asdict(settings),
-        "machine": machine_info(settings.threads),
-        "library": library_state(),
-        "jobs": jobs,
-        "load_average_start": load_average(),
-    }
+    report, jobs = new_report(settings, args.smoke, args.jobs)
     children = [
         ChildJob(mode, run_child, settings_file, work_dir / f"{mode}.result.json", work_dir / f"{mode}.log")
         for mode in MODES

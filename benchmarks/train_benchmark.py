@@ -40,12 +40,13 @@ from _common import (  # noqa: E402
     REPO_ROOT,
     SMOKE_DATA_PATH,
     ChildJob,
+    benchmark_parser,
     child_environment,
     fmt,
     library_state,
     load_average,
-    machine_info,
     markdown_table,
+    new_report,
     peak_rss_bytes,
     run_children,
     work_directory,
@@ -519,8 +520,7 @@ def _measure_matmul(threads: int, smoke: bool) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``--help``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", default=None, help=f"data file, relative to the repository root (default: {DEFAULT_DATA_PATH}; --smoke: {SMOKE_DATA_PATH})")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--records", type=int, default=None, help="question/answer pairs to train on (default: 256; --smoke: 16)")
     parser.add_argument("--validation-records", type=int, default=8, help="pairs after those given to the library as validation_set (default: 8)")
     parser.add_argument("--model-id", default=None, help="model_id as the library takes it (default: the embedded SmolLM2-135M-Instruct)")
@@ -755,17 +755,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     work_dir = work_directory(args.work_dir, "train-benchmark-")
     settings = _settings_from_args(args, work_dir)
     variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))  # each once
-    jobs = args.jobs if args.jobs is not None else (2 if args.smoke else 1)
     settings_file = work_dir / "settings.json"
     write_json(settings_file, dataclasses.asdict(settings))
-    report: dict[str, Any] = {
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "settings": dataclasses.asdict(settings),
-        "machine": machine_info(settings.threads),
-        "library": library_state(),
-        "jobs": jobs,
-        "load_average_start": load_average(),
-    }
+    report, jobs = new_report(settings, args.smoke, args.jobs)
     logger.info("work directory %s; load average %s", work_dir, report["load_average_start"])
     report["matmul_start"] = _measure_matmul(settings.threads, args.smoke)
     report["matmul_device"] = _matmul_device()
