@@ -72,10 +72,21 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
     assert "Speed ratio batched ÷ one at a time" in generation_output
 
 
-def test_answer_style_measures_restating_and_shared_wording(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from answer_style import answer_style
+def _answer_style_rows(*paths: str) -> dict:
+    """``benchmarks/answer_style.py`` run as a user runs it: its table's row of each file, as numbers."""
+    process = subprocess.run([sys.executable, str(REPO / "benchmarks" / "answer_style.py"), *paths], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    rows = {}
+    for line in process.stdout.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = {"records": int(cells[1]), "answer_vs_question": float(cells[2]),
+                                     "answer_vs_same_school_answer": float(cells[3]), "words": float(cells[4]),
+                                     "common_openings": cells[5]}
+    return rows
 
+
+def test_answer_style_measures_restating_and_shared_wording(tmp_path):
     questions = ["What does Stoicism say about anger?", "What does Stoicism say about grief?",
                  "What does Taoism say about water?"]
     restating = ["Stoicism says that anger is a brief madness.", "Stoicism says that grief is a judgment.",
@@ -88,13 +99,15 @@ def test_answer_style_measures_restating_and_shared_wording(tmp_path):
                                 for q, a in zip(questions, answers)))
         return str(path)
 
-    direct, indirect = answer_style(write("direct.jsonl", restating)), answer_style(write("indirect.jsonl", elsewhere))
+    direct_path, indirect_path = write("direct.jsonl", restating), write("indirect.jsonl", elsewhere)
+    rows = _answer_style_rows(direct_path, indirect_path)
+    direct, indirect = rows[direct_path], rows[indirect_path]
     assert direct["records"] == indirect["records"] == 3
     assert direct["answer_vs_question"] > 0.35 > 0.1 > indirect["answer_vs_question"]
     # The two Stoic answers share "Stoicism says that ... is a"; Taoism has no second answer to compare.
     assert direct["answer_vs_same_school_answer"] > indirect["answer_vs_same_school_answer"]
-    assert direct["words"] == (8 + 7 + 8) / 3
-    assert direct["common_openings"][0] == ("Stoicism says", 2)
+    assert direct["words"] == round((8 + 7 + 8) / 3, 1)
+    assert direct["common_openings"].startswith("'Stoicism says' 2")
 
 
 def test_qlora_benchmark_is_refused_in_one_line_without_cuda(tmp_path):
