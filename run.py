@@ -30,6 +30,7 @@ from typing import Any, Optional
 import yaml
 
 from philo_dataflow.lib.artifacts import (
+    ADAPTER_DIR,
     CONFIG_FILE,
     DATAFLOW_FILE,
     MANIFEST_INPUTS,
@@ -205,7 +206,7 @@ def run_inputs(start: str, given: dict) -> dict:
         inputs.pop("presaved_model_dir", None)
         return inputs
     inputs.pop("model_id", None)  # the adapter's manifest names its base model
-    presaved = inputs.get("presaved_model_dir") or str(Path(inputs["output_dir"]) / "adapter")
+    presaved = inputs.get("presaved_model_dir") or str(Path(inputs["output_dir"]) / ADAPTER_DIR)
     try:
         manifest_inputs = read_manifest(presaved)["inputs"]
     except ValueError:
@@ -220,15 +221,12 @@ def run_inputs(start: str, given: dict) -> dict:
 def run_config(start: str, inputs: dict) -> dict:
     """What ``config.yaml`` records: ``start`` and every command-line input with its resolved value (the
     judge's settings only when the judge runs), so ``--config`` on it reproduces the run."""
-    judged = inputs.get("judge_model") is not None
+    left_out = set() if inputs.get("judge_model") is not None else set(JUDGE_INPUTS)
+    left_out.add("presaved_model_dir" if start == "base" else "model_id")  # the other start mode's input
     values = {"start": start}
     for spec in CLI_INPUTS:
-        if spec.name in JUDGE_INPUTS and not judged or spec.name == "presaved_model_dir" and start == "base":
-            continue
-        if spec.name == "model_id" and start == "presaved":
-            continue
-        value = inputs.get(spec.name, None if spec.required else spec.default)
-        values[spec.name] = value
+        if spec.name not in left_out:
+            values[spec.name] = inputs.get(spec.name, None if spec.required else spec.default)
     return values
 
 
