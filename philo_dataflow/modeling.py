@@ -29,7 +29,6 @@ from .lib.model_sources import (
     adapter_files,
     adapter_fit_problems,
     decoder_layer,
-    default_device,
     from_pretrained,
     layer_indices,
     lora_target_problems,
@@ -42,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
-    """Where the model trains and generates (``lib.model_sources.default_device``)."""
-    return default_device()
+    """The device to train and generate on: the first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @config.when(start="presaved")

