@@ -77,16 +77,23 @@ def _definition_order(variable) -> tuple:
 
 
 @functools.cache
-def outputs_tagged(*values: str) -> tuple:
-    """Names of the nodes tagged ``output`` with one of ``values``, under any config, in the order of
-    ``MODULES`` and of their definitions."""
+def _tagged_outputs() -> tuple:
+    """``(name, output tag)`` of every node tagged ``output`` under any config, in the order of ``MODULES``
+    and of their definitions; the four graphs are built once per process."""
     found = {}
     for start in START_MODES:
         for judge in (False, True):
             for variable in build_driver({"start": start, "judge": judge}).list_available_variables():
-                if variable.tags.get(OUTPUT_TAG) in values:
+                if OUTPUT_TAG in variable.tags:
                     found.setdefault(variable.name, variable)
-    return tuple(sorted(found, key=lambda name: _definition_order(found[name])))
+    ordered = sorted(found.values(), key=_definition_order)
+    return tuple((variable.name, variable.tags[OUTPUT_TAG]) for variable in ordered)
+
+
+def outputs_tagged(*values: str) -> tuple:
+    """Names of the nodes tagged ``output`` with one of ``values``, under any config, in the order of
+    ``MODULES`` and of their definitions."""
+    return tuple(name for name, value in _tagged_outputs() if value in values)
 
 
 def __getattr__(name: str):
