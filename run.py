@@ -42,6 +42,7 @@ from philo_dataflow.lib.inputs import (
     EXAMPLE_DATA_PATH,
     INPUTS,
     JUDGE_INPUTS,
+    FINETUNING_METHODS,
     START_MODES,
     coerced,
     type_problem,
@@ -52,7 +53,7 @@ from philo_dataflow.lib.problems import InputProblems, Problem, flag
 #: Nodes computed (and so validated) before any model is loaded, then handed to the full run as overrides.
 DATA_NODES = ("instruction_records", "train_set", "validation_set", "hold_out_set")
 #: Keys a config file may hold besides the inputs: the driver's ``start`` config and run options.
-RUN_KEYS = ("start", "outputs", "overwrite")
+RUN_KEYS = ("start", "finetuning_method", "outputs", "overwrite")
 #: ``--help`` sections of the inputs table's groups.
 GROUP_TITLES = {
     "data": "data and split",
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set one input (YAML value), on top of --config; repeatable")
     parser.add_argument("--start", choices=START_MODES, default=None,
                         help="base: train a new adapter; presaved: load --presaved-model-dir (default: base)")
+    parser.add_argument("--finetuning-method", choices=FINETUNING_METHODS, default=None,
+                        help="lora: train a LoRA adapter; full: train every weight and save the whole model "
+                             "(default: lora; a presaved run reads it from the manifest)")
     parser.add_argument("--outputs", default=None,
                         help="comma-separated final variables to compute (default: every file of a run)")
     parser.add_argument("--overwrite", action="store_true", default=None,
@@ -126,6 +130,8 @@ def _checked_settings(settings: Any, where: str) -> tuple[dict, list]:
             problems.append(f"{where}: unknown key {key!r}{_closest(str(key))}")
         elif key == "start" and value not in START_MODES:
             problems.append(f"{where}: key 'start' must be one of {list(START_MODES)}, not {value!r}.")
+        elif key == "finetuning_method" and value not in FINETUNING_METHODS:
+            problems.append(f"{where}: key 'finetuning_method' must be one of {list(FINETUNING_METHODS)}, not {value!r}.")
         elif key == "overwrite" and not isinstance(value, bool):
             problems.append(f"{where}: key 'overwrite' must be true or false, not {value!r}.")
         elif key == "outputs" and not (isinstance(value, str) or (isinstance(value, list)
@@ -169,7 +175,8 @@ def _override_settings(overrides: list) -> tuple[dict, list]:
 def resolved_settings(args: argparse.Namespace) -> dict:
     """The run's settings: the config file's, then ``--set``, then the flags given, over the defaults.
 
-    :return: ``{"start": ..., "outputs": [...] or None, "overwrite": bool, "given": {input: value}}``;
+    :return: ``{"start": ..., "finetuning_method": ... or None, "outputs": [...] or None, "overwrite": bool,
+        "given": {input: value}}``;
         ``given`` holds the inputs set anywhere but the table's defaults.
     :raises InputProblems: an unreadable or invalid config file, an unknown key or a wrong type, one line
         each naming the file (or ``--set``) and the key.
@@ -192,8 +199,8 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     outputs = merged.pop("outputs", None)
     if isinstance(outputs, str):
         outputs = [o.strip() for o in outputs.split(",") if o.strip()]
-    return {"start": merged.pop("start", "base"), "outputs": outputs, "overwrite": bool(merged.pop("overwrite", False)),
-            "given": merged}
+    return {"start": merged.pop("start", "base"), "finetuning_method": merged.pop("finetuning_method", None),
+            "outputs": outputs, "overwrite": bool(merged.pop("overwrite", False)), "given": merged}
 
 
 def run_inputs(start: str, given: dict) -> dict:
@@ -218,12 +225,31 @@ def run_inputs(start: str, given: dict) -> dict:
     return inputs
 
 
-def run_config(start: str, inputs: dict) -> dict:
-    """What ``config.yaml`` records: ``start`` and every command-line input with its resolved value (the
-    judge's settings only when the judge runs), so ``--config`` on it reproduces the run."""
+def driver_config(start: str, judged: bool, finetuning_method: Optional[str], inputs: dict) -> dict:
+    """The driver's config: ``start``, ``judge``, and ``finetuning_method`` and ``architecture`` read off
+    the model (``is_encoder_decoder``) or the presaved manifest where not given. A model or adapter that
+    cannot be read leaves the defaults: the preflight then says what is wrong with it."""
+    import philo_dataflow
+
+    config = {"start": start, "judge": judged}
+    if finetuning_method is not None:
+        config["finetuning_method"] = finetuning_method
+    source = {"presaved_model_dir": inputs.get("presaved_model_dir")} if start == "presaved" else {
+        "model_id": inputs.get("model_id"), "trust_remote_code": bool(inputs.get("trust_remote_code"))}
+    try:
+        resolved = philo_dataflow.resolved_config({**config, **source})
+    except (ValueError, OSError):
+        resolved = philo_dataflow.resolved_config(config)
+    return {key: resolved[key] for key in ("start", "judge", "finetuning_method", "architecture")}
+
+
+def run_config(start: str, inputs: dict, finetuning_method: str = "lora") -> dict:
+    """What ``config.yaml`` records: ``start``, ``finetuning_method`` and every command-line input with its
+    resolved value (the judge's settings only when the judge runs), so ``--config`` on it reproduces the
+    run."""
     left_out = set() if inputs.get("judge_model") is not None else set(JUDGE_INPUTS)
     left_out.add("presaved_model_dir" if start == "base" else "model_id")  # the other start mode's input
-    values = {"start": start}
+    values = {"start": start, "finetuning_method": finetuning_method}
     for spec in CLI_INPUTS:
         if spec.name not in left_out:
             values[spec.name] = inputs.get(spec.name, None if spec.required else spec.default)
@@ -318,16 +344,16 @@ def main(argv: Optional[list] = None) -> int:
         outputs = list(settings["outputs"] or philo_dataflow.DEFAULT_OUTPUTS)
         if judged:
             outputs += [o for o in philo_dataflow.JUDGE_OUTPUTS if o not in outputs]
-        dr = philo_dataflow.build_driver({"start": start, "judge": judged},
-                                         adapters=[h_tqdm.ProgressBar("philo_dataflow")])
+        inputs = run_inputs(start, given)
+        config = driver_config(start, judged, settings["finetuning_method"], inputs)
+        dr = philo_dataflow.build_driver(config, adapters=[h_tqdm.ProgressBar("philo_dataflow")])
         if args.visualize:
             inputs = {"data_path": given.get("data_path", EXAMPLE_DATA_PATH)}
             print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
             return 0
-        inputs = run_inputs(start, given)
         if settings["outputs"] is None:
             outputs += list(philo_dataflow.RUN_OUTPUTS)
-            inputs["run_config"] = run_config(start, inputs)
+            inputs["run_config"] = run_config(start, inputs, config["finetuning_method"])
         # Every check that needs no model runs before anything is written, and all its problems are shown.
         problems = _setting_problems(given, outputs, {v.name for v in dr.list_available_variables()})
         problems += preflight.check_run_inputs(inputs, start, settings["overwrite"])

@@ -32,7 +32,7 @@ def answer_style(data_path: str, seed: int = 0) -> dict:
 
     from philo_dataflow.loading import instruction_records, raw_records
 
-    records = instruction_records(raw_records(data_path), data_path)
+    records = instruction_records(raw_records(data_path), data_path, None)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rng = random.Random(seed)
     by_school: dict = {}

@@ -1,6 +1,6 @@
 """Hold-out generation speed: the library's batched greedy decoding against one prompt at a time.
 
-Both modes call ``philo_dataflow.lib.generation.generate_greedy`` (left-padded batches, KV cache, stop at
+Both modes call ``philo_dataflow.lib.generation.generate_answers`` (left-padded batches, KV cache, stop at
 EOS) on the same hold-out questions with the same ``max_new_tokens``, each mode in its own child process
 (so each peak RSS is its own). The model is the library's ``peft_model`` node: the base model wrapped
 with a fresh LoRA adapter, as hold-out generation runs in the library (the untrained adapter's B
@@ -85,7 +85,7 @@ class GenerationSettings:
 def _generate(settings: GenerationSettings, mode: str) -> dict:
     """Greedy answers to the hold-out questions in ``mode``, timed after a two-token warm-up call."""
     import philo_dataflow
-    from philo_dataflow.lib.generation import generate_greedy
+    from philo_dataflow.lib.generation import generate_answers
     from philo_dataflow.lib.prompts import prompt_token_ids
 
     inputs = {
@@ -105,9 +105,9 @@ def _generate(settings: GenerationSettings, mode: str) -> dict:
     questions = nodes["hold_out_set"]["input_text"][: settings.questions]
     prompts = [prompt_token_ids(tokenizer, nodes["prompt_format"], question) for question in questions]
     batch_size = settings.batch_size if mode == "batched" else 1
-    generate_greedy(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, description="warm-up")
+    generate_answers(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, description="warm-up")
     started = time.perf_counter()
-    generations = generate_greedy(model, tokenizer, prompts, settings.max_new_tokens, batch_size, description=mode)
+    generations = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, batch_size, description=mode)
     seconds = time.perf_counter() - started
     new_tokens = sum(len(g["token_ids"]) for g in generations)
     return {

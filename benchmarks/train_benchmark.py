@@ -235,7 +235,7 @@ def _splits(settings: TrainSettings) -> tuple:
     from philo_dataflow.loading import instruction_records, raw_records
     from philo_dataflow.splitting import SPLIT_COLUMNS
 
-    pairs = instruction_records(raw_records(settings.data_path), settings.data_path)
+    pairs = instruction_records(raw_records(settings.data_path), settings.data_path, None)
     end = settings.records + settings.validation_records
 
     def as_split(rows: list[dict]) -> Dataset:
@@ -577,7 +577,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
     if not data_path.is_file():
         problems.append(f"--data-path: {data_path} does not exist")
     else:
-        pairs = len(instruction_records(raw_records(str(data_path)), str(data_path)))
+        pairs = len(instruction_records(raw_records(str(data_path)), str(data_path), None))
         if pairs < records + args.validation_records:
             problems.append(f"--records {records} + --validation-records {args.validation_records}: {data_path} has only {pairs} pairs")
     if args.load_in_4bit:

@@ -37,12 +37,16 @@ from . import (
     tokenization,
     training,
 )
-from .lib.inputs import EMBEDDED_MODEL_ID, START_MODES
+from .lib.artifacts import read_manifest
+from .lib.inputs import ARCHITECTURES, EMBEDDED_MODEL_ID, FINETUNING_METHODS, START_MODES
+from .lib.model_sources import is_encoder_decoder
 
 #: The stage modules, in the order the data flows through them.
 MODULES = (
     loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, saving,
 )
+#: Config keys ``build_driver`` reads the switches off, then leaves out of the driver's config.
+MODEL_SOURCE_KEYS = ("model_id", "presaved_model_dir", "trust_remote_code")
 #: The tag key of the nodes the output lists are made of, and its values.
 OUTPUT_TAG = "output"
 
@@ -52,20 +56,49 @@ def build_driver(
 ) -> driver.Driver:
     """A Hamilton driver over ``MODULES``.
 
-    :param config: ``{"start": "base" | "presaved", "judge": bool}``; ``start="base"`` and no judge when
-        omitted.
+    :param config: ``{"start": "base" | "presaved", "judge": bool, "finetuning_method": "lora" | "full",
+        "architecture": "causal" | "seq2seq"}``; omitted keys are ``start="base"``, no judge, LoRA, and
+        a decoder-only model. ``architecture`` may instead be read off a model: give ``model_id`` (or,
+        with ``start="presaved"``, ``presaved_model_dir``) in the config too, and the model's config
+        (``is_encoder_decoder``) or the presaved run's manifest decides; ``finetuning_method`` of a
+        presaved run is read from its manifest the same way. Those keys (``MODEL_SOURCE_KEYS``) only
+        choose the switches: give them in ``inputs`` as usual.
     :param adapters: Hamilton lifecycle adapters, e.g. ``[h_tqdm.ProgressBar("philo_dataflow")]``.
-    :raises ValueError: ``start`` is not one of ``START_MODES``, or ``judge`` is not a bool.
+    :raises ValueError: a config value not among its choices.
     """
-    config = {"start": "base", "judge": False, **(config or {})}
-    if config["start"] not in START_MODES:
-        raise ValueError(f"config start={config['start']!r}: use one of {START_MODES}.")
-    if not isinstance(config["judge"], bool):
-        raise ValueError(f"config judge={config['judge']!r}: use True or False.")
+    config = {key: value for key, value in resolved_config(config).items() if key not in MODEL_SOURCE_KEYS}
     builder = driver.Builder().with_config(config).with_modules(*MODULES)
     if adapters:
         builder = builder.with_adapters(*adapters)
     return builder.build()
+
+
+def resolved_config(config: Optional[dict] = None) -> dict:
+    """``config`` with every switch filled in (see ``build_driver``): read off the model or the presaved
+    manifest where the config names one, else the defaults.
+
+    :raises ValueError: a config value not among its choices; a named model whose config cannot be read.
+    """
+    config = dict(config or {})
+    config.setdefault("start", "base")
+    config.setdefault("judge", False)
+    if config["start"] not in START_MODES:
+        raise ValueError(f"config start={config['start']!r}: use one of {START_MODES}.")
+    if not isinstance(config["judge"], bool):
+        raise ValueError(f"config judge={config['judge']!r}: use True or False.")
+    if config["start"] == "presaved" and isinstance(config.get("presaved_model_dir"), str):
+        manifest = read_manifest(config["presaved_model_dir"])
+        config.setdefault("finetuning_method", manifest.get("finetuning_method", "lora"))
+        config.setdefault("architecture", manifest.get("architecture", "causal"))
+    if "architecture" not in config and isinstance(config.get("model_id"), str):
+        encoder_decoder = is_encoder_decoder(config["model_id"], bool(config.get("trust_remote_code")))
+        config["architecture"] = "seq2seq" if encoder_decoder else "causal"
+    config.setdefault("finetuning_method", "lora")
+    config.setdefault("architecture", "causal")
+    for key, choices in (("finetuning_method", FINETUNING_METHODS), ("architecture", ARCHITECTURES)):
+        if config[key] not in choices:
+            raise ValueError(f"config {key}={config[key]!r}: use one of {choices}.")
+    return config
 
 
 def _definition_order(variable) -> tuple:
@@ -111,5 +144,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "RUN_OUTPUTS", "EMBEDDED_MODEL_ID",
-    "START_MODES", "build_driver", "outputs_tagged",
+    "START_MODES", "build_driver", "outputs_tagged", "resolved_config",
 ]

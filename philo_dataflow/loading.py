@@ -1,60 +1,134 @@
-"""Loading: question/answer records from a JSON, JSONL or CSV file.
+"""Loading: question/answer records from a file, a ``save_to_disk`` directory or a Hugging Face hub dataset,
+in one of several record formats.
 
-Nodes: ``raw_records`` (the file's records, untouched) and ``instruction_records`` (normalised
-``{"input_text", "output_text", "category"}`` dicts, empty pairs dropped, duplicate prompts kept once).
-Both report every bad record, not only the first (``lib.records``).
+Nodes: ``raw_records`` (the source's records, untouched), ``prompt_template_in_use`` (the input
+``prompt_template``, or under ``start="presaved"`` the one the adapter was trained with) and
+``instruction_records`` (normalised ``{"input_text", "output_text", "category", "context", "group"}`` dicts,
+empty pairs dropped, duplicate prompts kept once). Every bad record is reported, not only the first
+(``lib.records``).
 """
 
 import logging
 from typing import Optional
 
+from hamilton.function_modifiers import config
+
+from .lib.inputs import raise_hyperparameter_problems
+from .lib.problems import flag
 from .lib.records import normalised_pairs, read_records
 
 logger = logging.getLogger(__name__)
 
 
 def raw_records(data_path: str) -> list[dict]:
-    """The records of ``data_path``, as parsed, in file order (formats: ``lib.records.read_records``).
+    """The records of ``data_path``, as parsed, in file order (sources: ``lib.records.read_records``).
 
-    :param data_path: path to the data file.
+    :param data_path: a .json, .jsonl, .csv or .parquet file, a ``save_to_disk`` directory (``dir`` or
+        ``dir:split``), or a hub dataset id (``name`` or ``name:split``).
     :return: list of dicts, one per record.
-    :raises ValueError: the file is missing, unreadable, not UTF-8, empty, not valid for its suffix, or
-        holds no records or records that are not objects; the message names the file and the records.
+    :raises ValueError: the source is missing, unreadable, not UTF-8, empty, not valid for its suffix, holds
+        no records or records that are not objects, lacks the split asked for, or is a hub dataset that is
+        neither cached nor downloadable; the message names the file or dataset and the records.
     """
     return read_records(data_path)
+
+
+@config.when(start="base")
+def prompt_template_in_use__base(prompt_template: Optional[str] = None) -> Optional[str]:
+    """The ``prompt_template`` the records are rendered with (None: none; the prompt format decides)."""
+    return prompt_template
+
+
+@config.when(start="presaved")
+def prompt_template_in_use__presaved(presaved_manifest: dict, prompt_template: Optional[str] = None) -> Optional[str]:
+    """The template the presaved adapter was trained with (its manifest's ``prompt_template``): an adapter
+    answers the prompts it learnt.
+
+    :raises ValueError: ``prompt_template`` is given and differs from the manifest's.
+    """
+    trained_with = presaved_manifest.get("prompt_template")
+    if prompt_template is not None and prompt_template != trained_with:
+        raise ValueError(
+            f"prompt_template={prompt_template!r} ({flag('prompt_template')}) differs from the template the presaved "
+            f"adapter was trained with ({trained_with!r}, in its manifest); leave prompt_template unset to reuse it."
+        )
+    return trained_with
 
 
 def instruction_records(
     raw_records: list[dict],
     data_path: str,
+    prompt_template_in_use: Optional[str],
     input_text_key: Optional[str] = None,
     output_text_key: Optional[str] = None,
     category_key: str = "school",
+    data_format: str = "auto",
+    lang: Optional[str] = None,
 ) -> list[dict]:
-    """Question/answer pairs, normalised to ``{"input_text", "output_text", "category"}``.
+    """The records as examples ``{"input_text", "output_text", "category", "context", "group"}`` (strings).
 
-    Alpaca records (``instruction``, optional ``input``, ``output``) are recognised when no keys are
-    given; the prompt is the instruction, followed by a blank line and the input when the input is not
-    empty. The category is ``record[category_key]`` when present, else the first school of thought named
-    in the question (then the answer), else ``"unknown"``. Pairs with an empty (or null) question or
-    answer are dropped and counted in the log; a prompt seen before (same text up to case and
+    Formats (``data_format``; ``auto`` decides from the first record, ``lib.records.detected_format``):
+
+    - ``alpaca``: ``instruction``, optional ``input``, ``output`` (the default when no keys are given); the
+      question is the instruction, followed by a blank line and the input when the input is not empty;
+    - ``pairs``: the question under ``input_text_key``, the answer under ``output_text_key``;
+    - ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` (OpenAI);
+    - ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}`` (FastChat,
+      Axolotl; ``user``/``assistant`` are accepted for ``from`` too);
+    - ``oasst``: OpenAssistant OASST1 message trees (``*.trees.jsonl``, one tree a line, or a JSON list:
+      ``{"message_tree_id", "prompt": {"text", "role": "prompter"|"assistant", "lang", "rank", "deleted",
+      "replies": [...]}}``, or bare root messages; https://huggingface.co/datasets/OpenAssistant/oasst1).
+
+    A conversation alternates user and assistant turns after an optional leading system message; its last
+    user turn is ``input_text``, its last assistant turn ``output_text``, and the turns before that last
+    user turn (system message first) are ``context``, JSON of ``{"role", "content"}`` messages (``"[]"`` for
+    single-turn records). A trailing user turn, with no answer to learn, is dropped and counted in the log.
+    An OASST tree gives one conversation per path: at each prompter message its best-ranked assistant reply
+    (lowest ``rank``; unranked after ranked, then file order), then every prompter reply to it, deleted
+    messages skipped; ``lang`` keeps the trees whose first message has that language; every example of a
+    tree has the tree's id as ``group``, so that the split keeps a tree in one split (``""`` elsewhere).
+
+    With ``prompt_template_in_use`` (a ``str.format`` string over the record's keys, e.g. ``"### Question:\\n
+    {question}\\n\\n### Answer:"``) the rendered template is ``input_text``, the whole prompt the model
+    sees, and ``output_text_key`` (default ``output``) the answer; records whose template keys are all empty
+    are dropped.
+
+    The category is ``record[category_key]`` when present, else the first school of thought named in the
+    question (then the answer), else ``"unknown"``. Examples with an empty (or null) question or answer are
+    dropped and counted in the log; a prompt seen before (same context, same question up to case and
     whitespace) is kept once, at its first occurrence.
 
-    :param raw_records: the file's records (see ``raw_records``).
-    :param data_path: the file they came from, named in errors.
+    :param raw_records: the source's records (see ``raw_records``).
+    :param data_path: where they came from, named in errors.
+    :param prompt_template_in_use: the template that renders each record's prompt, or None.
     :param input_text_key: key of the question; None means alpaca ``instruction``/``input``.
     :param output_text_key: key of the answer; None means alpaca ``output``.
     :param category_key: key of the record's category (school of thought), used when present.
+    :param data_format: one of ``lib.inputs.DATA_FORMATS``.
+    :param lang: OASST only: the language code of the trees to keep; None keeps every tree.
     :return: list of dicts with string values, in file order.
-    :raises ValueError: a key is missing from records, or holds a non-string value; no pair is left. The
-        message has one line per problem, naming every bad record (the first ``lib.problems.MAX_LISTED_RECORDS``).
+    :raises ValueError: a key is missing from records or holds a non-string value, a turn or message is
+        malformed or out of order, the template is malformed or names keys records lack, an input does not
+        fit the format, no pair is left. The message has one line per problem, naming the file, the first
+        bad record with its key or turn, and the others by index (the first ``lib.problems.MAX_LISTED_RECORDS``).
     """
-    found = normalised_pairs(raw_records, data_path, input_text_key, output_text_key, category_key)
+    raise_hyperparameter_problems(data_format=data_format, prompt_template=prompt_template_in_use, lang=lang)
+    found = normalised_pairs(raw_records, data_path, input_text_key, output_text_key, category_key, data_format,
+                             prompt_template_in_use, lang)
     if found.problems:
         raise ValueError("\n".join(found.problems))
     if found.empty:
         logger.warning("%s: dropped %d record(s) with an empty question or answer", data_path, len(found.empty))
     if found.duplicates:
         logger.warning("%s: dropped %d record(s) repeating an earlier prompt", data_path, len(found.duplicates))
-    logger.info("%s: %d question/answer pairs", data_path, len(found.pairs))
+    if found.trailing_user_turns:
+        logger.warning("%s: dropped the trailing user turn (no answer to learn) of %d conversation(s)", data_path,
+                       len(found.trailing_user_turns))
+    if found.unanswered:
+        logger.warning("%s: dropped %d OASST tree(s) whose first prompt has no assistant reply left", data_path,
+                       len(found.unanswered))
+    if found.other_languages:
+        logger.info("%s: left out %d OASST tree(s) in other languages than %r", data_path,
+                    len(found.other_languages), lang)
+    logger.info("%s: %d %s examples", data_path, len(found.pairs), found.data_format)
     return found.pairs

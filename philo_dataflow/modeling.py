@@ -1,8 +1,10 @@
-"""Modeling: the tokenizer, the base causal LM, the LoRA adapter (optionally QLoRA on CUDA) and the
-adapted model's summary. Where a model comes from, and the checks made before loading it, are in
+"""Modeling: the tokenizer, the base model (a causal LM, or an encoder-decoder under config
+``architecture="seq2seq"``), the model training updates (a LoRA adapter, optionally QLoRA on CUDA; or,
+under config ``finetuning_method="full"``, every weight of the model) and its summary. Where a model comes from, and the checks made before loading it, are in
 ``lib.model_sources``.
 """
 
+import copy
 import logging
 from typing import Union
 
@@ -17,6 +19,7 @@ from peft import (
 )
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -34,6 +37,8 @@ from .lib.model_sources import (
     lora_target_problems,
     quantization_problems,
     refuse_pickle_weights,
+    architecture_mismatch,
+    is_encoder_decoder,
     resolve_model_path,
 )
 
@@ -89,17 +94,31 @@ def tokenizer__presaved(presaved_model_dir: str, trust_remote_code: bool = False
     return AutoTokenizer.from_pretrained(presaved_model_dir, trust_remote_code=trust_remote_code)
 
 
+@config.when_not(architecture="seq2seq")
+def model_class__causal() -> type:
+    """The transformers auto class the base model loads with: ``AutoModelForCausalLM``."""
+    return AutoModelForCausalLM
+
+
+@config.when(architecture="seq2seq")
+def model_class__seq2seq() -> type:
+    """The transformers auto class the base model loads with: ``AutoModelForSeq2SeqLM`` (T5, FLAN-T5, BART)."""
+    return AutoModelForSeq2SeqLM
+
+
 def base_model(
     base_model_id: str,
+    model_class: type,
     device: torch.device,
     load_in_4bit: bool = False,
     gradient_checkpointing: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The pretrained causal LM, on ``device``, in fp32 (or 4-bit NF4 for QLoRA).
+    """The pretrained model, on ``device``, in fp32 (or 4-bit NF4 for QLoRA).
 
     :param base_model_id: see ``base_model_id``.
+    :param model_class: see ``model_class``.
     :param device: see ``device``.
     :param load_in_4bit: QLoRA (Dettmers et al. 2023): load the weights as 4-bit NF4 with double
         quantisation and bf16 compute through bitsandbytes; needs a CUDA GPU.
@@ -115,6 +134,9 @@ def base_model(
     if problems:
         raise ValueError(problems[0])
     path = resolve_model_path(base_model_id)
+    encoder_decoder = model_class is AutoModelForSeq2SeqLM
+    if is_encoder_decoder(path, trust_remote_code) != encoder_decoder:
+        raise ValueError(architecture_mismatch(base_model_id, not encoder_decoder))
     refuse_pickle_weights(path, f"model_id={base_model_id!r}", allow_pickle)
     loading = {"use_safetensors": None if allow_pickle else True, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
@@ -127,12 +149,12 @@ def base_model(
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         model = from_pretrained(
-            AutoModelForCausalLM, base_model_id, path, quantization_config=quantization_config,
+            model_class, base_model_id, path, quantization_config=quantization_config,
             device_map={"": device.index or 0}, **loading,
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
-        model = from_pretrained(AutoModelForCausalLM, base_model_id, path, dtype=torch.float32, **loading)
+        model = from_pretrained(model_class, base_model_id, path, dtype=torch.float32, **loading)
         model = model.to(device)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -141,6 +163,7 @@ def base_model(
     return model
 
 
+@config.when_not(finetuning_method="full")
 def lora_config(
     base_model: PreTrainedModel,
     lora_r: int = 16,
@@ -188,11 +211,11 @@ def lora_config(
         target_modules=targets,
         layers_to_transform=layers,
         bias="none",
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_2_SEQ_LM if base_model.config.is_encoder_decoder else TaskType.CAUSAL_LM,
     )
 
 
-@config.when(start="base")
+@config.when(start="base", finetuning_method="lora")
 def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig, seed: int = 42) -> PeftModel:
     """The base model wrapped with a fresh, trainable LoRA adapter (not yet trained).
 
@@ -205,7 +228,7 @@ def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig, seed:
     return get_peft_model(base_model, lora_config)
 
 
-@config.when(start="presaved")
+@config.when(start="presaved", finetuning_method="lora")
 def peft_model__presaved(
     base_model: PreTrainedModel, base_model_id: str, presaved_model_dir: str, device: torch.device,
     allow_pickle: bool = False,
@@ -235,8 +258,54 @@ def peft_model__presaved(
     return model.to(device)
 
 
+@config.when(finetuning_method="lora")
+def trainable_model__lora(peft_model: PeftModel) -> PreTrainedModel:
+    """The model the Trainer updates: the base model with its LoRA adapter (only the adapter trains)."""
+    return peft_model
+
+
+@config.when(start="base", finetuning_method="full")
+def trainable_model__full(base_model: PreTrainedModel, seed: int = 42) -> PreTrainedModel:
+    """A copy of the base model with every weight trainable (full fine-tuning); ``base_model`` itself stays
+    untouched for the base answers, so the process holds the weights twice.
+
+    :param seed: see ``peft_model`` (sets the global RNGs, as the Trainer does again).
+    """
+    set_seed(seed)
+    model = copy.deepcopy(base_model)
+    model.requires_grad_(True)
+    return model
+
+
+@config.when(start="presaved", finetuning_method="full")
+def trainable_model__full_presaved(
+    presaved_model_dir: str, model_class: type, device: torch.device, trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The fully fine-tuned model a base run saved (safetensors, for evaluation and generation).
+
+    :raises ValueError: the directory holds no loadable model.
+    """
+    refuse_pickle_weights(presaved_model_dir, f"presaved_model_dir={presaved_model_dir!r}", False)
+    model = from_pretrained(model_class, presaved_model_dir, presaved_model_dir, trust_remote_code,
+                            dtype=torch.float32, use_safetensors=True)
+    return model.to(device)
+
+
+@config.when(finetuning_method="lora")
+def base_answer_model__lora(finetuned_model: PreTrainedModel) -> PreTrainedModel:
+    """The model of the base answers: the fine-tuned model itself, generating with its adapter disabled
+    (``PeftModel.disable_adapter()``), so no second copy of the weights is held."""
+    return finetuned_model
+
+
+@config.when(finetuning_method="full")
+def base_answer_model__full(base_model: PreTrainedModel) -> PreTrainedModel:
+    """The model of the base answers: the untouched base weights (full fine-tuning trained a copy)."""
+    return base_model.eval()
+
+
 @tag(output="final")
-def model_summary(peft_model: PeftModel, device: torch.device) -> dict:
+def model_summary(trainable_model: PreTrainedModel, device: torch.device) -> dict:
     """Parameter counts, memory footprint and training FLOPs per token of the adapted model.
 
     ``flops_per_token_forward = 2 * N`` for N total parameters, and ``lora_training_flops_per_token =
@@ -251,7 +320,7 @@ def model_summary(peft_model: PeftModel, device: torch.device) -> dict:
         ``parameter_memory_bytes``, ``backward_parameters``, ``flops_per_token_forward``,
         ``lora_training_flops_per_token``, ``device``.
     """
-    named = list(peft_model.named_parameters())
+    named = list(trainable_model.named_parameters())
     total = sum(p.numel() for _, p in named)
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     memory = sum(p.numel() * p.element_size() for _, p in named)

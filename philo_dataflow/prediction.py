@@ -1,8 +1,9 @@
-"""Prediction: greedy, batched, left-padded answers to the held-out and validation questions
-(``lib.generation``).
+"""Prediction: batched, left-padded answers to the held-out and validation questions (``lib.generation``),
+greedy unless the generation settings ask for sampling.
 
-The base model's answers come from the same weights with the adapter disabled
-(``PeftModel.disable_adapter()``), so no second copy of the model is held in memory.
+The base model's answers come from ``base_answer_model``: with LoRA, the same weights with the adapter
+disabled (``PeftModel.disable_adapter()``), so no second copy of the model is held in memory; with full
+fine-tuning, the untouched base weights.
 """
 
 import contextlib
@@ -12,53 +13,109 @@ from datasets import Dataset
 from hamilton.function_modifiers import (
     extract_fields,
     parameterize,
+    source,
     tag,
     tag_outputs,
     value,
 )
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .lib.generation import generate_greedy
+from .lib.generation import generate_answers
 from .lib.inputs import raise_hyperparameter_problems
+from .lib.problems import listed
 from .lib.prompts import prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
 
+def _prompts(examples: Dataset, model, tokenizer: PreTrainedTokenizerBase, prompt_format: str,
+             max_new_tokens: int) -> list[list[int]]:
+    """Token ids of each question's whole prompt (its conversation before it included), whatever the
+    ``overlong_policy``: only a prompt longer than the model's context less ``max_new_tokens`` loses its
+    oldest tokens, counted in the log."""
+    contexts = examples["context"] if "context" in examples.column_names else ["[]"] * len(examples)
+    prompts = [prompt_token_ids(tokenizer, prompt_format, q, c) for q, c in zip(examples["input_text"], contexts)]
+    context_length = getattr(model.config, "max_position_embeddings", None)
+    if context_length and not getattr(model.config, "is_encoder_decoder", False):
+        room = max(context_length - max_new_tokens, 1)
+        cut = [i for i, ids in enumerate(prompts) if len(ids) > room]
+        if cut:
+            logger.warning("%d prompt(s) longer than the model's context (%d tokens) less max_new_tokens keep "
+                           "their last %d tokens (records %s)", len(cut), context_length, room, listed(cut))
+            prompts = [ids[-room:] for ids in prompts]
+    return prompts
+
+
 def _generations(
     examples: Dataset,
-    finetuned_model: PeftModel,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
     max_new_tokens: int,
     generation_batch_size: int,
     use_adapter: bool,
     description: str,
+    generation_settings: dict,
+    seed: int,
 ) -> list[dict]:
     raise_hyperparameter_problems(max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size)
-    prompts = [prompt_token_ids(tokenizer, prompt_format, q) for q in examples["input_text"]]
-    adapter_off = contextlib.nullcontext() if use_adapter else finetuned_model.disable_adapter()
+    prompts = _prompts(examples, model, tokenizer, prompt_format, max_new_tokens)
+    adapter_off = model.disable_adapter() if not use_adapter and isinstance(model, PeftModel) else contextlib.nullcontext()
     with adapter_off:
-        return generate_greedy(finetuned_model, tokenizer, prompts, max_new_tokens, generation_batch_size, description)
+        return generate_answers(model, tokenizer, prompts, max_new_tokens, generation_batch_size,
+                                description, generation_settings, seed)
+
+
+def generation_settings(
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+) -> dict:
+    """How answers are decoded (transformers ``GenerationConfig`` names); the defaults are greedy
+    decoding, the evaluation default (sampled metrics change from run to run). Recorded in the manifest
+    and the report.
+
+    :param do_sample: sample instead of taking the most likely token; sampling is seeded with ``seed``,
+        so the same run gives the same answers twice.
+    :param temperature: softmax temperature of sampling (``do_sample`` only).
+    :param top_p: nucleus sampling: the smallest set of tokens whose probabilities add up to ``top_p``
+        (Holtzman et al. 2020; ``do_sample`` only).
+    :param top_k: sample among the ``top_k`` most likely tokens (``do_sample`` only).
+    :param repetition_penalty: divides the logits of tokens already in the sequence (Keskar et al. 2019,
+        CTRL); 1.0 is off.
+    :param no_repeat_ngram_size: never repeat an n-gram of this many tokens; 0 is off.
+    :raises lib.problems.InputProblems: (a ValueError) a setting out of range (the preflight's lines).
+    """
+    settings = dict(locals())
+    raise_hyperparameter_problems(**settings)
+    return settings
 
 
 @parameterize(
-    finetuned_model_hold_out_generations={"use_adapter": value(True), "description": value("fine-tuned on hold-out")},
-    base_model_hold_out_generations={"use_adapter": value(False), "description": value("base on hold-out")},
+    finetuned_model_hold_out_generations={"answering_model": source("finetuned_model"), "use_adapter": value(True),
+                                          "description": value("fine-tuned on hold-out")},
+    base_model_hold_out_generations={"answering_model": source("base_answer_model"), "use_adapter": value(False),
+                                     "description": value("base on hold-out")},
 )
 def hold_out_generations(
     hold_out_set: Dataset,
-    finetuned_model: PeftModel,
+    answering_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
     use_adapter: bool,
     description: str,
+    generation_settings: dict,
     max_new_tokens: int = 160,
     generation_batch_size: int = 32,
+    seed: int = 42,
 ) -> list[dict]:
-    """Greedy answers to each ``hold_out_set`` question, of the fine-tuned model or of the base model
-    (same weights, adapter disabled); see ``generate_greedy`` for the dict of each answer.
+    """Answers to each ``hold_out_set`` question (greedy unless ``generation_settings`` sample), of the
+    fine-tuned model or of the base model (``base_answer_model``, its adapter disabled); see
+    ``generate_answers`` for the dict of each answer.
 
     :param max_new_tokens: cap on generated tokens per answer.
     :param generation_batch_size: questions per batched ``generate`` call; answers are identical at any
@@ -66,8 +123,8 @@ def hold_out_generations(
     :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     return _generations(
-        hold_out_set, finetuned_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,
-        use_adapter, description,
+        hold_out_set, answering_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,
+        use_adapter, description, generation_settings, seed,
     )
 
 
@@ -106,20 +163,22 @@ def hold_out_set_predictions(
 @extract_fields({"validation_predictions": list, "validation_references": list})
 def finetuned_model_on_validation_set(
     validation_set: Dataset,
-    finetuned_model: PeftModel,
+    finetuned_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
+    generation_settings: dict,
     max_new_tokens: int = 160,
     generation_batch_size: int = 32,
+    seed: int = 42,
 ) -> dict:
-    """Greedy fine-tuned answers on ``validation_set`` and the reference answers (untruncated text).
+    """Fine-tuned answers (greedy unless ``generation_settings`` sample) on ``validation_set`` and the reference answers (untruncated text).
 
     :return: ``validation_predictions`` and ``validation_references``, lists of strings in split order.
     :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     generations = _generations(
         validation_set, finetuned_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,
-        True, "fine-tuned on validation",
+        True, "fine-tuned on validation", generation_settings, seed,
     )
     return {
         "validation_predictions": [g["text"] for g in generations],

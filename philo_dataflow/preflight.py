@@ -23,8 +23,9 @@ weights and writes nothing. What it checks, in order:
 4. the model: the base model available (a local directory with config, safetensors weights and
    tokenizer, the local Hugging Face cache, or a reachable hub; ``lib.model_sources``), or the
    presaved adapter intact and made for its base model;
-   LoRA target modules and layers present in the model; 4-bit loading possible; every prompt shorter
-   than ``max_seq_length`` so that each example keeps at least one supervised answer token;
+   LoRA target modules and layers present in the model; 4-bit loading possible; every conversation
+   renderable in the prompt format; with ``overlong_policy="error"``, every prompt shorter than
+   ``max_seq_length`` so that each example keeps at least one supervised answer token;
 5. ``resume_from_checkpoint`` a complete checkpoint;
 6. the LLM judge, when ``judge_model`` is set: settings valid, endpoint reachable (``GET /models``), the
    model listed there.
@@ -47,7 +48,7 @@ from typing import Any, Optional
 
 import openai
 
-from . import modeling, splitting, tokenization
+from . import loading, modeling, splitting, tokenization
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
 from .lib.inputs import (
     DEFAULTS,
@@ -60,6 +61,7 @@ from .lib.inputs import (
 from .lib.judge_client import JudgeClient, is_loopback, make_judge_client
 from .lib.judge_protocol import RESPONSE_FORMATS, check_judge_settings
 from .lib.model_sources import (
+    is_encoder_decoder,
     layer_indices,
     lora_target_problems,
     model_skeleton,
@@ -154,23 +156,35 @@ def data_problems(values: dict, bad_inputs: set) -> tuple:
     """
     data_path = values.get("data_path")
     if not isinstance(data_path, str) or not data_path.strip():
-        return [Problem("data_path", f"data_path={data_path!r} ({flag('data_path')}): give a .json, .jsonl or .csv "
-                                     "file of question/answer records.")], None
+        return [Problem("data_path", f"data_path={data_path!r} ({flag('data_path')}): give a .json, .jsonl, .csv or "
+                                     ".parquet file of question/answer records, a save_to_disk directory or a hub "
+                                     "dataset id.")], None
     try:
         raw_records = read_records(data_path)
     except ValueError as error:
         return problems_of("data_path", error), None
-    if bad_inputs & {"input_text_key", "output_text_key", "category_key"}:
+    if bad_inputs & {"input_text_key", "output_text_key", "category_key", "data_format", "prompt_template", "lang"}:
         return [], None
-    found = normalised_pairs(raw_records, data_path, values.get("input_text_key"),
-                                     values.get("output_text_key"), values["category_key"])
+    prompt_template = values.get("prompt_template")
+    if values.get("presaved_model_dir") is not None:  # a presaved adapter renders prompts with its own template
+        try:
+            manifest = read_manifest(values["presaved_model_dir"])
+        except ValueError:
+            manifest = None  # model_problems reports the adapter directory's problems
+        if manifest is not None:
+            try:
+                prompt_template = loading.prompt_template_in_use__presaved(manifest, prompt_template)
+            except ValueError as error:
+                return problems_of("prompt_template", error), None
+    found = normalised_pairs(raw_records, data_path, values.get("input_text_key"), values.get("output_text_key"),
+                             values["category_key"], values["data_format"], prompt_template, values.get("lang"))
     if found.problems:
         return [Problem("data_path", line) for line in found.problems], None
     problems = _sparse_category_problems(raw_records, found, data_path, values["category_key"])
-    if not bad_inputs & {"validation_fraction", "hold_out_fraction", "seed"}:
+    if not bad_inputs & {"validation_fraction", "hold_out_fraction", "seed", "near_duplicate_threshold"}:
         try:
             splitting.data_splits(found.pairs, data_path, values["validation_fraction"], values["hold_out_fraction"],
-                                  values["seed"])
+                                  values["seed"], near_duplicate_threshold=values["near_duplicate_threshold"])
         except ValueError as error:
             dropped = (f" ({len(found.duplicates)} record(s) repeating an earlier prompt and {len(found.empty)} "
                        "with an empty question or answer were dropped)") if found.duplicates or found.empty else ""
@@ -179,27 +193,40 @@ def data_problems(values: dict, bad_inputs: set) -> tuple:
 
 
 def _supervision_problems(tokenizer, prompt_format: str, found: NormalisedPairs, data_path: str,
-                          max_seq_length: int) -> list:
-    """Prompts of ``max_seq_length`` tokens or more, which would leave an example no supervised answer
-    token (``tokenization.tokenize_example`` refuses them): one problem naming every such record."""
-    too_long = []
+                          max_seq_length: int, overlong_policy: str, prompt_template: Optional[str]) -> list:
+    """Records that cannot become a training example: with ``overlong_policy="error"``, prompts of
+    ``max_seq_length`` tokens or more, which would leave no supervised answer token (one problem naming
+    every such record); under every policy, conversations the prompt format cannot render (a system
+    prompt or earlier turns without a chat template)."""
+    too_long, unrenderable = [], []
     for pair, index in zip(found.pairs, found.source_indices):
-        length = len(prompt_token_ids(tokenizer, prompt_format, pair["input_text"]))
-        if length >= max_seq_length:
+        context = pair.get("context", "[]")
+        try:
+            length = len(prompt_token_ids(tokenizer, prompt_format, pair["input_text"], context))
+        except ValueError as error:
+            unrenderable.append((index, str(error)))
+            continue
+        if overlong_policy == "error" and length >= max_seq_length:
             too_long.append((index, length, pair["input_text"]))
+    problems = []
+    if unrenderable:
+        index, error = unrenderable[0]
+        others = f" (and {len(unrenderable) - 1} more: records {listed([i for i, _ in unrenderable[1:]])})" \
+            if len(unrenderable) > 1 else ""
+        problems.append(Problem("data_path", f"{data_path} record {index}: {error}{others}"))
     if not too_long:
-        return []
+        return problems
     if len(too_long) == 1:
         index, length, question = too_long[0]
-        return [Problem("max_seq_length", f"{data_path} record {index} ({question[:60]!r}...): "
-                                          f"{no_room_for_an_answer(length, max_seq_length)}")]
+        return problems + [Problem("max_seq_length", f"{data_path} record {index} ({question[:60]!r}...): "
+                                                     f"{no_room_for_an_answer(length, max_seq_length)}")]
     longest = max(length for _, length, _ in too_long)
-    return [Problem(
+    return problems + [Problem(
         "max_seq_length",
         f"{data_path}: {len(too_long)} of {len(found.pairs)} prompts are max_seq_length={max_seq_length} tokens or "
         f"longer (records {listed([index for index, _, _ in too_long])}; the longest is {longest} tokens), "
-        f"leaving no answer token to supervise: raise max_seq_length ({flag('max_seq_length')}) above {longest} or "
-        "shorten those questions.",
+        f"leaving no answer token to supervise: raise max_seq_length ({flag('max_seq_length')}) above {longest}, "
+        f"shorten those questions, or choose overlong_policy ({flag('overlong_policy')}) truncate_prompt or drop.",
     )]
 
 
@@ -211,8 +238,13 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         if adapter_dir is None:
             return [Problem("presaved_model_dir", f"presaved_model_dir ({flag('presaved_model_dir')}) is required with "
                                                   "start='presaved': give the 'adapter' directory of a base run.")]
-        problems = [Problem("presaved_model_dir", line)
-                    for line in presaved_adapter_problems(adapter_dir, allow_pickle, trust_remote_code)]
+        try:
+            full = read_manifest(adapter_dir).get("finetuning_method") == "full"
+        except ValueError:
+            full = False  # presaved_adapter_problems names the manifest's problem
+        check = (model_source_problems(adapter_dir) if full
+                 else presaved_adapter_problems(adapter_dir, allow_pickle, trust_remote_code))
+        problems = [Problem("presaved_model_dir", line) for line in check]
         if problems:
             return problems
         tokenizer_source, prompt_format = adapter_dir, read_manifest(adapter_dir)["prompt_format"]
@@ -231,11 +263,21 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         tokenizer = tokenizer_without_weights(tokenizer_source, trust_remote_code)
     except ValueError as error:
         return problems + problems_of("model_id", error)
-    if found is None or "max_seq_length" in bad_inputs:
+    if found is None or bad_inputs & {"max_seq_length", "overlong_policy"}:
         return problems
-    prompt_format = prompt_format or tokenization.prompt_format__base(tokenizer)
+    prompt_template = values.get("prompt_template")
+    if start == "presaved":
+        prompt_template = read_manifest(values["presaved_model_dir"]).get("prompt_template")
+    if prompt_format is None:
+        try:
+            seq2seq = is_encoder_decoder(values["model_id"], trust_remote_code)
+        except ValueError as error:
+            return problems + problems_of("model_id", error)
+        model_class = modeling.model_class__seq2seq() if seq2seq else modeling.model_class__causal()
+        prompt_format = tokenization.prompt_format__base(tokenizer, prompt_template, model_class)
     return problems + _supervision_problems(tokenizer, prompt_format, found, values["data_path"],
-                                            values["max_seq_length"])
+                                            values["max_seq_length"], values.get("overlong_policy", "error"),
+                                            prompt_template)
 
 
 def _lora_problems(values: dict, model_id: str, bad_inputs: set) -> list:

@@ -19,11 +19,14 @@ def run_metrics(
     split_summary: dict,
     base_model_id: str,
     data_path: str,
+    generation_settings: dict,
+    overlong_records: dict,
     judge_results: Optional[dict],
 ) -> dict:
     """Everything ``metrics.json`` holds: validation loss and training facts, hold-out ROUGE / EOS /
     length for base and fine-tuned (overall, per category, ROUGE-L difference CI), the model summary,
-    tokenization and split statistics, and ``judge`` (``judging.judge_metrics``) when the run was judged."""
+    tokenization and split statistics, the generation settings, what ``overlong_policy`` did
+    (``overlong``), and ``judge`` (``judging.judge_metrics``) when the run was judged."""
     metrics = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_id": base_model_id,
@@ -32,10 +35,48 @@ def run_metrics(
         "model_summary": model_summary,
         "tokenization": tokenization_stats,
         "splits": split_summary,
+        "generation_settings": generation_settings,
+        "overlong": overlong_records,
     }
     if judge_results is not None:
         metrics["judge"] = judge_results
     return metrics
+
+
+def _decoding_line(settings: dict) -> str:
+    if settings["do_sample"]:
+        text = (f"Answers sampled (seeded): temperature {settings['temperature']}, top-p {settings['top_p']}, "
+                f"top-k {settings['top_k']}")
+    else:
+        text = "Answers decoded greedily"
+    extras = [f"repetition penalty {settings['repetition_penalty']}"] if settings["repetition_penalty"] != 1.0 else []
+    if settings["no_repeat_ngram_size"]:
+        extras.append(f"no repeated {settings['no_repeat_ngram_size']}-grams")
+    return text + (", " + ", ".join(extras) if extras else "") + "."
+
+
+def _overlong_lines(overlong: dict) -> list:
+    parts = [
+        f"{name}: {len(done['prompt_truncated'])} question(s) shortened, {len(done['dropped'])} dropped"
+        for name, done in overlong.items() if name != "policy" and (done["prompt_truncated"] or done["dropped"])
+    ]
+    if not parts:
+        return []
+    return ["", f"Examples above max_seq_length (overlong_policy {overlong['policy']!r}): " + "; ".join(parts)
+            + ". The hold-out answers were generated from the whole questions."]
+
+
+def _near_duplicate_lines(splits: dict) -> list:
+    """The split's near-duplicate groups and the hold-out's leakage (``splitting.split_summary``); none for a
+    summary without them."""
+    leakage = splits.get("hold_out_set", {}).get("leakage")
+    if leakage is None:
+        return []
+    groups = sum(s.get("near_duplicate_groups", {}).get("groups", 0) for s in splits.values())
+    records = sum(s.get("near_duplicate_groups", {}).get("records", 0) for s in splits.values())
+    return ["", f"Near-duplicate questions (content-word Jaccard >= {leakage['threshold']:g}): {groups} group(s) of "
+                f"{records} records, each kept in one split; hold-out questions with a near-duplicate in train: "
+                f"{leakage['questions']} ({pct(leakage['share'])})."]
 
 
 @tag(output="final")
@@ -56,6 +97,9 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         f"Data: `{run_metrics['data_path']}`; splits: "
         + ", ".join(f"{name} {s['total']}" for name, s in run_metrics["splits"].items())
         + f". Created {run_metrics['created']}.",
+        "",
+        _decoding_line(run_metrics["generation_settings"]),
+        *_overlong_lines(run_metrics["overlong"]),
         "",
         f"On {base['count']} hold-out questions the fine-tuned model is **{verdict}** the base model by ROUGE-L: "
         f"difference {fmt(diff['mean'])} (bootstrap 95% CI {fmt(diff['ci95_low'])} to {fmt(diff['ci95_high'])}).",
@@ -87,6 +131,7 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         )
         counts = [str(splits[name]["per_category"].get(category, 0)) for name in split_names]
         lines.append(f"| {category} | " + " | ".join(counts + scores) + " |")
+    lines += _near_duplicate_lines(splits)
     lines += [
         "",
         f"Validation loss of the kept checkpoint: {fmt(validation.get('eval_loss'), 4)} "

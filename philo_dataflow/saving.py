@@ -12,12 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import plotly.graph_objects as go
 import yaml
 from hamilton.function_modifiers import config, tag
-from peft import LoraConfig, PeftModel
-from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from .lib.artifacts import (
     ADAPTER_DIR,
@@ -45,21 +45,32 @@ def run_manifest(
     base_model_id: str,
     data_path: str,
     prompt_format: str,
-    lora_config: LoraConfig,
+    trainable_model: PreTrainedModel,
+    finetuning_method: str,
+    architecture: str,
     training_args: TrainingArguments,
     split_summary: dict,
     fit_trainer_eval_metrics: dict,
+    prompt_template_in_use: Optional[str],
+    generation_settings: dict,
     max_seq_length: int = 512,
+    overlong_policy: str = "truncate_prompt",
     max_new_tokens: int = 160,
     seed: int = 42,
     validation_fraction: float = 0.1,
     hold_out_fraction: float = 0.1,
+    near_duplicate_threshold: float = 0.8,
     input_text_key: str | None = None,
     output_text_key: str | None = None,
     category_key: str = "school",
+    data_format: str = "auto",
+    lang: Optional[str] = None,
 ) -> dict:
-    """What made the adapter: resolved inputs, LoRA and Trainer settings, library versions, the data
-    file's SHA-256, split sizes and the validation metrics of the kept checkpoint."""
+    """What made the adapter (or the fully fine-tuned model): resolved inputs, the driver's
+    ``finetuning_method`` and ``architecture`` config, the prompt format and template, LoRA (None for full
+    fine-tuning) and Trainer settings, generation settings, library versions, the data file's SHA-256 (None for a hub dataset or
+    a directory), split sizes and the validation metrics of the kept checkpoint."""
+    lora_config = getattr(trainable_model, "peft_config", {}).get("default")
     return {
         "inputs": {
             "model_id": base_model_id,
@@ -67,17 +78,25 @@ def run_manifest(
             "input_text_key": input_text_key,
             "output_text_key": output_text_key,
             "category_key": category_key,
+            "data_format": data_format,
+            "lang": lang,
             "max_seq_length": max_seq_length,
+            "overlong_policy": overlong_policy,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
             "validation_fraction": validation_fraction,
             "hold_out_fraction": hold_out_fraction,
+            "near_duplicate_threshold": near_duplicate_threshold,
         },
+        "finetuning_method": finetuning_method,
+        "architecture": architecture,
         "prompt_format": prompt_format,
-        "lora_config": json.loads(json.dumps(lora_config.to_dict(), default=str)),
+        "prompt_template": prompt_template_in_use,
+        "generation_settings": generation_settings,
+        "lora_config": json.loads(json.dumps(lora_config.to_dict(), default=str)) if lora_config else None,
         "training_args": json.loads(training_args.to_json_string()),
         "library_versions": library_versions(),
-        "data_sha256": sha256_of_file(data_path),
+        "data_sha256": sha256_of_file(data_path) if os.path.isfile(data_path) else None,
         "splits": {name: s["total"] for name, s in split_summary.items()},
         "validation_metrics": fit_trainer_eval_metrics,
     }
@@ -85,14 +104,15 @@ def run_manifest(
 
 @tag(output="default")
 def save_best_models(
-    finetuned_model: PeftModel,
+    finetuned_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     run_manifest: dict,
     training_log_history: list,
     output_dir: str = "outputs",
 ) -> dict:
-    """Saves the kept adapter (not the base model), tokenizer, manifest (with the prompt format) and
-    loss history to ``<output_dir>/adapter``; that directory is what ``presaved_model_dir`` takes.
+    """Saves the kept adapter (not the base model; with full fine-tuning, the whole model as
+    safetensors), tokenizer, manifest (with the prompt format) and loss history to
+    ``<output_dir>/adapter``; that directory is what ``presaved_model_dir`` takes.
 
     Everything is written into a temporary directory beside it, which then takes the place of a
     previous ``adapter`` by two renames (the previous one is restored if the second fails), so an error

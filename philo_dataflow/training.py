@@ -1,4 +1,5 @@
-"""Training: LoRA fine-tuning with the transformers ``Trainer`` (a ``lib.trainer.SupervisedTokensTrainer``).
+"""Training: LoRA or full fine-tuning with the transformers ``Trainer`` (a
+``lib.trainer.SupervisedTokensTrainer``; its plain ``Trainer`` for encoder-decoder models).
 
 Exactly one node, ``fitted_and_evaluated_trainer`` (``start="base"``), calls ``trainer.train()``;
 saving, prediction and metrics depend on its outputs. Under ``start="presaved"`` the same names are
@@ -13,10 +14,10 @@ from typing import Optional, Union
 import torch
 from datasets import Dataset
 from hamilton.function_modifiers import config, extract_fields, tag_outputs
-from peft import PeftModel
 from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
@@ -151,14 +152,35 @@ def compile_decoder_layers(device: torch.device, torch_compile: Optional[bool] =
     return bool(torch_compile)
 
 
+#: The columns of a tokenized split the Trainer reads.
+TRAINING_COLUMNS = ["input_ids", "attention_mask", "labels"]
+
+
 def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads each batch to its own longest example (dynamic padding, right side); labels are padded
     with -100 by position, so padding is never supervised and the EOS always is."""
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-def trainer(
-    peft_model: PeftModel,
+def _trainer_arguments(model, training_args, data_collator, tokenized_train: Dataset, tokenized_validation: Dataset,
+                       tokenizer, early_stopping_patience: int) -> dict:
+    """The arguments both Trainers take: the model, its arguments, the splits' training columns and early
+    stopping on validation loss."""
+    raise_hyperparameter_problems(early_stopping_patience=early_stopping_patience)
+    return {
+        "model": model,
+        "args": training_args,
+        "data_collator": data_collator,
+        "train_dataset": tokenized_train.select_columns(TRAINING_COLUMNS),
+        "eval_dataset": tokenized_validation.select_columns(TRAINING_COLUMNS),
+        "processing_class": tokenizer,
+        "callbacks": [EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)],
+    }
+
+
+@config.when_not(architecture="seq2seq")
+def trainer__causal(
+    trainable_model: PreTrainedModel,
     training_args: TrainingArguments,
     data_collator: DataCollatorForSeq2Seq,
     tokenized_train: Dataset,
@@ -174,20 +196,36 @@ def trainer(
         the checkpoint with the lowest validation loss is restored at the end.
     :raises lib.problems.InputProblems: (a ValueError) ``early_stopping_patience`` out of range.
     """
-    raise_hyperparameter_problems(early_stopping_patience=early_stopping_patience)
-    columns = ["input_ids", "attention_mask", "labels"]
+    arguments = _trainer_arguments(trainable_model, training_args, data_collator, tokenized_train,
+                                   tokenized_validation, tokenizer, early_stopping_patience)
+    if gradient_checkpointing:
+        arguments["callbacks"].append(ReturnFreedMemory())
     return SupervisedTokensTrainer(
-        model=peft_model,
-        args=training_args,
-        data_collator=data_collator,
-        train_dataset=tokenized_train.select_columns(columns),
-        eval_dataset=tokenized_validation.select_columns(columns),
-        processing_class=tokenizer,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)]
-        + ([ReturnFreedMemory()] if gradient_checkpointing else []),
+        **arguments,
         compile_decoder_layers=compile_decoder_layers,
         loss_chunk_tokens=MEMORY_SAVING_LOSS_CHUNK_TOKENS if gradient_checkpointing else LOSS_CHUNK_TOKENS,
     )
+
+
+@config.when(architecture="seq2seq")
+def trainer__seq2seq(
+    trainable_model: PreTrainedModel,
+    training_args: TrainingArguments,
+    data_collator: DataCollatorForSeq2Seq,
+    tokenized_train: Dataset,
+    tokenized_validation: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    early_stopping_patience: int = 2,
+) -> Trainer:
+    """The ``Trainer`` of an encoder-decoder model (the model's own cross-entropy on the target tokens;
+    the model shifts the labels right into the decoder's inputs), with early stopping on validation
+    loss; not yet trained. (``Seq2SeqTrainer`` adds only generation inside evaluation, which the
+    prediction nodes do.)
+
+    :raises lib.problems.InputProblems: (a ValueError) ``early_stopping_patience`` out of range.
+    """
+    return Trainer(**_trainer_arguments(trainable_model, training_args, data_collator, tokenized_train,
+                                        tokenized_validation, tokenizer, early_stopping_patience))
 
 
 def resume_checkpoint_dir(output_dir: str = "outputs", resume_from_checkpoint: Optional[str] = None) -> Optional[str]:
@@ -204,7 +242,7 @@ def resume_checkpoint_dir(output_dir: str = "outputs", resume_from_checkpoint: O
 _TRAINER_FIELDS = {
     "fit_trainer": Trainer,
     "fit_trainer_eval_metrics": dict,
-    "finetuned_model": PeftModel,
+    "finetuned_model": PreTrainedModel,
     "training_log_history": list,
 }
 

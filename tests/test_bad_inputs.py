@@ -138,9 +138,9 @@ def test_bom_and_duplicates_load_as_the_plain_file():
 
     from philo_dataflow.loading import instruction_records, raw_records
 
-    plain = instruction_records(raw_records(GOOD), GOOD)
-    assert instruction_records(raw_records(data("bom.jsonl")), "x") == plain
-    assert instruction_records(raw_records(data("good_with_duplicates.jsonl")), "x") == plain
+    plain = instruction_records(raw_records(GOOD), GOOD, None)
+    assert instruction_records(raw_records(data("bom.jsonl")), "x", None) == plain
+    assert instruction_records(raw_records(data("good_with_duplicates.jsonl")), "x", None) == plain
 
 
 @pytest.mark.parametrize("settings", [{"learning_rate": -1.0}, {"learning_rate": -1.0, "warmup_ratio": 2.0, "max_steps": 0}])
@@ -154,7 +154,7 @@ def test_dataflow_without_preflight_raises_the_preflights_lines_for_trainer_sett
 
 def test_trainer_node_raises_the_preflights_line_for_early_stopping_patience():
     expected = [problem.message for problem in preflight.hyperparameter_problems({"early_stopping_patience": 0})]
-    placeholders = {name: None for name in ("peft_model", "training_args", "data_collator", "tokenized_train",
+    placeholders = {name: None for name in ("trainable_model", "training_args", "data_collator", "tokenized_train",
                                             "tokenized_validation", "tokenizer")}
     with pytest.raises(ValueError) as raised:
         philo_dataflow.build_driver({"start": "base"}).execute(["trainer"], inputs={"early_stopping_patience": 0},

@@ -9,7 +9,7 @@ import torch
 from conftest import FAST_INPUTS, logits_against_base
 
 import philo_dataflow
-from philo_dataflow.lib.generation import generate_greedy
+from philo_dataflow.lib.generation import generate_answers
 
 
 @pytest.mark.parametrize("start", ["base", "presaved"])
@@ -124,8 +124,8 @@ def test_batched_greedy_equals_one_at_a_time(base_run, chat_tokenizer):
     questions = ["What is Stoicism?", "In Taoism, what does wu wei ask of a ruler facing a crisis?", "Hedonism?",
                  "Why did Epicurus praise friendship above most pleasures, according to hedonists?"]
     prompts = [prompt_token_ids(chat_tokenizer, "chat_template", q) for q in questions]
-    batched = generate_greedy(model, chat_tokenizer, prompts, max_new_tokens=12, batch_size=4)
-    single = [generate_greedy(model, chat_tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    batched = generate_answers(model, chat_tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    single = [generate_answers(model, chat_tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
     assert [b["token_ids"] for b in batched] == [s["token_ids"] for s in single]
 
 

