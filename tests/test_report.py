@@ -23,6 +23,11 @@ def test_report_states_comparison_and_category_balance():
         "splits": {"train_set": {"total": 14, "per_category": {"Stoicism": 9, "Hedonism": 4, "Taoism": 1}},
                    "validation_set": {"total": 2, "per_category": {"Stoicism": 1, "Hedonism": 1}},
                    "hold_out_set": {"total": 3, "per_category": {"Stoicism": 2, "Hedonism": 1}}},
+        "generation_settings": {"do_sample": True, "temperature": 0.7, "top_p": 0.7, "top_k": 50,
+                                "repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
+        "overlong": {"policy": "truncate_prompt", "train_set": {"prompt_truncated": [3, 8], "dropped": []},
+                     "validation_set": {"prompt_truncated": [], "dropped": []},
+                     "hold_out_set": {"prompt_truncated": [], "dropped": []}},
     }
     rows = [{"category": "Stoicism", "question": "Q?", "reference": "R", "base_prediction": "B",
              "finetuned_prediction": "F"}]
@@ -35,3 +40,6 @@ def test_report_states_comparison_and_category_balance():
     assert "| Stoicism | 9 | 1 | 2 | 0.150 | 0.200 | +0.050 |" in text
     assert "| Taoism | 1 | 0 | 0 | — | — | — |" in text  # a category with no hold-out question still shows its counts
     assert "Validation loss of the kept checkpoint: 2.6693 (steps 206" in text
+    assert "Answers sampled (seeded): temperature 0.7, top-p 0.7, top-k 50, no repeated 4-grams." in text
+    assert ("Examples above max_seq_length (overlong_policy 'truncate_prompt'): train_set: 2 question(s) shortened, "
+            "0 dropped. The hold-out answers were generated from the whole questions.") in text
