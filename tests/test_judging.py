@@ -14,6 +14,7 @@ from judge_servers import FaultyJudgeServer, LlamaCppServer
 import philo_dataflow
 from philo_dataflow import judging
 from philo_dataflow.lib import judge_client, judge_protocol
+from philo_dataflow.lib.generation import GREEDY
 from philo_dataflow.lib.scores import MODELS
 
 CANARY_KEY = "sk-canary-7f3c9a1e5b2d4c6e8a0b"
@@ -50,6 +51,7 @@ def _judged_run(output_dir: Path, rows: list[dict], **judge_inputs) -> dict:
         "hold_out_set_predictions": rows, "fit_trainer_eval_metrics": {}, "base_model_id": "tiny",
         "model_summary": {"trainable_parameters": 1, "total_parameters": 2}, "tokenization_stats": {},
         "split_summary": {"hold_out_set": {"total": len(rows), "per_category": {}}},
+        "generation_settings": dict(GREEDY), "overlong_records": {"policy": "truncate_prompt"},
     })
 
 

@@ -42,12 +42,12 @@ def pickle_model_dir(tmp_path, tiny_model_dir) -> Path:
 
 def test_pickle_model_weights_load_only_with_allow_pickle(pickle_model_dir, tiny_model_dir):
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: it is a pickle file.*allow_pickle=True \(--allow-pickle\)"):
-        base_model(str(pickle_model_dir), CPU)
+        base_model(str(pickle_model_dir), AutoModelForCausalLM, CPU)
     # The preflight says the same; transformers 5 always saves safetensors, so no safe_serialization advice.
     (message,) = model_sources.model_source_problems(str(pickle_model_dir))
     assert "allow_pickle=True (--allow-pickle)" in message and "save_pretrained" in message
     assert "safe_serialization" not in message
-    loaded = base_model(str(pickle_model_dir), CPU, allow_pickle=True)
+    loaded = base_model(str(pickle_model_dir), AutoModelForCausalLM, CPU, allow_pickle=True)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for (name, got), (_, expected) in zip(loaded.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(got, expected), name
@@ -122,7 +122,7 @@ def custom_code_model_dir(tmp_path, tiny_model_dir) -> Path:
 
 def test_custom_model_code_is_refused_without_trust_remote_code(custom_code_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"custom model code.*trust_remote_code=True \(--trust-remote-code\)"):
-        base_model(str(custom_code_model_dir), CPU)
+        base_model(str(custom_code_model_dir), AutoModelForCausalLM, CPU)
     assert not (tmp_path / "custom-code-ran").exists()
 
 
@@ -138,11 +138,11 @@ def test_trust_remote_code_is_off_unless_asked_and_passed_through_when_asked(tin
 
         monkeypatch.setattr(loader, "from_pretrained", classmethod(spy))
     tokenizer__base(tiny_model_dir)
-    base_model(tiny_model_dir, CPU)
+    base_model(tiny_model_dir, AutoModelForCausalLM, CPU)
     assert received == [("AutoTokenizer", False, "n/a"), ("AutoModelForCausalLM", False, True)]
     received.clear()
     tokenizer__base(tiny_model_dir, trust_remote_code=True)
-    base_model(tiny_model_dir, CPU, allow_pickle=True, trust_remote_code=True)
+    base_model(tiny_model_dir, AutoModelForCausalLM, CPU, allow_pickle=True, trust_remote_code=True)
     assert received == [("AutoTokenizer", True, "n/a"), ("AutoModelForCausalLM", True, None)]
 
 
