@@ -146,11 +146,12 @@ def _sparse_category_problems(raw_records: list, found: NormalisedPairs, data_pa
     return [Problem("data_path", line) for line in capped_lines(lines, "categories")]
 
 
-def data_problems(values: dict, bad_inputs: set) -> tuple:
+def data_problems(values: dict, bad_inputs: set, start: str = "base") -> tuple:
     """Problems of the data file and of its split (see the module docstring, item 3).
 
     :param values: the run's inputs with defaults filled in.
     :param bad_inputs: inputs already found out of range; checks that use them are skipped.
+    :param start: the driver's ``start``: a presaved run renders prompts with its adapter's template.
     :return: ``(problems, found)``; ``found`` is the file's ``NormalisedPairs``, or None when the
         records could not be read or normalised.
     """
@@ -166,7 +167,7 @@ def data_problems(values: dict, bad_inputs: set) -> tuple:
     if bad_inputs & {"input_text_key", "output_text_key", "category_key", "data_format", "prompt_template", "lang"}:
         return [], None
     prompt_template = values.get("prompt_template")
-    if values.get("presaved_model_dir") is not None:  # a presaved adapter renders prompts with its own template
+    if start == "presaved" and values.get("presaved_model_dir") is not None:
         try:
             manifest = read_manifest(values["presaved_model_dir"])
         except ValueError:
@@ -239,15 +240,16 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
             return [Problem("presaved_model_dir", f"presaved_model_dir ({flag('presaved_model_dir')}) is required with "
                                                   "start='presaved': give the 'adapter' directory of a base run.")]
         try:
-            full = read_manifest(adapter_dir).get("finetuning_method") == "full"
+            manifest = read_manifest(adapter_dir)
         except ValueError:
-            full = False  # presaved_adapter_problems names the manifest's problem
-        check = (model_source_problems(adapter_dir) if full
+            manifest = {}  # presaved_adapter_problems names the manifest's problem
+        check = (model_source_problems(adapter_dir) if manifest.get("finetuning_method") == "full"
                  else presaved_adapter_problems(adapter_dir, allow_pickle, trust_remote_code))
         problems = [Problem("presaved_model_dir", line) for line in check]
         if problems:
             return problems
-        tokenizer_source, prompt_format = adapter_dir, read_manifest(adapter_dir)["prompt_format"]
+        tokenizer_source, prompt_format = adapter_dir, manifest["prompt_format"]
+        prompt_template = manifest.get("prompt_template")
     else:
         model_id = values.get("model_id")
         problems = [Problem("model_id", line) for line in model_source_problems(model_id, allow_pickle)]
@@ -258,16 +260,13 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         if problems:
             return problems
         problems += _lora_problems(values, model_id, bad_inputs)
-        tokenizer_source, prompt_format = model_id, None
+        tokenizer_source, prompt_format, prompt_template = model_id, None, values.get("prompt_template")
     try:
         tokenizer = tokenizer_without_weights(tokenizer_source, trust_remote_code)
     except ValueError as error:
         return problems + problems_of("model_id", error)
     if found is None or bad_inputs & {"max_seq_length", "overlong_policy"}:
         return problems
-    prompt_template = values.get("prompt_template")
-    if start == "presaved":
-        prompt_template = read_manifest(values["presaved_model_dir"]).get("prompt_template")
     if prompt_format is None:
         try:
             seq2seq = is_encoder_decoder(values["model_id"], trust_remote_code)
@@ -276,8 +275,7 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         model_class = modeling.model_class__seq2seq() if seq2seq else modeling.model_class__causal()
         prompt_format = tokenization.prompt_format__base(tokenizer, prompt_template, model_class)
     return problems + _supervision_problems(tokenizer, prompt_format, found, values["data_path"],
-                                            values["max_seq_length"], values.get("overlong_policy", "error"),
-                                            prompt_template)
+                                            values["max_seq_length"], values["overlong_policy"], prompt_template)
 
 
 def _lora_problems(values: dict, model_id: str, bad_inputs: set) -> list:
@@ -381,7 +379,7 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
     resuming = start == "base" and values.get("resume_from_checkpoint") is not None
     problems += output_dir_problems(values.get("output_dir"), overwrite or resuming,
                                     values.get("presaved_model_dir") if start == "presaved" else None)
-    found_problems, found = data_problems(values, bad_inputs)
+    found_problems, found = data_problems(values, bad_inputs, start)
     problems += found_problems
     problems += model_problems(values, start, found, bad_inputs)
     if resuming:

@@ -110,3 +110,20 @@ def test_help_documents_every_hyperparameter():
                  "--early-stopping-patience", "--validation-fraction", "--hold-out-fraction", "--seed",
                  "--start", "--presaved-model-dir", "--visualize", "--load-in-4bit", "--torch-compile"):
         assert flag in process.stdout, flag
+
+
+def test_a_presaved_run_decodes_as_its_base_run_did(tmp_path):
+    """The generation settings are manifest inputs: re-evaluating a sampled run samples the same way (and,
+    seeded, gives its answers again), unless a flag says otherwise."""
+    import run
+    from philo_dataflow.lib.artifacts import MANIFEST_FILE
+    from philo_dataflow.lib.generation import GREEDY
+
+    sampled = {**GREEDY, "do_sample": True, "temperature": 0.7, "top_p": 0.7}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / MANIFEST_FILE).write_text(json.dumps({"inputs": {"model_id": "m", "max_new_tokens": 48, **sampled},
+                                                      "prompt_format": "chat_template"}))
+    inputs = run.run_inputs("presaved", {"presaved_model_dir": str(adapter)})
+    assert {name: inputs[name] for name in sampled} == sampled and inputs["max_new_tokens"] == 48
+    assert run.run_inputs("presaved", {"presaved_model_dir": str(adapter), "do_sample": False})["do_sample"] is False

@@ -40,7 +40,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 MANIFEST_INPUTS = (
     "model_id", "data_path", "input_text_key", "output_text_key", "category_key", "data_format", "lang",
     "max_seq_length", "overlong_policy", "max_new_tokens", "seed", "validation_fraction", "hold_out_fraction",
-    "near_duplicate_threshold",
+    "near_duplicate_threshold", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
+    "no_repeat_ngram_size",
 )
 
 #: Read once: ``os.umask`` can only be read by setting it, which is not thread-safe (judge threads write).

@@ -7,12 +7,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-#: The settings of ``generation_settings`` and their greedy defaults (transformers' ``GenerationConfig``
-#: names; the sampling ones are used only with ``do_sample``).
-GREEDY = {
-    "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-}
+from .inputs import DEFAULTS
+
+#: The settings of ``generation_settings`` (transformers' ``GenerationConfig`` names; the sampling ones
+#: are used only with ``do_sample``) at the inputs table's defaults: greedy decoding.
+GREEDY = {name: DEFAULTS[name] for name in
+          ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")}
 
 
 def generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, settings: Optional[dict] = None
