@@ -9,6 +9,9 @@ and dataflow graph.
     python run.py --start presaved --presaved-model-dir outputs/adapter --output-dir outputs/re-eval
     python run.py --visualize dataflow.png          # only draw the dataflow graph
     python run.py --judge-model gpt-4.1             # also judge base vs fine-tuned (OPENAI_API_KEY)
+    python run.py chat --model-dir outputs/adapter  # a local chat page: base and fine-tuned side by side
+    python run.py export --model-dir outputs/adapter            # merged safetensors, GGUF, Ollama Modelfile
+    python run.py compare outputs/run-a outputs/run-b           # several runs on one hold-out set
 
 Every input flag defaults to the library's documented default (shown in --help); a config file's keys
 are the inputs' names, and flags and --set override them.
@@ -302,6 +305,8 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     print(f"  ROUGE-L                      {base['rougeL']:.3f}   {tuned['rougeL']:.3f}")
     print(f"  answers ending on EOS        {base['eos_stop_rate']:.0%}    {tuned['eos_stop_rate']:.0%}")
     print(f"  mean answer words            {base['mean_answer_words']:.0f}      {tuned['mean_answer_words']:.0f}")
+    print(f"  answers that loop            {base['loop_rate']:.0%}    {tuned['loop_rate']:.0%}"
+          "   (some 4-word sequence 3+ times)")
     print(f"  ROUGE-L difference {diff['mean']:+.3f}, bootstrap 95% CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]")
     print(f"  validation loss of the kept checkpoint: {metrics['validation'].get('eval_loss', float('nan')):.4f}")
     _print_judge_summary(metrics)
@@ -326,11 +331,18 @@ def _print_judge_summary(metrics: dict) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
+    import importlib
+
     from hamilton.plugins import h_tqdm
 
     import philo_dataflow
     from philo_dataflow import preflight
+    from philo_dataflow.commands import SUBCOMMANDS
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        # run.py chat|export|compare ...: each subcommand parses its own flags (run.py SUBCOMMAND --help).
+        return importlib.import_module(f"philo_dataflow.commands.{SUBCOMMANDS[argv[0]]}").main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:

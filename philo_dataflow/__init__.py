@@ -14,7 +14,8 @@ files, and the ``judge_*`` inputs (at least ``judge_model``) are needed.
 
 The output lists are derived from the nodes' ``@tag(output=...)``: ``"default"`` nodes write every file
 of a run (``DEFAULT_OUTPUTS``), ``"final"`` nodes are the other values users ask for, ``"judge"`` nodes
-write the judge's files, ``"run"`` nodes write what only ``run.py`` provides (its resolved ``config.yaml``).
+write the judge's files, ``"run"`` nodes write what only ``run.py`` provides (its resolved ``config.yaml``),
+``"export"`` nodes write the merged and GGUF copies of the model (``EXPORT_OUTPUTS``, ``run.py export``).
 """
 
 import functools
@@ -25,6 +26,7 @@ from hamilton import driver
 from hamilton.lifecycle.base import LifecycleAdapter
 
 from . import (
+    exporting,
     judging,
     loading,
     metrics,
@@ -43,7 +45,8 @@ from .lib.model_sources import is_encoder_decoder
 
 #: The stage modules, in the order the data flows through them.
 MODULES = (
-    loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, saving,
+    loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, exporting,
+    saving,
 )
 #: Config keys ``build_driver`` reads the switches off, then leaves out of the driver's config.
 MODEL_SOURCE_KEYS = ("model_id", "presaved_model_dir", "trust_remote_code")
@@ -139,10 +142,12 @@ def __getattr__(name: str):
         return outputs_tagged("judge")
     if name == "RUN_OUTPUTS":
         return outputs_tagged("run")
+    if name == "EXPORT_OUTPUTS":
+        return outputs_tagged("export")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "RUN_OUTPUTS", "EMBEDDED_MODEL_ID",
+    "MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "RUN_OUTPUTS", "EXPORT_OUTPUTS", "EMBEDDED_MODEL_ID",
     "START_MODES", "build_driver", "outputs_tagged", "resolved_config",
 ]

@@ -11,6 +11,8 @@ from .lib.scores import (
     ROUGE_TYPES,
     bootstrap_mean_difference_ci,
     mean,
+    repetition_difference,
+    repetition_measures,
     rouge_per_example,
 )
 
@@ -23,6 +25,7 @@ def _summary(rows: list[dict], model: str, scores: list[dict]) -> dict:
         "eos_stop_rate": mean([float(r[f"{model}_ended_on_eos"]) for r in rows]),
         "mean_answer_words": mean([len(r[f"{model}_prediction"].split()) for r in rows]),
         "mean_new_tokens": mean([r[f"{model}_new_tokens"] for r in rows]),
+        **repetition_measures([r[f"{model}_prediction"] for r in rows]),
         "count": len(rows),
     }
 
@@ -35,8 +38,12 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42) -
         "finetuned": {...}}}, "rougeL_difference": {"mean", "ci95_low", "ci95_high"}}``; each model
         summary holds ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum`` (mean F-measure, 0–1),
         ``eos_stop_rate`` (share of answers that ended on EOS), ``mean_answer_words``,
-        ``mean_new_tokens`` and ``count``. The CI is a 2,000-sample percentile bootstrap of the mean
-        per-question ROUGE-L difference (fine-tuned minus base).
+        ``mean_new_tokens``, the repetition measures ``loop_rate`` (share of answers in which some word
+        4-gram occurs 3 or more times), ``distinct_1`` and ``distinct_2`` (Li et al. 2016; see
+        ``lib.scores``) and ``count``. The CI is a 2,000-sample percentile bootstrap of the mean
+        per-question ROUGE-L difference (fine-tuned minus base); ``repetition_difference`` holds the
+        repetition measures' differences (fine-tuned minus base) with their paired bootstrap CIs,
+        ``{measure: {"mean", "ci95_low", "ci95_high"}}``.
     """
     rows = hold_out_set_predictions
     references = [r["reference"] for r in rows]
@@ -52,6 +59,8 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42) -
     differences = [t["rougeL"] - b["rougeL"] for t, b in zip(scores["finetuned"], scores["base"])]
     low, high = bootstrap_mean_difference_ci(differences, seed)
     result["rougeL_difference"] = {"mean": mean(differences), "ci95_low": low, "ci95_high": high}
+    result["repetition_difference"] = repetition_difference(
+        [r["base_prediction"] for r in rows], [r["finetuned_prediction"] for r in rows], seed)
     return result
 
 

@@ -1,4 +1,5 @@
-"""Plots: every figure of a run. Nodes return ``plotly.graph_objects.Figure``; ``saving`` writes them."""
+"""Plots: every figure of a run. Nodes return ``plotly.graph_objects.Figure``; ``report.report_html`` puts them on
+the run's HTML report."""
 
 import math
 
@@ -24,6 +25,39 @@ def loss_curve_figure(training_log_history: list[dict]) -> go.Figure:
     figure.update_layout(
         title="Training and validation loss", xaxis_title="optimizer step",
         yaxis_title="cross-entropy (nats / supervised token)", template="plotly_white",
+    )
+    return figure
+
+
+@tag(output="final")
+def learning_rate_figure(training_log_history: list[dict]) -> go.Figure:
+    """The learning rate of each logged optimizer step (the scheduler's value, warm-up and decay included).
+
+    :param training_log_history: the Trainer's log entries (``learning_rate`` with ``step``).
+    """
+    points = [(e["step"], e["learning_rate"]) for e in training_log_history if "learning_rate" in e]
+    figure = go.Figure(go.Scatter(
+        x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", name="learning rate",
+    ))
+    figure.update_layout(
+        title="Learning rate", xaxis_title="optimizer step", yaxis_title="learning rate",
+        yaxis_exponentformat="e", template="plotly_white",
+    )
+    return figure
+
+
+@tag(output="final")
+def answer_length_figure(hold_out_set_predictions: list[dict]) -> go.Figure:
+    """Distribution of hold-out answer lengths (whitespace-separated words per answer), base vs
+    fine-tuned (overlaid histograms)."""
+    figure = go.Figure()
+    for model, name in (("base", "base model"), ("finetuned", "fine-tuned")):
+        figure.add_trace(go.Histogram(
+            x=[len(r[f"{model}_prediction"].split()) for r in hold_out_set_predictions], name=name, opacity=0.6,
+        ))
+    figure.update_layout(
+        title="Hold-out answer lengths", xaxis_title="words per answer", yaxis_title="answers",
+        barmode="overlay", template="plotly_white",
     )
     return figure
 

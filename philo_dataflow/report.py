@@ -1,14 +1,31 @@
-"""Report: the run's metrics in one dict (``metrics.json``) and a Markdown report for people, with an
-LLM-judge section when the run was judged."""
+"""Report: the run's metrics in one dict (``metrics.json``), a Markdown report, and one self-contained HTML
+page (figures, tables and every hold-out answer; ``lib.html_report``), each with an LLM-judge section when the
+run was judged."""
 
 import datetime
+import html
+import json
+import math
 from typing import Optional
 
-from hamilton.function_modifiers import tag
+import plotly.graph_objects as go
+from hamilton.function_modifiers import config, tag
 
+from .lib import html_report
 from .lib.formatting import fmt, one_line, pct
 from .lib.judge_protocol import CRITERIA
-from .lib.scores import ROUGE_TYPES
+from .lib.scores import LOOP_MIN_COUNT, LOOP_NGRAM, REPETITION_MEASURES, ROUGE_TYPES
+
+_MODEL_NAMES = (("base", "base"), ("finetuned", "fine-tuned"))
+_MEASURE_NAMES = {"loop_rate": "loop rate", "distinct_1": "distinct-1", "distinct_2": "distinct-2"}
+_HOLD_OUT_HEADER = ["hold-out", *ROUGE_TYPES, "EOS-stop rate", "mean words", "mean new tokens",
+                    *(_MEASURE_NAMES[m] for m in REPETITION_MEASURES)]
+_REPETITION_DEFINITION = (
+    f"Loop rate: share of answers in which some word {LOOP_NGRAM}-gram occurs {LOOP_MIN_COUNT} or more times; "
+    "distinct-n: distinct word n-grams / all word n-grams over a model's answers (Li et al. 2016)."
+)
+_RUBRIC_HEADER = ["rubric (mean 1–5)", *(c.replace("_", " ") for c in CRITERIA), "judged", "failed", "mean words"]
+_PER_SCHOOL_HEADER = ["school", "model", *(c.replace("_", " ") for c in CRITERIA), "mean words"]
 
 
 @tag(output="final")
@@ -79,18 +96,53 @@ def _near_duplicate_lines(splits: dict) -> list:
                 f"{leakage['questions']} ({pct(leakage['share'])})."]
 
 
-@tag(output="final")
-def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], report_examples: int = 3) -> str:
-    """A Markdown report: hold-out comparison, per-category ROUGE-L, validation loss, sample answers, and
-    the LLM judge's results when ``run_metrics`` holds them.
+def _signed(value: Optional[float]) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.3f}"
 
-    :param report_examples: hold-out questions shown with both answers.
-    """
-    hold_out, validation = run_metrics["hold_out"], run_metrics["validation"]
-    base, tuned, diff = hold_out["base"], hold_out["finetuned"], hold_out["rougeL_difference"]
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _hold_out_row(name: str, summary: dict) -> list[str]:
+    """One model's cells under ``_HOLD_OUT_HEADER``."""
+    return [name, *(fmt(summary[t]) for t in ROUGE_TYPES), fmt(summary["eos_stop_rate"], 2),
+            fmt(summary["mean_answer_words"], 1), fmt(summary["mean_new_tokens"], 1), fmt(summary["loop_rate"], 2),
+            fmt(summary["distinct_1"]), fmt(summary["distinct_2"])]
+
+
+def _repetition_line(difference: dict) -> str:
+    parts = [f"{_MEASURE_NAMES[m]} {_signed(difference[m]['mean'])} ({_signed(difference[m]['ci95_low'])} to "
+             f"{_signed(difference[m]['ci95_high'])})" for m in REPETITION_MEASURES]
+    return ("Repetition, fine-tuned minus base (paired bootstrap 95% CI): " + ", ".join(parts) + ". "
+            + _REPETITION_DEFINITION)
+
+
+def _verdict_line(hold_out: dict, bold: str = "**") -> str:
+    diff = hold_out["rougeL_difference"]
     verdict = (
         "better than" if diff["ci95_low"] > 0 else "worse than" if diff["ci95_high"] < 0 else "not distinguishable from"
     )
+    return (f"On {hold_out['base']['count']} hold-out questions the fine-tuned model is {bold}{verdict}{bold} the base "
+            f"model by ROUGE-L: difference {fmt(diff['mean'])} (bootstrap 95% CI {fmt(diff['ci95_low'])} to "
+            f"{fmt(diff['ci95_high'])}).")
+
+
+def _validation_line(validation: dict) -> str:
+    return (f"Validation loss of the kept checkpoint: {fmt(validation.get('eval_loss'), 4)} "
+            f"(steps {validation.get('global_step', 'n/a')}, stopped early: {validation.get('stopped_early', 'n/a')}).")
+
+
+@tag(output="final")
+def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], report_examples: int = 3) -> str:
+    """A Markdown report: hold-out comparison (ROUGE, EOS-stop rate, lengths, repetition measures),
+    per-category ROUGE-L, validation loss, sample answers, and the LLM judge's results when ``run_metrics``
+    holds them.
+
+    :param report_examples: hold-out questions shown with both answers.
+    """
+    hold_out = run_metrics["hold_out"]
     lines = [
         f"# Fine-tuning report: {run_metrics['model_id']}",
         "",
@@ -101,18 +153,12 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         _decoding_line(run_metrics["generation_settings"]),
         *_overlong_lines(run_metrics["overlong"]),
         "",
-        f"On {base['count']} hold-out questions the fine-tuned model is **{verdict}** the base model by ROUGE-L: "
-        f"difference {fmt(diff['mean'])} (bootstrap 95% CI {fmt(diff['ci95_low'])} to {fmt(diff['ci95_high'])}).",
+        _verdict_line(hold_out),
         "",
-        "| hold-out | " + " | ".join(ROUGE_TYPES) + " | EOS-stop rate | mean words | mean new tokens |",
-        "|---|" + "---|" * (len(ROUGE_TYPES) + 3),
+        *_markdown_table(_HOLD_OUT_HEADER, [_hold_out_row(name, hold_out[model]) for model, name in _MODEL_NAMES]),
+        "",
+        _repetition_line(hold_out["repetition_difference"]),
     ]
-    for name, summary in (("base", base), ("fine-tuned", tuned)):
-        lines.append(
-            f"| {name} | " + " | ".join(fmt(summary[t]) for t in ROUGE_TYPES)
-            + f" | {fmt(summary['eos_stop_rate'], 2)} | {fmt(summary['mean_answer_words'], 1)}"
-            + f" | {fmt(summary['mean_new_tokens'], 1)} |"
-        )
     splits = run_metrics["splits"]
     split_names = list(splits)
     categories = sorted({c for s in splits.values() for c in s["per_category"]} | set(hold_out["per_category"]))
@@ -134,8 +180,7 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
     lines += _near_duplicate_lines(splits)
     lines += [
         "",
-        f"Validation loss of the kept checkpoint: {fmt(validation.get('eval_loss'), 4)} "
-        f"(steps {validation.get('global_step', 'n/a')}, stopped early: {validation.get('stopped_early', 'n/a')}).",
+        _validation_line(run_metrics["validation"]),
         f"Trainable parameters: {run_metrics['model_summary']['trainable_parameters']:,} of "
         f"{run_metrics['model_summary']['total_parameters']:,}.",
         "",
@@ -155,47 +200,233 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
     return _judge_section(report, run_metrics["judge"]) if "judge" in run_metrics else report
 
 
+def _judge_settings_line(judge_metrics: dict, code: str = "`") -> str:
+    settings, calls = judge_metrics["settings"], judge_metrics["calls"]
+    return (f"Judge {code}{settings['model']}{code} at {code}{settings['base_url']}{code}, prompt "
+            f"{settings['prompt_version']}, temperature {settings['temperature']}, response format "
+            f"{settings['response_format']}. {calls['judgments']} judgments, {calls['failed']} failed (recorded in "
+            f"{code}judgments.jsonl{code}), {calls['replies_from_cache']} of {calls['replies']} replies from the "
+            "cache.")
+
+
+def _rubric_rows(rubric: dict) -> list[list[str]]:
+    """Cells under ``_RUBRIC_HEADER``: base, fine-tuned, and their paired difference."""
+    rows = [[name, *(fmt(rubric[model][c], 2) for c in CRITERIA), str(rubric[model]["judged"]),
+             str(rubric[model]["failed"]), fmt(rubric[model]["mean_answer_words"], 1)] for model, name in _MODEL_NAMES]
+    difference = rubric["finetuned_minus_base"]
+    rows.append(["fine-tuned − base", *(fmt(difference[c], 2) for c in CRITERIA),
+                 f"{difference['paired_questions']} pairs", "", ""])
+    return rows
+
+
+def _per_school_rows(rubric: dict) -> list[list[str]]:
+    """Cells under ``_PER_SCHOOL_HEADER``."""
+    return [[school, name, *(fmt(pair[model][c], 2) for c in CRITERIA), fmt(pair[model]["mean_answer_words"], 1)]
+            for school, pair in rubric["per_school"].items() for model, name in _MODEL_NAMES]
+
+
+def _pairwise_line(pairwise: dict, bold: str = "**") -> str:
+    words = pairwise["mean_answer_words"]
+    return (
+        f"Pairwise, asked in both orders (a win only when both orders agree; Zheng et al. 2023), on "
+        f"{pairwise['judged']} of {pairwise['questions']} questions: fine-tuned "
+        f"{bold}wins {pct(pairwise['win_rate'])}, "
+        f"ties {pct(pairwise['tie_rate'])}, loses {pct(pairwise['loss_rate'])}{bold} "
+        f"({pairwise['wins']} / {pairwise['ties']} / {pairwise['losses']}). Position consistency of the judge: "
+        f"{pct(pairwise['position_consistency'])} (answer shown first preferred in both orders: "
+        f"{pct(pairwise['first_position_preferred_rate'])}, "
+        f"second: {pct(pairwise['second_position_preferred_rate'])}). "
+        f"Mean answer words: base {fmt(words['base'], 1)}, fine-tuned {fmt(words['finetuned'], 1)}; the longer "
+        f"answer won {pct(pairwise['longer_answer_won_share'])} of decisive pairs."
+    )
+
+
 def _judge_section(report_markdown: str, judge_metrics: dict) -> str:
     """``report_markdown`` with an "LLM judge" section: rubric means with answer lengths, per-school
     means, pairwise win / tie / loss, position consistency, and how the judge was asked."""
-    settings, rubric, pairwise = judge_metrics["settings"], judge_metrics["rubric"], judge_metrics["pairwise"]
-    calls = judge_metrics["calls"]
+    rubric = judge_metrics["rubric"]
     lines = [
-        "",
-        "## LLM judge",
-        "",
-        f"Judge `{settings['model']}` at `{settings['base_url']}`, prompt {settings['prompt_version']}, temperature "
-        f"{settings['temperature']}, response format {settings['response_format']}. {calls['judgments']} judgments, "
-        f"{calls['failed']} failed (recorded in `judgments.jsonl`), {calls['replies_from_cache']} of "
-        f"{calls['replies']} replies from the cache.",
-        "",
-        "| rubric (mean 1–5) | " + " | ".join(c.replace("_", " ") for c in CRITERIA) + " | judged | failed | mean words |",
-        "|---|" + "---|" * (len(CRITERIA) + 3),
-    ]
-    for model, name in (("base", "base"), ("finetuned", "fine-tuned")):
-        s = rubric[model]
-        lines.append(f"| {name} | " + " | ".join(fmt(s[c], 2) for c in CRITERIA)
-                     + f" | {s['judged']} | {s['failed']} | {fmt(s['mean_answer_words'], 1)} |")
-    d = rubric["finetuned_minus_base"]
-    lines.append("| fine-tuned − base | " + " | ".join(fmt(d[c], 2) for c in CRITERIA)
-                 + f" | {d['paired_questions']} pairs | | |")
-    lines += ["", "| school | model | " + " | ".join(c.replace("_", " ") for c in CRITERIA) + " | mean words |",
-              "|---|---|" + "---|" * (len(CRITERIA) + 1)]
-    for school, pair in rubric["per_school"].items():
-        for model, name in (("base", "base"), ("finetuned", "fine-tuned")):
-            s = pair[model]
-            lines.append(f"| {school} | {name} | " + " | ".join(fmt(s[c], 2) for c in CRITERIA)
-                         + f" | {fmt(s['mean_answer_words'], 1)} |")
-    words = pairwise["mean_answer_words"]
-    lines += [
-        "",
-        f"Pairwise, asked in both orders (a win only when both orders agree; Zheng et al. 2023), on "
-        f"{pairwise['judged']} of {pairwise['questions']} questions: fine-tuned **wins {pct(pairwise['win_rate'])}, "
-        f"ties {pct(pairwise['tie_rate'])}, loses {pct(pairwise['loss_rate'])}** "
-        f"({pairwise['wins']} / {pairwise['ties']} / {pairwise['losses']}). Position consistency of the judge: "
-        f"{pct(pairwise['position_consistency'])} (answer shown first preferred in both orders: "
-        f"{pct(pairwise['first_position_preferred_rate'])}, second: {pct(pairwise['second_position_preferred_rate'])}). "
-        f"Mean answer words: base {fmt(words['base'], 1)}, fine-tuned {fmt(words['finetuned'], 1)}; the longer "
-        f"answer won {pct(pairwise['longer_answer_won_share'])} of decisive pairs.",
+        "", "## LLM judge", "", _judge_settings_line(judge_metrics), "",
+        *_markdown_table(_RUBRIC_HEADER, _rubric_rows(rubric)), "",
+        *_markdown_table(_PER_SCHOOL_HEADER, _per_school_rows(rubric)), "",
+        _pairwise_line(judge_metrics["pairwise"]),
     ]
     return report_markdown.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+
+
+# --- the HTML report ---------------------------------------------------------------------------------
+
+#: The columns of the hold-out answers table: (row key, title).
+_ANSWER_COLUMNS = [("category", "category"), ("question", "question"), ("reference", "reference"),
+                   ("base_prediction", "base"), ("finetuned_prediction", "fine-tuned")]
+#: A settings dict with more entries than this is shown folded (``<details>``).
+_FOLDED_ABOVE = 20
+
+
+def _paragraph(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>\n"
+
+
+def _value_text(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value, default=str)
+
+
+def _settings_table(settings: dict) -> str:
+    return html_report.table(["setting", "value"], [[key, _value_text(value)] for key, value in settings.items()])
+
+
+def _training_html(validation: dict, loss_curve_figure: go.Figure, learning_rate_figure: go.Figure) -> str:
+    return (_paragraph(_validation_line(validation)) + html_report.figure_div(loss_curve_figure, "loss-curve")
+            + html_report.figure_div(learning_rate_figure, "learning-rate"))
+
+
+def _hold_out_html(hold_out: dict, rouge_comparison_figure: go.Figure) -> str:
+    summary = html_report.table(_HOLD_OUT_HEADER, [_hold_out_row(name, hold_out[m]) for m, name in _MODEL_NAMES],
+                                table_id="hold-out-summary")
+    header = ["category", "questions", "base ROUGE-L", "fine-tuned ROUGE-L", "difference", "base EOS-stop rate",
+              "fine-tuned EOS-stop rate", "base mean words", "fine-tuned mean words", "base loop rate",
+              "fine-tuned loop rate"]
+    rows = [[category, str(pair["base"]["count"]), fmt(pair["base"]["rougeL"]), fmt(pair["finetuned"]["rougeL"]),
+             _signed(pair["finetuned"]["rougeL"] - pair["base"]["rougeL"]), fmt(pair["base"]["eos_stop_rate"], 2),
+             fmt(pair["finetuned"]["eos_stop_rate"], 2), fmt(pair["base"]["mean_answer_words"], 1),
+             fmt(pair["finetuned"]["mean_answer_words"], 1), fmt(pair["base"]["loop_rate"], 2),
+             fmt(pair["finetuned"]["loop_rate"], 2)] for category, pair in hold_out["per_category"].items()]
+    return (_paragraph(_verdict_line(hold_out, bold="")) + summary
+            + html_report.figure_div(rouge_comparison_figure, "rouge-comparison")
+            + "<h3>Per category</h3>\n" + html_report.table(header, rows, table_id="per-category"))
+
+
+def _repetition_html(hold_out: dict, answer_length_figure: go.Figure) -> str:
+    difference = hold_out["repetition_difference"]
+    rows = [[_MEASURE_NAMES[m], fmt(hold_out["base"][m]), fmt(hold_out["finetuned"][m]), _signed(difference[m]["mean"]),
+             f"{_signed(difference[m]['ci95_low'])} to {_signed(difference[m]['ci95_high'])}"]
+            for m in REPETITION_MEASURES]
+    return (html_report.figure_div(answer_length_figure, "answer-lengths")
+            + html_report.table(["measure", "base", "fine-tuned", "fine-tuned − base", "paired bootstrap 95% CI"],
+                                rows, table_id="repetition")
+            + _paragraph(_REPETITION_DEFINITION))
+
+
+def _judge_html(judge_metrics: dict, judge_comparison_figure: Optional[go.Figure]) -> str:
+    rubric = judge_metrics["rubric"]
+    figure = html_report.figure_div(judge_comparison_figure, "judge-comparison") if judge_comparison_figure else ""
+    return (_paragraph(_judge_settings_line(judge_metrics, code="")) + figure
+            + html_report.table(_RUBRIC_HEADER, _rubric_rows(rubric), table_id="judge-rubric")
+            + html_report.table(_PER_SCHOOL_HEADER, _per_school_rows(rubric), table_id="judge-per-school")
+            + _paragraph(_pairwise_line(judge_metrics["pairwise"], bold="")))
+
+
+def _splits_html(splits: dict, overlong: dict) -> str:
+    categories = sorted({c for s in splits.values() for c in s["per_category"]})
+    header = ["split", "records", *categories, "near-duplicate groups", "records in them", "prompts shortened",
+              "dropped"]
+    rows = []
+    for name, split in splits.items():
+        groups, done = split.get("near_duplicate_groups", {}), overlong.get(name, {})
+        rows.append([name, str(split["total"]), *(str(split["per_category"].get(c, 0)) for c in categories),
+                     str(groups.get("groups", "—")), str(groups.get("records", "—")),
+                     str(len(done.get("prompt_truncated", []))), str(len(done.get("dropped", [])))])
+    leakage = [line for line in _near_duplicate_lines(splits) if line]
+    return (html_report.table(header, rows, table_id="split-counts") + "".join(_paragraph(line) for line in leakage)
+            + _paragraph(f"overlong_policy: {overlong.get('policy', 'n/a')}."))
+
+
+def _configuration_html(run_manifest: dict) -> str:
+    scalars = {key: value for key, value in run_manifest.items() if not isinstance(value, dict)}
+    parts = [_settings_table(scalars)] if scalars else []
+    for key, value in run_manifest.items():
+        if not isinstance(value, dict):
+            continue
+        if len(value) > _FOLDED_ABOVE:
+            parts.append(f"<details><summary>{html.escape(key)} ({len(value)} settings)</summary>\n"
+                         f"{_settings_table(value)}</details>\n")
+        else:
+            parts.append(f"<h3>{html.escape(key)}</h3>\n{_settings_table(value)}")
+    return "".join(parts)
+
+
+def _report_page(
+    run_metrics: dict,
+    hold_out_set_predictions: list[dict],
+    run_manifest: dict,
+    figures: dict,
+    judge_comparison_figure: Optional[go.Figure],
+) -> str:
+    """The HTML report; ``figures`` holds the loss, learning-rate, ROUGE and answer-length figures."""
+    hold_out = run_metrics["hold_out"]
+    sections = [
+        ("training", "Training", _training_html(run_metrics["validation"], figures["loss_curve"],
+                                                figures["learning_rate"])),
+        ("hold-out", "Hold-out comparison", _hold_out_html(hold_out, figures["rouge_comparison"])),
+        ("lengths-and-repetition", "Answer lengths and repetition",
+         _repetition_html(hold_out, figures["answer_length"])),
+    ]
+    if "judge" in run_metrics:
+        sections.append(("judge", "LLM judge", _judge_html(run_metrics["judge"], judge_comparison_figure)))
+    sections += [
+        ("splits", "Splits and leakage", _splits_html(run_metrics["splits"], run_metrics["overlong"])),
+        ("model", "Model", _settings_table(run_metrics["model_summary"])),
+        ("configuration", "Configuration", _configuration_html(run_manifest)),
+        ("hold-out-answers", "Hold-out answers",
+         html_report.answers_table(hold_out_set_predictions, _ANSWER_COLUMNS, table_id="answers")),
+    ]
+    title = f"Fine-tuning report: {run_metrics['model_id']}"
+    header = (
+        f"<h1>{html.escape(title)}</h1>\n"
+        + _paragraph(f"Data: {run_metrics['data_path']}; splits: "
+                     + ", ".join(f"{name} {s['total']}" for name, s in run_metrics["splits"].items())
+                     + f". Created {run_metrics['created']}.")
+        + _paragraph(_decoding_line(run_metrics["generation_settings"]))
+        + "".join(_paragraph(line) for line in _overlong_lines(run_metrics["overlong"]) if line)
+        + "<nav>" + "".join(f'<a href="#{key}">{html.escape(name)}</a>' for key, name, _ in sections)
+        + "</nav>\n"
+    )
+    body = header + "".join(html_report.section(name, inner, key) for key, name, inner in sections)
+    return html_report.page(title, body)
+
+
+@config.when(judge=True)
+@tag(output="final")
+def report_html__judged(
+    run_metrics: dict,
+    hold_out_set_predictions: list[dict],
+    run_manifest: dict,
+    loss_curve_figure: go.Figure,
+    learning_rate_figure: go.Figure,
+    rouge_comparison_figure: go.Figure,
+    answer_length_figure: go.Figure,
+    judge_comparison_figure: go.Figure,
+) -> str:
+    """The run's HTML report, one self-contained page (``lib.html_report.page``): loss and learning rate
+    against step, hold-out ROUGE / EOS-stop rate / lengths / repetition measures for base vs fine-tuned
+    (overall and per category), the LLM judge's results with ``judge_comparison_figure``, the split and
+    leakage table, the model summary, the run manifest (resolved configuration and library versions), and
+    every hold-out question with its reference, base and fine-tuned answers, filterable by category."""
+    figures = {"loss_curve": loss_curve_figure, "learning_rate": learning_rate_figure,
+               "rouge_comparison": rouge_comparison_figure, "answer_length": answer_length_figure}
+    return _report_page(run_metrics, hold_out_set_predictions, run_manifest, figures, judge_comparison_figure)
+
+
+@config.when_not(judge=True)
+@tag(output="final")
+def report_html__not_judged(
+    run_metrics: dict,
+    hold_out_set_predictions: list[dict],
+    run_manifest: dict,
+    loss_curve_figure: go.Figure,
+    learning_rate_figure: go.Figure,
+    rouge_comparison_figure: go.Figure,
+    answer_length_figure: go.Figure,
+) -> str:
+    """The run's HTML report as under ``judge=True`` (``report_html__judged``), without the judge section."""
+    figures = {"loss_curve": loss_curve_figure, "learning_rate": learning_rate_figure,
+               "rouge_comparison": rouge_comparison_figure, "answer_length": answer_length_figure}
+    return _report_page(run_metrics, hold_out_set_predictions, run_manifest, figures, None)

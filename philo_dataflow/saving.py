@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-import plotly.graph_objects as go
 import yaml
 from hamilton.function_modifiers import config, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
@@ -22,21 +21,26 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 from .lib.artifacts import (
     ADAPTER_DIR,
     CONFIG_FILE,
-    JUDGE_FIGURE_FILE,
+    EXPORT_REPORT_FILE,
+    EXPORT_REPORT_MARKDOWN_FILE,
+    GGUF_FILE,
     JUDGMENTS_FILE,
     LOG_HISTORY_FILE,
-    LOSS_CURVE_FILE,
     MANIFEST_FILE,
+    MERGED_DIR,
     METRICS_FILE,
+    MODELFILE_FILE,
     PREDICTIONS_CSV_FILE,
     PREDICTIONS_JSONL_FILE,
     REPORT_FILE,
-    ROUGE_FIGURE_FILE,
+    REPORT_HTML_FILE,
     UMASK,
     library_versions,
     sha256_of_file,
     write_text_atomically,
 )
+from .lib.generation import generation_config
+from .lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -121,32 +125,14 @@ def save_best_models(
     :return: ``{"status": "success", "adapter_dir": path, "files": [...]}``.
     """
     target = Path(output_dir) / ADAPTER_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=target.parent))
-    try:
+
+    def build(staging: Path) -> None:
         finetuned_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / MANIFEST_FILE).write_text(json.dumps(run_manifest, indent=2, default=str), encoding="utf-8")
         (staging / LOG_HISTORY_FILE).write_text(json.dumps(training_log_history, indent=2), encoding="utf-8")
-        # mkdtemp and safetensors make owner-only entries; an adapter is shared like any saved model.
-        os.chmod(staging, 0o777 & ~UMASK)
-        for path in staging.iterdir():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
-        if target.exists():
-            retired = target.with_name(f".{ADAPTER_DIR}.previous")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(retired, target)
-                raise
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    _swap_in_directory(target, build)
     logger.info("saved adapter to %s", target)
     return {"status": "success", "adapter_dir": str(target), "files": sorted(p.name for p in target.iterdir())}
 
@@ -176,24 +162,16 @@ def saved_metrics(run_metrics: dict, output_dir: str = "outputs") -> str:
 
 
 @tag(output="default")
-def saved_figures(loss_curve_figure: go.Figure, rouge_comparison_figure: go.Figure, output_dir: str = "outputs") -> dict:
-    """Writes the figures as self-contained interactive HTML (plotly.js inlined, works offline).
-
-    :return: ``{"loss_curve": path, "rouge_comparison": path}``.
-    """
-    out = Path(output_dir)
-    return {
-        "loss_curve": write_text_atomically(out / LOSS_CURVE_FILE, loss_curve_figure.to_html(include_plotlyjs=True)),
-        "rouge_comparison": write_text_atomically(
-            out / ROUGE_FIGURE_FILE, rouge_comparison_figure.to_html(include_plotlyjs=True)
-        ),
-    }
-
-
-@tag(output="default")
 def saved_report(report_markdown: str, output_dir: str = "outputs") -> str:
     """Writes the Markdown report to ``<output_dir>/report.md``; returns the path."""
     return write_text_atomically(Path(output_dir) / REPORT_FILE, report_markdown)
+
+
+@tag(output="default")
+def saved_report_html(report_html: str, output_dir: str = "outputs") -> str:
+    """Writes the HTML report (one self-contained page, figures included) to ``<output_dir>/report.html``;
+    returns the path."""
+    return write_text_atomically(Path(output_dir) / REPORT_HTML_FILE, report_html)
 
 
 @config.when(judge=True)
@@ -203,15 +181,6 @@ def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict]
     the rubric records, then the pairwise records (see ``rubric_judgments`` / ``pairwise_judgments``)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*rubric_judgments, *pairwise_judgments])
     return write_text_atomically(Path(output_dir) / JUDGMENTS_FILE, text)
-
-
-@config.when(judge=True)
-@tag(output="judge")
-def saved_judge_figure(judge_comparison_figure: go.Figure, output_dir: str = "outputs") -> str:
-    """Writes ``judge_comparison_figure`` as self-contained HTML to ``<output_dir>/judge_comparison.html``."""
-    return write_text_atomically(
-        Path(output_dir) / JUDGE_FIGURE_FILE, judge_comparison_figure.to_html(include_plotlyjs=True)
-    )
 
 
 @tag(output="run")
@@ -225,3 +194,113 @@ def saved_run_config(run_config: dict, output_dir: str = "outputs") -> str:
     """
     text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return write_text_atomically(Path(output_dir) / CONFIG_FILE, text)
+
+
+def _swap_in_directory(target: Path, build) -> None:
+    """Builds a directory with ``build(staging)`` in a temporary directory beside ``target``, then puts it in
+    ``target``'s place by two renames (a previous ``target`` is restored if the second fails), so an error
+    leaves the previous directory as it was and no temporary one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        # mkdtemp and safetensors make owner-only entries; a saved model is shared like any output.
+        os.chmod(staging, 0o777 & ~UMASK)
+        for path in staging.iterdir():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+        if target.exists():
+            retired = target.with_name(f".{target.name}.previous")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(target, retired)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired, target)
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@tag(output="export")
+def saved_merged_model(
+    merged_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    generation_settings: dict,
+    max_new_tokens: int = 160,
+    output_dir: str = "outputs",
+) -> dict:
+    """Writes the merged model (safetensors), its tokenizer with the chat template, and a generation config
+    of the run's decoding (greedy unless it sampled, ``max_new_tokens``, EOS and pad token) to
+    ``<output_dir>/merged``: a plain transformers model directory, without adapter files.
+
+    Built in a temporary directory and swapped in like ``save_best_models``, so a previous export (its
+    GGUF file and report too) is replaced whole or left as it was.
+
+    :return: ``{"merged_dir": path, "files": [...]}``.
+    """
+    def build(staging: Path) -> None:
+        merged_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        generation_config(tokenizer, max_new_tokens, generation_settings).save_pretrained(staging)
+
+    target = Path(output_dir) / MERGED_DIR
+    _swap_in_directory(target, build)
+    logger.info("saved the merged model to %s", target)
+    return {"merged_dir": str(target), "files": sorted(p.name for p in target.iterdir())}
+
+
+@tag(output="export")
+def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architecture: str) -> dict:
+    """Converts the merged model to ``<output_dir>/merged/model.gguf`` with llama.cpp's own converter
+    (``lib.gguf_export``; tensors in ``GGUF_OUTTYPE``, f32) and writes the Ollama ``Modelfile`` beside it.
+
+    The converter is a subprocess of this node that writes a temporary file in the merged directory, which
+    this node renames into place: the file is still written by ``saving`` alone, once, never half.
+
+    :return: ``{"status": "ok", "gguf": path, "modelfile": path, "outtype", "architecture", "pre_tokenizer",
+        "tensors"}``; writing nothing, ``{"status": "skipped", "reason": line}`` (no converter here, the line
+        says how to get it; an encoder-decoder model) or ``{"status": "failed", "reason": line}`` (the
+        converter's last line: an architecture or pre-tokenizer it does not know, say).
+    """
+    if architecture == "seq2seq":
+        return {"status": "skipped", "reason": "GGUF export covers decoder-only models; this one is an "
+                                               "encoder-decoder (the merged model is exported)."}
+    missing = converter_missing()
+    if missing:
+        logger.warning("GGUF export skipped: %s", missing)
+        return {"status": "skipped", "reason": missing}
+    directory = Path(saved_merged_model["merged_dir"])
+    handle, temporary = tempfile.mkstemp(prefix=f".{GGUF_FILE}.", dir=directory)
+    os.close(handle)
+    try:
+        convert_to_gguf(directory, Path(temporary), GGUF_OUTTYPE)
+        os.chmod(temporary, 0o666 & ~UMASK)
+        os.replace(temporary, directory / GGUF_FILE)
+    except GGUFConversionError as error:
+        Path(temporary).unlink(missing_ok=True)
+        logger.error("GGUF export failed: %s", error)
+        return {"status": "failed", "reason": str(error)}
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    modelfile = write_text_atomically(directory / MODELFILE_FILE, ollama_modelfile)
+    return {"status": "ok", "gguf": str(directory / GGUF_FILE), "modelfile": modelfile, "outtype": GGUF_OUTTYPE,
+            **gguf_metadata(directory / GGUF_FILE)}
+
+
+@tag(output="export")
+def saved_export_report(export_report: dict, export_report_markdown: str, saved_merged_model: dict) -> dict:
+    """Writes ``export_report`` as ``export_report.json`` and ``export_report_markdown`` as ``export_report.md``
+    into the merged model's directory.
+
+    :return: ``{"json": path, "markdown": path}``.
+    """
+    directory = Path(saved_merged_model["merged_dir"])
+    return {
+        "json": write_text_atomically(directory / EXPORT_REPORT_FILE, json.dumps(export_report, indent=2, default=str)),
+        "markdown": write_text_atomically(directory / EXPORT_REPORT_MARKDOWN_FILE, export_report_markdown),
+    }

@@ -96,3 +96,19 @@ FAST_INPUTS = {
     "hold_out_fraction": 0.2,
     "validation_fraction": 0.2,
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """A finished tiny LoRA run (``DEFAULT_OUTPUTS`` of the tiny chat model on 30 example records, a few
+    steps): its ``output_dir``, holding ``adapter/``, the hold-out predictions, ``metrics.json`` and the
+    reports. Shared by the tests of what reads a run back (chat page, export, comparison); treat as
+    read-only."""
+    import philo_dataflow
+
+    work = tmp_path_factory.mktemp("tiny-run")
+    data = example_subset(work / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
+    inputs = {**FAST_INPUTS, "data_path": data, "model_id": tiny_model_dir, "output_dir": str(work / "out"),
+              "max_steps": 4}
+    philo_dataflow.build_driver({"start": "base"}).execute(list(philo_dataflow.DEFAULT_OUTPUTS), inputs=inputs)
+    return str(work / "out")

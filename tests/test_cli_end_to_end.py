@@ -35,8 +35,8 @@ def embedded_run(tmp_path_factory, embedded_model_dir):
 @pytest.mark.slow
 def test_embedded_model_run_writes_every_output(embedded_run):
     out = embedded_run["out"]
-    for name in ("metrics.json", "hold_out_predictions.jsonl", "hold_out_predictions.csv", "loss_curve.html",
-                 "rouge_comparison.html", "report.md", "dataflow.png", "adapter/adapter_model.safetensors",
+    for name in ("metrics.json", "hold_out_predictions.jsonl", "hold_out_predictions.csv", "report.html",
+                 "report.md", "dataflow.png", "adapter/adapter_model.safetensors",
                  "adapter/philo_dataflow_manifest.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())

@@ -68,8 +68,8 @@ def base_run(tmp_path_factory, tiny_model_dir):
 
 def test_base_run_writes_every_output(base_run):
     out = Path(base_run["inputs"]["output_dir"])
-    for name in ("metrics.json", "hold_out_predictions.jsonl", "hold_out_predictions.csv", "loss_curve.html",
-                 "rouge_comparison.html", "report.md", "adapter/adapter_config.json",
+    for name in ("metrics.json", "hold_out_predictions.jsonl", "hold_out_predictions.csv", "report.html",
+                 "report.md", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/philo_dataflow_manifest.json",
                  "adapter/training_log_history.json", "adapter/tokenizer.json"):
         assert (out / name).is_file(), name
@@ -84,7 +84,7 @@ def test_base_run_writes_every_output(base_run):
     assert not list(out.glob(".*")), "temporary files left behind"
     rows = [json.loads(line) for line in (out / "hold_out_predictions.jsonl").read_text().splitlines()]
     assert {"question", "reference", "base_prediction", "finetuned_prediction"} <= set(rows[0])
-    assert "validation loss" in (out / "loss_curve.html").read_text()
+    assert "validation loss" in (out / "report.html").read_text()
 
 
 def test_lora_weights_moved_and_base_weights_frozen(base_run):

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import plotly.graph_objects as go
 import pytest
 from conftest import REPO
 from judge_servers import JudgeServerProcess
@@ -267,17 +266,15 @@ def _savers(objects: dict, version: str) -> dict:
     """Each output file's saver with arguments; ``version`` changes every file's content."""
     rows = [{"question": "What is wu wei?", "category": "Taoism", "reference": f"Effortless action ({version}).",
              "base_prediction": "b", "finetuned_prediction": "f"}]
-    figure = go.Figure(go.Bar(x=["a"], y=[1]), layout={"title": version})
     metrics = {"version": version}
     return {
         "adapter": (saving.save_best_models, dict(finetuned_model=objects["model"], tokenizer=objects["tokenizer"],
                                                   run_manifest={"version": version}, training_log_history=[])),
         "predictions": (saving.saved_hold_out_predictions, dict(hold_out_set_predictions=rows)),
         "metrics": (saving.saved_metrics, dict(run_metrics=metrics)),
-        "figures": (saving.saved_figures, dict(loss_curve_figure=figure, rouge_comparison_figure=figure)),
+        "report_html": (saving.saved_report_html, dict(report_html=f"<!DOCTYPE html><p>{version}</p>\n")),
         "report": (saving.saved_report, dict(report_markdown=f"# Report {version}\n")),
         "judgments": (saving.saved_judgments, dict(rubric_judgments=rows, pairwise_judgments=[])),
-        "judge_figure": (saving.saved_judge_figure, dict(judge_comparison_figure=figure)),
         "run_config": (saving.saved_run_config, dict(run_config={"version": version})),
     }
 
@@ -285,8 +282,7 @@ def _savers(objects: dict, version: str) -> dict:
 _FAULTS = [
     ("adapter", "disk full while saving the tokenizer"),
     ("adapter", "rename into place fails"),
-    *[(name, "disk full") for name in ("predictions", "metrics", "figures", "report", "judgments", "judge_figure",
-                                       "run_config")],
+    *[(name, "disk full") for name in ("predictions", "metrics", "report_html", "report", "judgments", "run_config")],
 ]
 
 
@@ -297,7 +293,7 @@ def test_an_error_while_saving_leaves_the_previous_outputs_intact(tmp_path, savi
         saver(**arguments, output_dir=str(out))
     previous = tree(out)
     assert {"adapter/adapter_model.safetensors", "adapter/philo_dataflow_manifest.json", "metrics.json",
-            "judgments.jsonl", "hold_out_predictions.csv", "loss_curve.html", "report.md"} <= set(previous)
+            "judgments.jsonl", "hold_out_predictions.csv", "report.html", "report.md"} <= set(previous)
 
     saver, arguments = _savers(saving_objects, "new")[output]
     if fault == "disk full while saving the tokenizer":

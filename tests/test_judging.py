@@ -45,13 +45,14 @@ def _judged_run(output_dir: Path, rows: list[dict], **judge_inputs) -> dict:
     """Every judge output and the metrics and report it joins, through the judged driver, with the
     hold-out rows given and the training facts as overrides (no model is trained)."""
     dr = philo_dataflow.build_driver({"start": "base", "judge": True})
-    outputs = [*philo_dataflow.JUDGE_OUTPUTS, "saved_metrics", "saved_report", "judge_metrics", "rubric_judgments",
-               "pairwise_judgments", "resolved_judge_response_format"]
+    outputs = [*philo_dataflow.JUDGE_OUTPUTS, "saved_metrics", "saved_report", "saved_report_html", "judge_metrics",
+               "rubric_judgments", "pairwise_judgments", "resolved_judge_response_format"]
     return dr.execute(outputs, inputs={"output_dir": str(output_dir), "data_path": "d.jsonl", **judge_inputs}, overrides={
         "hold_out_set_predictions": rows, "fit_trainer_eval_metrics": {}, "base_model_id": "tiny",
         "model_summary": {"trainable_parameters": 1, "total_parameters": 2}, "tokenization_stats": {},
         "split_summary": {"hold_out_set": {"total": len(rows), "per_category": {}}},
         "generation_settings": dict(GREEDY), "overlong_records": {"policy": "truncate_prompt"},
+        "training_log_history": [], "run_manifest": {"inputs": {"model_id": "tiny"}},
     })
 
 
@@ -182,7 +183,7 @@ def test_run_py_judges_when_asked_and_says_so_when_not(tmp_path, tiny_model_dir,
     metrics = json.loads((judged_dir / "metrics.json").read_text())
     assert metrics["judge"]["rubric"]["base"]["correctness"] == 4 and "hold_out" in metrics
     assert "## LLM judge" in (judged_dir / "report.md").read_text()
-    assert (judged_dir / "judge_comparison.html").is_file() and (judged_dir / "judge_cache").is_dir()
+    assert "school alignment" in (judged_dir / "report.html").read_text() and (judged_dir / "judge_cache").is_dir()
 
     assert run.main(["--start", "presaved", "--presaved-model-dir", str(judged_dir / "adapter"),
                      "--output-dir", str(plain_dir), *fast]) == 0
@@ -377,7 +378,7 @@ def test_llama_cpp_judged_run_completes(llama_judged_runs):
     assert report.startswith("# Fine-tuning report") and "## LLM judge" in report and "Position consistency" in report
     lines = (work / "first" / "judgments.jsonl").read_text().splitlines()
     assert len(lines) == 2 * LLAMA_ROWS + LLAMA_ROWS  # rubric per answer + pairwise per question
-    assert "school alignment" in (work / "first" / "judge_comparison.html").read_text()
+    assert 'id="judge-comparison"' in (work / "first" / "report.html").read_text()
 
 
 def test_llama_cpp_rerun_is_served_from_the_cache(llama_judged_runs, llama_server):

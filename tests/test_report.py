@@ -6,16 +6,21 @@ from philo_dataflow.report import report_markdown
 
 def _summary(rouge_l: float, eos: float, words: float, count: int) -> dict:
     return {"rouge1": rouge_l + 0.1, "rouge2": rouge_l / 4, "rougeL": rouge_l, "rougeLsum": rouge_l + 0.05,
-            "eos_stop_rate": eos, "mean_answer_words": words, "mean_new_tokens": words * 1.3, "count": count}
+            "eos_stop_rate": eos, "mean_answer_words": words, "mean_new_tokens": words * 1.3,
+            "loop_rate": 1 - eos, "distinct_1": 0.5 + eos / 4, "distinct_2": 0.6 + eos / 4, "count": count}
 
 
-def test_report_states_comparison_and_category_balance():
-    run_metrics = {
+def fake_run_metrics() -> dict:
+    """A ``run_metrics`` of three hold-out questions in two categories, not judged."""
+    return {
         "created": "2026-11-25T00:00:00+00:00", "model_id": "tiny", "data_path": "data.jsonl",
         "validation": {"eval_loss": 2.6693, "global_step": 206, "stopped_early": False},
         "hold_out": {
             "base": _summary(0.161, 0.04, 120.0, 3), "finetuned": _summary(0.221, 1.0, 70.0, 3),
             "rougeL_difference": {"mean": 0.06, "ci95_low": 0.051, "ci95_high": 0.067},
+            "repetition_difference": {"loop_rate": {"mean": -0.96, "ci95_low": -1.0, "ci95_high": -0.667},
+                                      "distinct_1": {"mean": 0.24, "ci95_low": 0.1, "ci95_high": 0.3},
+                                      "distinct_2": {"mean": 0.24, "ci95_low": float("nan"), "ci95_high": 0.3}},
             "per_category": {"Stoicism": {"base": _summary(0.15, 0.0, 100, 2), "finetuned": _summary(0.2, 1.0, 60, 2)},
                              "Hedonism": {"base": _summary(0.17, 0.0, 100, 1), "finetuned": _summary(0.25, 1.0, 60, 1)}},
         },
@@ -29,12 +34,19 @@ def test_report_states_comparison_and_category_balance():
                      "validation_set": {"prompt_truncated": [], "dropped": []},
                      "hold_out_set": {"prompt_truncated": [], "dropped": []}},
     }
+
+
+def test_report_states_comparison_and_category_balance():
+    run_metrics = fake_run_metrics()
     rows = [{"category": "Stoicism", "question": "Q?", "reference": "R", "base_prediction": "B",
              "finetuned_prediction": "F"}]
     text = report_markdown(run_metrics, rows)
     assert "**better than**" in text and "0.060 (bootstrap 95% CI 0.051 to 0.067)" in text
-    assert "| base | 0.261 | 0.040 | 0.161 | 0.211 | 0.04 | 120.0 | 156.0 |" in text
-    assert "| fine-tuned | 0.321 | 0.055 | 0.221 | 0.271 | 1.00 | 70.0 | 91.0 |" in text
+    assert "| base | 0.261 | 0.040 | 0.161 | 0.211 | 0.04 | 120.0 | 156.0 | 0.96 | 0.510 | 0.610 |" in text
+    assert "| fine-tuned | 0.321 | 0.055 | 0.221 | 0.271 | 1.00 | 70.0 | 91.0 | 0.00 | 0.750 | 0.850 |" in text
+    assert ("Repetition, fine-tuned minus base (paired bootstrap 95% CI): loop rate -0.960 (-1.000 to -0.667), "
+            "distinct-1 +0.240 (+0.100 to +0.300), distinct-2 +0.240 (n/a to +0.300).") in text
+    assert "some word 4-gram occurs 3 or more times" in text
     assert "| category | train_set | validation_set | hold_out_set | base ROUGE-L | fine-tuned ROUGE-L | difference |" in text
     assert "| Hedonism | 4 | 1 | 1 | 0.170 | 0.250 | +0.080 |" in text
     assert "| Stoicism | 9 | 1 | 2 | 0.150 | 0.200 | +0.050 |" in text

@@ -27,14 +27,19 @@ BASE_NODES = {
     "finetuned_model", "training_log_history", "base_model_hold_out_generations",
     "finetuned_model_hold_out_generations", "hold_out_set_predictions", "finetuned_model_on_validation_set",
     "validation_predictions", "validation_references", "hold_out_set_metrics", "validation_set_metrics",
-    "training_and_validation_set_metrics", "judge_results", "loss_curve_figure", "rouge_comparison_figure",
-    "run_metrics", "report_markdown", "run_manifest", "save_best_models", "saved_hold_out_predictions",
-    "saved_metrics", "saved_figures", "saved_report", "saved_run_config",
+    "training_and_validation_set_metrics", "judge_results", "loss_curve_figure", "learning_rate_figure",
+    "answer_length_figure", "rouge_comparison_figure",
+    "run_metrics", "report_markdown", "report_html", "run_manifest", "save_best_models", "saved_hold_out_predictions",
+    "saved_metrics", "saved_report", "saved_report_html", "saved_run_config",
+} | {  # exporting (run.py export), and its files
+    "merged_model", "hold_out_prompts", "merged_model_hold_out_generations", "merged_model_agreement", "ollama_modelfile",
+    "gguf_checked_questions", "gguf_agreement", "export_report", "export_report_markdown", "saved_merged_model",
+    "saved_gguf_model", "saved_export_report",
 }
 #: The nodes ``judge=True`` adds.
 JUDGE_NODES = {
     "judge_client", "judge_cache", "resolved_judge_response_format", "judge_request", "rubric_judgments", "pairwise_judgments",
-    "judge_settings", "judge_metrics", "judge_comparison_figure", "saved_judgments", "saved_judge_figure",
+    "judge_settings", "judge_metrics", "judge_comparison_figure", "saved_judgments",
 }
 #: The nodes ``start="presaved"`` adds: the one reader of the adapter's manifest.
 PRESAVED_NODES = {"presaved_manifest"}
@@ -137,9 +142,10 @@ def test_readme_inputs_table_is_the_tables():
 
 def test_output_lists_come_from_the_tags():
     assert philo_dataflow.DEFAULT_OUTPUTS == (
-        "save_best_models", "saved_hold_out_predictions", "saved_metrics", "saved_figures", "saved_report")
-    assert philo_dataflow.JUDGE_OUTPUTS == ("saved_judgments", "saved_judge_figure")
+        "save_best_models", "saved_hold_out_predictions", "saved_metrics", "saved_report", "saved_report_html")
+    assert philo_dataflow.JUDGE_OUTPUTS == ("saved_judgments",)
     assert philo_dataflow.RUN_OUTPUTS == ("saved_run_config",)
+    assert philo_dataflow.EXPORT_OUTPUTS == ("export_report", "saved_merged_model", "saved_gguf_model", "saved_export_report")
     assert set(philo_dataflow.DEFAULT_OUTPUTS) < set(philo_dataflow.FINAL_VARIABLES)
     assert {"hold_out_set_predictions", "training_and_validation_set_metrics", "finetuned_model_on_validation_set",
             "tokenized_hold_out", "fit_trainer"} < set(philo_dataflow.FINAL_VARIABLES)

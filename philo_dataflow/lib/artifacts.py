@@ -15,16 +15,22 @@ PREDICTIONS_JSONL_FILE = "hold_out_predictions.jsonl"
 PREDICTIONS_CSV_FILE = "hold_out_predictions.csv"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
-LOSS_CURVE_FILE = "loss_curve.html"
-ROUGE_FIGURE_FILE = "rouge_comparison.html"
+#: One self-contained page: figures, tables and every hold-out answer (``report.report_html``).
+REPORT_HTML_FILE = "report.html"
 JUDGMENTS_FILE = "judgments.jsonl"
-JUDGE_FIGURE_FILE = "judge_comparison.html"
 JUDGE_CACHE_DIR = "judge_cache"
 DATAFLOW_FILE = "dataflow.png"
 #: The resolved configuration of a ``run.py`` run; ``run.py --config`` takes it back.
 CONFIG_FILE = "config.yaml"
 #: Files that mark an output directory as holding a finished run.
 PREVIOUS_RUN_FILES = (ADAPTER_DIR, METRICS_FILE, PREDICTIONS_JSONL_FILE)
+#: What ``run.py export`` writes: the merged model (a plain transformers directory), and beside its weights
+#: the GGUF copy, its Ollama Modelfile and the report of both checks.
+MERGED_DIR = "merged"
+GGUF_FILE = "model.gguf"
+MODELFILE_FILE = "Modelfile"
+EXPORT_REPORT_FILE = "export_report.json"
+EXPORT_REPORT_MARKDOWN_FILE = "export_report.md"
 
 # Files in an adapter directory (``<output_dir>/adapter``).
 #: Records how the adapter was made (``saving.run_manifest``).

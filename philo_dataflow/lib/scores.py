@@ -49,3 +49,82 @@ def bootstrap_mean_difference_ci(
     means = sorted(mean([differences[rng.randrange(n)] for _ in range(n)]) for _ in range(samples))
     tail = (1 - confidence) / 2
     return means[int(tail * samples)], means[min(samples - 1, int((1 - tail) * samples))]
+
+
+#: A "loop": some word 4-gram occurring 3 or more times in one answer (the issue's measure of answers that
+#: repeat themselves, e.g. "the mother is the source of the universe, and the universe is the source of
+#: the mother"; word n-gram repetition as in Welleck et al. 2020, "Neural text generation with
+#: unlikelihood training", counted per answer).
+LOOP_NGRAM = 4
+LOOP_MIN_COUNT = 3
+#: The repetition measures of ``repetition_measures``, in report order.
+REPETITION_MEASURES = ("loop_rate", "distinct_1", "distinct_2")
+_WORD = re.compile(r"\w+(?:'\w+)?")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of ``text`` (runs of letters, digits and underscores, with an inner apostrophe);
+    punctuation is dropped."""
+    return _WORD.findall(text.lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def has_loop(text: str, n: int = LOOP_NGRAM, min_count: int = LOOP_MIN_COUNT) -> bool:
+    """Whether some word ``n``-gram occurs ``min_count`` or more times in ``text`` (overlapping
+    occurrences counted)."""
+    counts: dict = {}
+    for gram in _ngrams(words(text), n):
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= min_count:
+            return True
+    return False
+
+
+def answer_distinct_n(text: str, n: int) -> float:
+    """Distinct-n of one answer: its distinct word n-grams divided by all its word n-grams (Li et al.
+    2016's ratio, "A diversity-promoting objective function for neural conversation models", taken within
+    the answer); in (0, 1], lower is more repetitive; NaN when the answer has fewer than ``n`` words."""
+    grams = _ngrams(words(text), n)
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Mean ``answer_distinct_n`` over ``texts`` (answers shorter than ``n`` words left out; NaN when all
+    are). Taken per answer, it measures repetition inside answers (loops), not answers resembling each
+    other, and it pairs answer by answer for a bootstrap CI."""
+    return mean([v for v in (answer_distinct_n(t, n) for t in texts) if v == v])
+
+
+def repetition_measures(texts: list[str]) -> dict:
+    """``loop_rate`` (share of ``texts`` with a loop, ``has_loop``), ``distinct_1`` and ``distinct_2``
+    (``distinct_n`` over all ``texts``)."""
+    return {
+        "loop_rate": mean([float(has_loop(t)) for t in texts]),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+    }
+
+
+def repetition_difference(a_texts: list[str], b_texts: list[str], seed: int) -> dict:
+    """The repetition measures of ``b_texts`` minus those of ``a_texts`` (paired answers to the same
+    questions), each with the percentile bootstrap 95% CI of the mean per-question difference
+    (``bootstrap_mean_difference_ci``, as for ROUGE-L; for distinct-n, over the questions whose two
+    answers both have ``n`` words or more).
+
+    :return: ``{measure: {"mean", "ci95_low", "ci95_high"}}`` for each of ``REPETITION_MEASURES``.
+    :raises ValueError: the lists differ in length.
+    """
+    if len(a_texts) != len(b_texts):
+        raise ValueError(f"{len(a_texts)} answers against {len(b_texts)}: a paired comparison needs equal lengths.")
+    per_answer = {"loop_rate": lambda t: float(has_loop(t)), "distinct_1": lambda t: answer_distinct_n(t, 1),
+                  "distinct_2": lambda t: answer_distinct_n(t, 2)}
+    result = {}
+    for measure, value in per_answer.items():
+        pairs = [(value(a), value(b)) for a, b in zip(a_texts, b_texts)]
+        differences = [y - x for x, y in pairs if x == x and y == y]  # NaN: an answer too short for n-grams
+        low, high = bootstrap_mean_difference_ci(differences, seed) if differences else (float("nan"),) * 2
+        result[measure] = {"mean": mean(differences), "ci95_low": low, "ci95_high": high}
+    return result

@@ -1,0 +1,536 @@
+"""Comparison of several runs on one hold-out set: the base model and each run's saved adapter (or fully
+fine-tuned model) answer the same questions greedily, and are scored with ROUGE, EOS-stop rate, answer
+length and the repetition measures of ``lib.scores``, with a paired bootstrap CI of every pair's
+difference. What ``run.py compare`` (``commands.compare``) runs.
+
+Loading and generation go through the library's own ``presaved`` dataflow (``build_driver``), as
+``run.py --start presaved`` would load the adapter and answer; the hold-out set of a data file is the
+dataflow's ``hold_out_set`` under the first run's manifest split inputs. Library code, not a stage
+module: the driver is never given it.
+"""
+
+import ast
+import gc
+import html
+import itertools
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import plotly.graph_objects as go
+import torch
+from datasets import Dataset
+
+from . import build_driver
+from .lib import html_report
+from .lib.artifacts import (
+    ADAPTER_DIR,
+    MANIFEST_FILE,
+    MANIFEST_INPUTS,
+    PREDICTIONS_JSONL_FILE,
+    read_manifest,
+    sha256_of_file,
+)
+from .lib.formatting import fmt, one_line, pct
+from .lib.generation import GREEDY
+from .lib.scores import (
+    REPETITION_MEASURES,
+    ROUGE_TYPES,
+    bootstrap_mean_difference_ci,
+    has_loop,
+    mean,
+    repetition_difference,
+    repetition_measures,
+    rouge_per_example,
+)
+from .lib.trainer import ready_for_generation
+
+logger = logging.getLogger(__name__)
+
+#: Files a comparison writes to its output directory; ``COMPARISON_FILE`` marks a finished comparison.
+COMPARISON_FILE = "comparison.json"
+COMPARISON_ANSWERS_FILE = "answers.jsonl"
+COMPARISON_REPORT_FILE = "report.html"
+COMPARISON_FILES = (COMPARISON_FILE, COMPARISON_ANSWERS_FILE, COMPARISON_REPORT_FILE)
+#: The key of the base model among the compared models.
+BASE = "base"
+#: The keys of each hold-out question in ``hold_out_predictions.jsonl`` that a comparison reads.
+HOLD_OUT_KEYS = ("question", "category", "reference")
+#: Manifest settings shown per run where the runs differ in them (``differing_settings``).
+_TRAINING_ARGS_SHOWN = (
+    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "warmup_ratio", "weight_decay", "lr_scheduler_type", "neftune_noise_alpha",
+)
+_LORA_CONFIG_SHOWN = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run: its ``output_dir`` (``run_dir``), its adapter directory, and the adapter's manifest."""
+
+    run_dir: Path
+    adapter_dir: Path
+    manifest: dict
+
+    @property
+    def base_model_id(self) -> str:
+        return self.manifest["inputs"]["model_id"]
+
+
+def run_of(path: str) -> Run:
+    """The run at ``path``: a run's ``output_dir`` or its ``adapter`` directory.
+
+    :raises ValueError: one line naming ``path``: no such directory, no manifest, an unreadable one.
+    """
+    given = Path(path)
+    if not given.is_dir():
+        raise ValueError(f"{path}: no such directory; give a run's output_dir (or its {ADAPTER_DIR} directory).")
+    if (given / ADAPTER_DIR / MANIFEST_FILE).is_file():
+        run_dir, adapter_dir = given, given / ADAPTER_DIR
+    elif (given / MANIFEST_FILE).is_file():
+        run_dir, adapter_dir = given.parent, given
+    else:
+        raise ValueError(f"{path}: holds no {ADAPTER_DIR}/{MANIFEST_FILE}; give the output_dir of a finished run "
+                         f"(or its {ADAPTER_DIR} directory).")
+    try:
+        manifest = read_manifest(str(adapter_dir))
+    except ValueError as error:
+        raise ValueError(f"{path}: {str(error).splitlines()[0]}") from None
+    return Run(run_dir, adapter_dir, manifest)
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """A short, unique name for each run: the last component of its ``run_dir``, or as many of the last
+    components as make the names unique (and unlike ``BASE``)."""
+    parts = [run.run_dir.resolve().parts for run in runs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) and BASE not in labels:
+            return labels
+    return [str(run.run_dir) for run in runs]
+
+
+def predicted_hold_out(run: Run) -> list[dict]:
+    """The hold-out questions the run answered, from its ``hold_out_predictions.jsonl``: one dict of
+    ``HOLD_OUT_KEYS`` per question, in the run's order.
+
+    :raises ValueError: one line naming the file: missing, not JSON lines, a row without those keys.
+    """
+    path = run.run_dir / PREDICTIONS_JSONL_FILE
+    advice = "pass --data-path FILE to score every run on that file's hold-out split instead."
+    if not path.is_file():
+        raise ValueError(f"{run.run_dir}: holds no {PREDICTIONS_JSONL_FILE} (the run did not finish); {advice}")
+    rows = []
+    try:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in HOLD_OUT_KEYS):
+                    raise ValueError(f"line {number} lacks {', '.join(HOLD_OUT_KEYS)}")
+                rows.append({key: row[key] for key in HOLD_OUT_KEYS})
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: cannot be read ({str(error).splitlines()[0][:120]}); {advice}") from None
+    if not rows:
+        raise ValueError(f"{path}: holds no question; {advice}")
+    return rows
+
+
+def hold_out_difference(a: list[dict], b: list[dict]) -> Optional[str]:
+    """How two hold-out sets differ in their questions and references (None when they are the same):
+    ``"6 vs 7 questions"`` or ``"question 3 differs"`` (1-based)."""
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} questions"
+    for number, (x, y) in enumerate(zip(a, b), start=1):
+        if (x["question"], x["reference"]) != (y["question"], y["reference"]):
+            return f"question {number} differs"
+    return None
+
+
+def _presaved_driver(run: Run):
+    return build_driver({"start": "presaved", "presaved_model_dir": str(run.adapter_dir)})
+
+
+def split_inputs(run: Run) -> dict:
+    """The run's manifest values (``MANIFEST_INPUTS``) of the inputs its hold-out set depends on in the
+    presaved dataflow (data reading and split: ``seed``, the fractions, the keys...), ``data_path``
+    included; unset ones left out."""
+    needed = {v.name for v in _presaved_driver(run).what_is_upstream_of("hold_out_set") if v.is_external_input}
+    recorded = run.manifest["inputs"]
+    return {name: recorded[name] for name in MANIFEST_INPUTS if name in needed and recorded.get(name) is not None}
+
+
+def data_hold_out_set(run: Run, data_path: str) -> Dataset:
+    """The hold-out split of ``data_path`` made as a run would make it: the presaved dataflow's
+    ``hold_out_set`` under ``run``'s manifest split inputs (``split_inputs``) and prompt template.
+
+    :return: a ``Dataset`` with the columns of ``splitting.SPLIT_COLUMNS``.
+    :raises ValueError: the data file's problems, as the dataflow reports them.
+    """
+    inputs = {**split_inputs(run), "data_path": data_path, "presaved_model_dir": str(run.adapter_dir)}
+    return _presaved_driver(run).execute(["hold_out_set"], inputs=inputs)["hold_out_set"]
+
+
+def runs_split_otherwise(runs: list[Run], data_path: str) -> list[int]:
+    """Indices of the runs whose own split differs from the hold-out split of ``data_path`` under the first
+    run's split inputs (``data_hold_out_set``): another data file (by SHA-256) or other split inputs. Such a
+    run may have trained on some of those hold-out questions."""
+    data_sha = sha256_of_file(data_path) if Path(data_path).is_file() else None
+    wanted = {name: value for name, value in split_inputs(runs[0]).items() if name != "data_path"}
+    return [index for index, run in enumerate(runs)
+            if run.manifest.get("data_sha256") != data_sha or data_sha is None
+            or {name: value for name, value in split_inputs(run).items() if name != "data_path"} != wanted]
+
+
+def predicted_hold_out_set(run: Run, rows: list[dict]) -> Dataset:
+    """The hold-out set of ``rows`` (``predicted_hold_out``) as a ``Dataset`` the generation nodes take.
+
+    ``hold_out_predictions.jsonl`` does not keep a question's earlier turns (``context``): when the run's
+    data file is still there unchanged (its manifest's ``data_sha256``), the hold-out set is rebuilt from
+    it (``data_hold_out_set``) so multi-turn questions keep their conversation; otherwise every question
+    is asked alone, which is the run's own prompt for single-turn data.
+    """
+    data_path = run.manifest["inputs"].get("data_path")
+    recorded_sha = run.manifest.get("data_sha256")
+    if isinstance(data_path, str) and recorded_sha and Path(data_path).is_file():
+        try:
+            if sha256_of_file(data_path) == recorded_sha:
+                rebuilt = data_hold_out_set(run, data_path)
+                as_rows = [{"question": q, "reference": r} for q, r in zip(rebuilt["input_text"], rebuilt["output_text"])]
+                if hold_out_difference(rows, as_rows) is None:
+                    return rebuilt
+        except (OSError, ValueError) as error:
+            logger.info("%s: hold-out set not rebuilt from %s (%s); questions asked without context",
+                        run.run_dir, data_path, str(error).splitlines()[0][:200])
+    return Dataset.from_dict({
+        "input_text": [r["question"] for r in rows], "output_text": [r["reference"] for r in rows],
+        "category": [r["category"] for r in rows], "context": ["[]"] * len(rows),
+    })
+
+
+def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generation_batch_size: int,
+                  with_base: bool) -> dict:
+    """Greedy answers of the run's fine-tuned model (and, with ``with_base``, of its base model) to every
+    ``hold_out_set`` question, by the presaved dataflow's ``finetuned_model_hold_out_generations`` and
+    ``base_model_hold_out_generations`` (``prediction``).
+
+    The model is loaded by the dataflow's ``trainable_model`` and made ready for generation as the
+    ``finetuned_model`` node makes it, without that node's evaluation of the validation set (which would
+    need the data file and the training inputs). The weights are released before returning.
+
+    :return: ``{"finetuned": [...], "base": [...]}`` (``base`` only with ``with_base``), each one dict per
+        question (``text``, ``token_ids``, ``ended_on_eos``; see ``lib.generation.generate_answers``).
+    :raises ValueError: a model or adapter that cannot be loaded; settings out of range.
+    """
+    dr = _presaved_driver(run)
+    inputs = {"presaved_model_dir": str(run.adapter_dir), "max_new_tokens": max_new_tokens,
+              "generation_batch_size": generation_batch_size}
+    loaded = dr.execute(["trainable_model", "tokenizer", "prompt_format"], inputs=inputs)
+    overrides = {"hold_out_set": hold_out_set, "finetuned_model": ready_for_generation(loaded.pop("trainable_model")),
+                 **loaded}
+    wanted = {"finetuned": "finetuned_model_hold_out_generations"}
+    if with_base:
+        wanted[BASE] = "base_model_hold_out_generations"
+    result = dr.execute(list(wanted.values()), inputs=inputs, overrides=overrides)
+    del overrides, loaded
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {key: result[node] for key, node in wanted.items()}
+
+
+def _summary(generations: list[dict], scores: list[dict]) -> dict:
+    texts = [g["text"] for g in generations]
+    return {
+        **{name: mean([s[name] for s in scores]) for name in ROUGE_TYPES},
+        "eos_stop_rate": mean([float(g["ended_on_eos"]) for g in generations]),
+        "mean_answer_words": mean([len(t.split()) for t in texts]),
+        "mean_new_tokens": mean([len(g["token_ids"]) for g in generations]),
+        **repetition_measures(texts),
+        "count": len(generations),
+    }
+
+
+def comparison_scores(hold_out: list[dict], answers: dict, seed: int) -> dict:
+    """Scores of every model's answers to the ``hold_out`` questions, and of every pair's differences.
+
+    :param hold_out: one dict per question with ``reference`` and ``category``.
+    :param answers: model name -> its generations (``model_answers``), in ``hold_out`` order; pairs are
+        taken in this order.
+    :param seed: seed of the bootstrap resampling.
+    :return: ``{"models": {name: summary}, "per_category": {category: {name: summary}}, "pairs": [...],
+        "rougeL_per_question": {name: [...]}}``. A summary holds the mean ROUGE F-measures
+        (``ROUGE_TYPES``, 0–1), ``eos_stop_rate``, ``mean_answer_words``, ``mean_new_tokens``, ``loop_rate``,
+        ``distinct_1``, ``distinct_2`` and ``count``. Each pair ``{"a", "b", "rougeL_difference",
+        "loop_rate_difference", "distinct_1_difference", "distinct_2_difference"}`` holds ``b`` minus ``a``
+        as ``{"mean", "ci95_low", "ci95_high"}``: the 2,000-sample paired percentile bootstrap of the mean
+        per-question ROUGE-L difference (``bootstrap_mean_difference_ci``) and ``repetition_difference``.
+    """
+    references = [row["reference"] for row in hold_out]
+    scores = {name: rouge_per_example([g["text"] for g in gens], references) for name, gens in answers.items()}
+    by_category = defaultdict(list)
+    for index, row in enumerate(hold_out):
+        by_category[row["category"]].append(index)
+    pairs = []
+    for a, b in itertools.combinations(answers, 2):
+        differences = [y["rougeL"] - x["rougeL"] for x, y in zip(scores[a], scores[b])]
+        low, high = bootstrap_mean_difference_ci(differences, seed)
+        repetition = repetition_difference([g["text"] for g in answers[a]], [g["text"] for g in answers[b]], seed)
+        pairs.append({"a": a, "b": b, "rougeL_difference": {"mean": mean(differences), "ci95_low": low, "ci95_high": high},
+                      **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES}})
+    return {
+        "models": {name: _summary(gens, scores[name]) for name, gens in answers.items()},
+        "per_category": {
+            category: {name: _summary([gens[i] for i in idx], [scores[name][i] for i in idx])
+                       for name, gens in answers.items()}
+            for category, idx in sorted(by_category.items())
+        },
+        "pairs": pairs,
+        "rougeL_per_question": {name: [s["rougeL"] for s in scores[name]] for name in answers},
+    }
+
+
+def differing_settings(runs: dict) -> dict:
+    """The training settings in which the runs differ, per run: manifest inputs, ``finetuning_method``,
+    LoRA settings and the Trainer's schedule (``_TRAINING_ARGS_SHOWN``).
+
+    :param runs: run name -> ``Run``.
+    :return: ``{name: {setting: value}}`` with the same settings for every run (empty when they agree).
+    """
+    flat = {}
+    for name, run in runs.items():
+        manifest = run.manifest
+        settings = {f"inputs.{key}": value for key, value in manifest["inputs"].items()}
+        settings["finetuning_method"] = manifest.get("finetuning_method", "lora")
+        lora = manifest.get("lora_config") or {}
+        settings.update({f"lora.{key}": lora.get(key) for key in _LORA_CONFIG_SHOWN})
+        training = manifest.get("training_args") or {}
+        settings.update({f"training.{key}": training.get(key) for key in _TRAINING_ARGS_SHOWN})
+        flat[name] = {key: _comparable(value) for key, value in settings.items()}
+    keys = sorted({key for settings in flat.values() for key in settings})
+    differing = [key for key in keys if len({json.dumps(s.get(key), sort_keys=True, default=str)
+                                             for s in flat.values()}) > 1]
+    return {name: {key: settings.get(key) for key in differing} for name, settings in flat.items()}
+
+
+def _comparable(value):
+    """A setting as the manifest holds it, with a set PEFT saved as its text (``target_modules``) back as a
+    sorted list, so two runs of the same modules do not differ by the set's order."""
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+        return sorted(parsed) if isinstance(parsed, (set, frozenset)) else value
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
+
+
+def answer_rows(hold_out: list[dict], answers: dict, scores: dict) -> list[dict]:
+    """One row per question for ``answers.jsonl``: ``question``, ``category``, ``reference`` and
+    ``answers``: ``{model: {"text", "rougeL", "ended_on_eos", "new_tokens", "loop"}}``."""
+    rows = []
+    for index, row in enumerate(hold_out):
+        rows.append({**{key: row[key] for key in HOLD_OUT_KEYS}, "answers": {
+            name: {"text": gens[index]["text"], "rougeL": scores["rougeL_per_question"][name][index],
+                   "ended_on_eos": gens[index]["ended_on_eos"], "new_tokens": len(gens[index]["token_ids"]),
+                   "loop": has_loop(gens[index]["text"])}
+            for name, gens in answers.items()
+        }})
+    return rows
+
+
+def json_ready(value):
+    """``value`` with every NaN or infinite float replaced by None, so it dumps as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def _value_or_nan(value) -> float:
+    return float("nan") if value is None else value
+
+
+def rouge_l_figure(comparison: dict) -> go.Figure:
+    """Mean hold-out ROUGE-L F-measure (0–1) of each model (bars)."""
+    names = list(comparison["models"])
+    values = [_value_or_nan(comparison["models"][n]["scores"]["rougeL"]) for n in names]
+    figure = go.Figure(go.Bar(x=names, y=values, text=[fmt(v) for v in values], textposition="outside"))
+    figure.update_layout(title=f"Hold-out ROUGE-L ({comparison['hold_out']['questions']} questions)",
+                         xaxis_title="model", yaxis_title="mean ROUGE-L F-measure", yaxis_range=[0, 1.05],
+                         template="plotly_white")
+    return figure
+
+
+def loop_rate_figure(comparison: dict) -> go.Figure:
+    """Share of each model's hold-out answers with a loop (``lib.scores.has_loop``), as bars."""
+    names = list(comparison["models"])
+    values = [_value_or_nan(comparison["models"][n]["scores"]["loop_rate"]) for n in names]
+    figure = go.Figure(go.Bar(x=names, y=values, text=[pct(v) for v in values], textposition="outside",
+                              marker_color="#d62728"))
+    figure.update_layout(title="Answers that loop (a word 4-gram 3 or more times)", xaxis_title="model",
+                         yaxis_title="share of answers", yaxis_tickformat=".0%", yaxis_range=[0, 1.05],
+                         template="plotly_white")
+    return figure
+
+
+def rouge_l_difference_figure(comparison: dict) -> go.Figure:
+    """Matrix of mean per-question ROUGE-L differences, column model minus row model, each cell
+    annotated with its paired bootstrap 95% CI (``comparison_scores``)."""
+    names = list(comparison["models"])
+    cells = {}
+    for pair in comparison["pairs"]:
+        d = {key: _value_or_nan(pair["rougeL_difference"][key]) for key in ("mean", "ci95_low", "ci95_high")}
+        cells[(pair["a"], pair["b"])] = (d["mean"], d["ci95_low"], d["ci95_high"])
+        # 0.0 - x, not -x: a zero difference reads +0.000 both ways, not -0.000.
+        cells[(pair["b"], pair["a"])] = (0.0 - d["mean"], 0.0 - d["ci95_high"], 0.0 - d["ci95_low"])
+    z, text = [], []
+    for row in names:
+        z.append([cells.get((row, column), (float("nan"),))[0] for column in names])
+        text.append([f"{cells[(row, column)][0]:+.3f}<br>[{cells[(row, column)][1]:+.3f}, {cells[(row, column)][2]:+.3f}]"
+                     if (row, column) in cells else "" for column in names])
+    figure = go.Figure(go.Heatmap(z=z, x=names, y=names, text=text, texttemplate="%{text}", colorscale="RdBu",
+                                  zmid=0, colorbar={"title": "ROUGE-L<br>difference"},
+                                  hovertemplate="%{x} minus %{y}: %{text}<extra></extra>"))
+    figure.update_layout(title="ROUGE-L difference b − a: column minus row (paired bootstrap 95% CI)",
+                         xaxis_title="b", yaxis_title="a (subtracted)", yaxis_autorange="reversed",
+                         template="plotly_white")
+    return figure
+
+
+def _interval(difference: dict) -> str:
+    values = [_value_or_nan(difference[key]) for key in ("mean", "ci95_low", "ci95_high")]
+    if any(math.isnan(v) for v in values):
+        return "n/a"
+    return f"{values[0]:+.3f} [{values[1]:+.3f}, {values[2]:+.3f}]"
+
+
+def report_html(comparison: dict, rows: list[dict]) -> str:
+    """The comparison's page (``lib.html_report``): what was compared, the models' scores, the three
+    figures, every pair's differences with CIs, and every answer side by side with a category filter.
+
+    :param comparison: the content of ``comparison.json`` (``compared``).
+    :param rows: ``answer_rows``.
+    """
+    names = list(comparison["models"])
+    hold_out, generation = comparison["hold_out"], comparison["generation"]
+    intro = (
+        f"<p>Base model <code>{html.escape(comparison['base_model_id'])}</code>; "
+        f"{hold_out['questions']} hold-out questions from {html.escape(hold_out['source'])}. "
+        f"Greedy answers, at most {generation['max_new_tokens']} new tokens; bootstrap seed {comparison['seed']}.</p>\n"
+    )
+    if hold_out["runs_split_otherwise"]:
+        intro += (f"<p><strong>Note:</strong> {html.escape(', '.join(hold_out['runs_split_otherwise']))} split "
+                  "another data file or with other split inputs, so may have trained on some of these questions.</p>\n")
+    score_rows = [[name, entry.get("run_dir") or "", *(fmt(entry["scores"][k]) for k in ROUGE_TYPES),
+                   pct(_value_or_nan(entry["scores"]["eos_stop_rate"])), fmt(entry["scores"]["mean_answer_words"], 1),
+                   fmt(entry["scores"]["mean_new_tokens"], 1), pct(_value_or_nan(entry["scores"]["loop_rate"])),
+                   fmt(entry["scores"]["distinct_1"]), fmt(entry["scores"]["distinct_2"])]
+                  for name, entry in comparison["models"].items()]
+    scores_table = html_report.table(
+        ["model", "run", *ROUGE_TYPES, "ends on EOS", "mean words", "mean new tokens", "loop rate", "distinct-1",
+         "distinct-2"], score_rows, table_id="scores")
+    settings = {name: entry.get("settings", {}) for name, entry in comparison["models"].items() if entry["kind"] != BASE}
+    keys = sorted({key for values in settings.values() for key in values})
+    settings_html = html_report.table(["setting", *settings], [[key, *(json.dumps(settings[n].get(key), default=str)
+                                                                       for n in settings)] for key in keys],
+                                      table_id="settings") if keys else "<p>The runs' recorded settings agree.</p>\n"
+    pair_rows = [[pair["a"], pair["b"], *(_interval(pair[f"{m}_difference"]) for m in ("rougeL", *REPETITION_MEASURES))]
+                 for pair in comparison["pairs"]]
+    pairs_table = html_report.table(["a", "b", "ROUGE-L b − a", "loop rate b − a", "distinct-1 b − a",
+                                     "distinct-2 b − a"], pair_rows, table_id="pairs")
+    categories = comparison["per_category"]
+    category_table = html_report.table(
+        ["category", "questions", *names],
+        [[category, next(iter(by_model.values()))["count"], *(fmt(by_model[n]["rougeL"]) for n in names)]
+         for category, by_model in categories.items()], table_id="categories")
+    answers = [{"question": r["question"], "category": r["category"], "reference": r["reference"],
+                **{f"answer-{i}": r["answers"][name]["text"] for i, name in enumerate(names)}} for r in rows]
+    columns = [("question", "question"), ("reference", "reference"),
+               *((f"answer-{i}", name) for i, name in enumerate(names))]
+    body = (
+        "<h1>Comparison of fine-tuned runs</h1>\n" + intro
+        + html_report.section("Scores", scores_table, "scores-section")
+        + html_report.section("Settings that differ", settings_html, "settings-section")
+        + html_report.section("ROUGE-L", html_report.figure_div(rouge_l_figure(comparison), "rouge-l-figure")
+                              + "<h3>Mean ROUGE-L by category</h3>\n" + category_table, "rouge-l-section")
+        + html_report.section(
+            "Pairwise differences",
+            html_report.figure_div(rouge_l_difference_figure(comparison), "rouge-l-difference-figure")
+            + "<p class=\"muted\">Each difference is b minus a, the mean over the questions with its 95% paired "
+              "percentile bootstrap interval (2,000 resamples of the questions).</p>\n" + pairs_table,
+            "pairs-section")
+        + html_report.section("Loops", html_report.figure_div(loop_rate_figure(comparison), "loop-rate-figure"),
+                              "loops-section")
+        + html_report.section("Answers", html_report.answers_table(answers, columns, table_id="answers"),
+                              "answers-section")
+    )
+    return html_report.page("philo_dataflow comparison", body)
+
+
+def compared(runs: list[Run], hold_out_set: Dataset, hold_out_source: str, max_new_tokens: int,
+             generation_batch_size: int, seed: int, data_path: Optional[str] = None) -> tuple[dict, list[dict]]:
+    """Every run's fine-tuned model and the base model (loaded with the first run) answering
+    ``hold_out_set``, scored (``comparison_scores``).
+
+    :param runs: two or more runs of one base model; the first also gives the base answers.
+    :param hold_out_set: the questions (``input_text``, ``output_text``, ``category``, ``context``).
+    :param hold_out_source: where the questions come from, for the record.
+    :param data_path: the data file the hold-out split was made of (``--data-path``), None for the first
+        run's own hold-out set.
+    :return: ``(comparison, rows)``: the content of ``comparison.json`` and of ``answers.jsonl``
+        (``answer_rows``); ``comparison["hold_out"]["runs_split_otherwise"]`` names the runs that may have
+        trained on some of the ``data_path`` hold-out questions (``runs_split_otherwise``).
+    :raises ValueError: a model that cannot be loaded.
+    """
+    labels = run_labels(runs)
+    split_otherwise = [labels[i] for i in runs_split_otherwise(runs, data_path)] if data_path else []
+    hold_out = [{"question": q, "reference": r, "category": c} for q, r, c in
+                zip(hold_out_set["input_text"], hold_out_set["output_text"], hold_out_set["category"])]
+    answers = {}
+    for index, (label, run) in enumerate(zip(labels, runs)):
+        logger.info("answering with %s (%s)", label, run.adapter_dir)
+        generations = model_answers(run, hold_out_set, max_new_tokens, generation_batch_size, with_base=index == 0)
+        if index == 0:
+            answers[BASE] = generations[BASE]
+        answers[label] = generations["finetuned"]
+    scores = comparison_scores(hold_out, answers, seed)
+    settings = differing_settings(dict(zip(labels, runs)))
+    models = {BASE: {"kind": BASE, "model_id": runs[0].base_model_id, "run_dir": None,
+                     "scores": scores["models"][BASE]}}
+    for label, run in zip(labels, runs):
+        models[label] = {"kind": "finetuned", "run_dir": str(run.run_dir), "adapter_dir": str(run.adapter_dir),
+                         "finetuning_method": run.manifest.get("finetuning_method", "lora"),
+                         "settings": settings[label], "scores": scores["models"][label]}
+    comparison = {
+        "base_model_id": runs[0].base_model_id,
+        "hold_out": {"source": hold_out_source, "questions": len(hold_out),
+                     "split_inputs": {**split_inputs(runs[0]), **({"data_path": data_path} if data_path else {})},
+                     "runs_split_otherwise": split_otherwise},
+        "generation": {"max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size,
+                       "settings": dict(GREEDY)},
+        "seed": seed,
+        "models": models,
+        "pairs": scores["pairs"],
+        "per_category": scores["per_category"],
+    }
+    return json_ready(comparison), json_ready(answer_rows(hold_out, answers, scores))
+
+
+def summary_lines(comparison: dict) -> list[str]:
+    """A plain-text summary of ``comparison``: each model's ROUGE-L and loop rate, each pair's ROUGE-L
+    difference with its CI."""
+    lines = [f"{'model':<28} ROUGE-L  loop rate  ends on EOS"]
+    for name, entry in comparison["models"].items():
+        s = entry["scores"]
+        lines.append(f"{one_line(name)[:28]:<28} {fmt(s['rougeL']):>7}  {pct(_value_or_nan(s['loop_rate'])):>9}  "
+                     f"{pct(_value_or_nan(s['eos_stop_rate'])):>11}")
+    for pair in comparison["pairs"]:
+        lines.append(f"ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}")
+    return lines

@@ -1,0 +1,255 @@
+"""GGUF export: llama.cpp's own converter (``convert_hf_to_gguf.py`` with the ``gguf-py`` it ships with),
+greedy answers and logits of a GGUF file through llama-cpp-python, and the Ollama ``Modelfile`` of a
+prompt format. Imports nothing of the package but its siblings.
+
+The converter is not a PyPI package of its own; ``setup.sh`` extracts it, once, from the llama-cpp-python
+sdist on PyPI (``vendor/llama.cpp``: the script, its ``conversion`` package, ``gguf-py``, ``LICENSE``) into
+``CONVERTER_DIR``. The environment variable ``PHILO_GGUF_CONVERTER`` may name another copy (a llama.cpp
+checkout, or the script in it). The converter runs in a subprocess of this Python with its own
+``gguf-py`` first on ``PYTHONPATH``, so it never meets the ``gguf`` release installed from PyPI.
+"""
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import string
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import jinja2
+from transformers import PreTrainedTokenizerBase
+
+from .prompts import ALPACA, ALPACA_PROMPT, CHAT_TEMPLATE, TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming a converter directory (holding ``convert_hf_to_gguf.py`` and ``gguf-py``)
+#: or the script itself.
+CONVERTER_ENV = "PHILO_GGUF_CONVERTER"
+#: Where ``setup.sh`` extracts the converter: ``.venv/share/llama.cpp-convert`` for the project's venv.
+CONVERTER_DIR = Path(sys.prefix) / "share" / "llama.cpp-convert"
+CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
+#: GGUF tensor type of the export. f32: the merged model is fp32, so the GGUF holds the very same weights
+#: and any disagreement measured against it is the conversion's or llama.cpp's, not rounding's (an f16
+#: copy is half the size, 270 MB instead of 540 MB for SmolLM2-135M, and can flip near-tied greedy
+#: tokens). Quantise the f32 file afterwards (``ollama create --quantize q4_K_M``, ``llama-quantize``).
+GGUF_OUTTYPE = "f32"
+#: Hold-out questions the GGUF copy re-answers by default (``run.py export --gguf-questions``).
+GGUF_CHECKED_QUESTIONS = 5
+_CHATML_START, _CHATML_END = "<|im_start|>", "<|im_end|>"
+#: Go template (Ollama's ``TEMPLATE``) of a ChatML conversation ending on the assistant's turn.
+CHATML_GO_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+
+
+class GGUFConversionError(RuntimeError):
+    """llama.cpp's converter exited with an error; the message holds its last line."""
+
+
+def converter_script() -> Optional[Path]:
+    """The converter script to run: in ``$PHILO_GGUF_CONVERTER`` when set, else in ``CONVERTER_DIR``;
+    None when there is none with its ``gguf-py`` beside it."""
+    configured = os.environ.get(CONVERTER_ENV)
+    candidate = Path(configured).expanduser() if configured else CONVERTER_DIR
+    script = candidate / CONVERTER_SCRIPT if candidate.is_dir() else candidate
+    if script.is_file() and (script.parent / "gguf-py" / "gguf").is_dir():
+        return script
+    return None
+
+
+def converter_missing() -> Optional[str]:
+    """One line saying why the converter cannot run here and how to get it; None when it can."""
+    if converter_script() is None:
+        configured = os.environ.get(CONVERTER_ENV)
+        if configured:
+            return (f"{CONVERTER_ENV}={configured!r} names no {CONVERTER_SCRIPT} with its gguf-py directory beside "
+                    f"it; point it at a llama.cpp checkout (or at {CONVERTER_DIR}, which setup.sh fills), or unset it.")
+        return (f"GGUF export needs llama.cpp's {CONVERTER_SCRIPT}, which is not in {CONVERTER_DIR}: run `bash setup.sh` "
+                f"(it extracts the converter from the llama-cpp-python sdist on PyPI), or set {CONVERTER_ENV} to a "
+                "llama.cpp checkout.")
+    if importlib.util.find_spec("sentencepiece") is None:
+        return f"llama.cpp's {CONVERTER_SCRIPT} needs sentencepiece: pip install sentencepiece (requirements.txt has it)."
+    return None
+
+
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = GGUF_OUTTYPE) -> None:
+    """Converts the Hugging Face model directory ``model_dir`` to the GGUF file ``outfile`` with llama.cpp's
+    converter, in a subprocess of this Python (its ``gguf-py`` first on ``PYTHONPATH``).
+
+    :param outtype: the converter's ``--outtype`` (``f32``, ``f16``, ``bf16``, ``q8_0``).
+    :raises GGUFConversionError: no converter (``converter_missing``'s line), or the converter failed (an
+        architecture or pre-tokenizer it does not know, say); the message holds its last line.
+    """
+    script = converter_script()
+    if script is None:
+        raise GGUFConversionError(converter_missing())
+    paths = [str(script.parent / "gguf-py"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    environment.pop("NO_LOCAL_GGUF", None)
+    command = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(outfile)]
+    logger.info("converting %s to GGUF (%s) with %s", model_dir, outtype, script)
+    process = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    if process.returncode != 0:
+        lines = [line.strip() for line in (process.stdout + process.stderr).splitlines() if line.strip()]
+        last = lines[-1][:300] if lines else "no output"
+        raise GGUFConversionError(f"llama.cpp's {CONVERTER_SCRIPT} failed on {model_dir} (exit {process.returncode}): {last}")
+
+
+def gguf_metadata(path: Path) -> dict:
+    """What the converter recorded: ``architecture`` (llama.cpp's name), ``pre_tokenizer`` (the BPE
+    pre-tokenizer it recognised; None for SentencePiece vocabularies) and ``tensors`` (count)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def text(key: str) -> Optional[str]:
+        field = reader.fields.get(key)
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+
+    return {"architecture": text("general.architecture"), "pre_tokenizer": text("tokenizer.ggml.pre"),
+            "tensors": len(reader.tensors)}
+
+
+def llama_cpp_missing() -> Optional[str]:
+    """One line saying that llama-cpp-python (which loads a GGUF file back) is not installed; None when it is."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ("checking the GGUF file needs llama-cpp-python: pip install llama-cpp-python "
+                "(`bash setup.sh --dev` builds it).")
+    return None
+
+
+def llama_cpp_version() -> Optional[str]:
+    """The installed llama-cpp-python version; None when it is not installed."""
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def load_gguf(path: Path, n_ctx: int, seed: int):
+    """``llama_cpp.Llama`` over the GGUF file, on the CPU, keeping the logits of every evaluated position,
+    with its KV cache in f32: llama.cpp's default f16 cache rounds keys and values, and the check is of the
+    converted weights, not of that rounding.
+
+    :param n_ctx: context size in tokens (longest prompt + ``max_new_tokens``).
+    """
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, seed=seed, logits_all=True, verbose=False,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def greedy_continuation(llm, prompt: list[int], max_new_tokens: int, eos_token_id: Optional[int]) -> list[int]:
+    """llama.cpp's greedy continuation (temperature 0: its greedy sampler) of the token ids ``prompt``, fed
+    as ids (no re-tokenizing), from an empty KV cache; up to and including ``eos_token_id``, at most
+    ``max_new_tokens`` tokens."""
+    llm.reset()
+    tokens: list[int] = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        tokens.append(int(token))
+        if token == eos_token_id or len(tokens) >= max_new_tokens:
+            break
+    return tokens
+
+
+def gguf_logits(llm, ids: list[int]):
+    """llama.cpp's logits at every position of ``ids`` (one evaluation from an empty KV cache): a float32
+    numpy array of shape (len(ids), n_vocab)."""
+    llm.reset()
+    llm.eval(ids)
+    return llm.scores[: len(ids)].copy()
+
+
+def _chatml_default_system(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, Optional[str]]:
+    """Whether the tokenizer's chat template renders ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per
+    turn, ``<|im_start|>assistant\\n`` as the generation prompt), and the system prompt it adds to a
+    conversation that has none (SmolLM2's does); found by rendering sample conversations."""
+    def turn(role: str, content: str) -> str:
+        return f"{_CHATML_START}{role}\n{content}{_CHATML_END}\n"
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    system, question, answer, follow_up = "\x01system\x01", "\x01question\x01", "\x01answer\x01", "\x01again\x01"
+    try:
+        full = render([{"role": "system", "content": system}, {"role": "user", "content": question},
+                       {"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}])
+        single = render([{"role": "user", "content": question}])
+    except (jinja2.TemplateError, ValueError, TypeError):
+        return False, None
+    generation_prompt = f"{_CHATML_START}assistant\n"
+    expected = turn("system", system) + turn("user", question) + turn("assistant", answer) + turn("user", follow_up)
+    ending = turn("user", question) + generation_prompt
+    if full != expected + generation_prompt or not single.endswith(ending):
+        return False, None
+    added = single[: -len(ending)]
+    if not added:
+        return True, None
+    opening, closing = f"{_CHATML_START}system\n", f"{_CHATML_END}\n"
+    if added.startswith(opening) and added.endswith(closing) and added.count(_CHATML_START) == 1:
+        return True, added[len(opening) : -len(closing)]
+    return False, None
+
+
+def _go_literal(text: str) -> str:
+    """``text`` as literal Go-template text: ``{{`` and ``}}`` become actions printing them."""
+    return re.sub(r"\{\{|\}\}", lambda match: '{{ "' + match.group(0) + '" }}', text)
+
+
+def _prompt_go_template(prompt_format: str, prompt_template: Optional[str]) -> tuple[str, list[str]]:
+    """The Go template of a single-turn prompt format around ``{{ .Prompt }}``, and comment lines."""
+    if prompt_format == ALPACA:
+        before, _, after = ALPACA_PROMPT.partition("{instruction}")
+        return _go_literal(before) + "{{ .Prompt }}" + _go_literal(after), []
+    if prompt_format == TEMPLATE and prompt_template:
+        parts = list(string.Formatter().parse(prompt_template))
+        fields = {field for _, field, _, _ in parts if field is not None}
+        if len(fields) == 1:
+            marked = "".join(literal + ("\x00" if field is not None else "") for literal, field, _, _ in parts)
+            rendered = _go_literal(marked).replace("\x00", "{{ .Prompt }}")
+            return rendered, [f"# the run's prompt_template, its field {{{fields.pop()}}} is the prompt"]
+        return "{{ .Prompt }}", [f"# the run's prompt_template has the fields {sorted(fields)}: give the whole "
+                                 "rendered prompt as the prompt"]
+    return "{{ .Prompt }}", []
+
+
+def modelfile_text(
+    tokenizer: PreTrainedTokenizerBase, prompt_format: str, prompt_template: Optional[str], generation_settings: dict,
+    gguf_name: str,
+) -> str:
+    """An Ollama ``Modelfile`` for the GGUF file ``gguf_name`` beside it: the prompt format the model was
+    trained with as ``TEMPLATE`` (a ChatML chat template as a Go template over ``.Messages``, with its
+    default system prompt as ``SYSTEM``; the alpaca prompt or a one-field ``prompt_template`` around
+    ``.Prompt``), the end-of-turn token as ``stop``, and the run's decoding (temperature 0 for greedy).
+    A chat template that is not ChatML gets no ``TEMPLATE``: Ollama then reads ``tokenizer.chat_template``
+    from the GGUF file, which it recognises for the common model families."""
+    lines = ["# Ollama Modelfile of the exported model (philo_dataflow): ollama create NAME -f Modelfile",
+             f"FROM ./{gguf_name}"]
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    if prompt_format == CHAT_TEMPLATE:
+        chatml, system = _chatml_default_system(tokenizer)
+        if chatml:
+            lines.append(f'TEMPLATE """{CHATML_GO_TEMPLATE}"""')
+            if system is not None:
+                lines.append(f'SYSTEM """{system}"""')
+            stops = [_CHATML_END] + [s for s in stops if s != _CHATML_END]
+        else:
+            lines.append("# the chat template is not ChatML: Ollama takes tokenizer.chat_template from the GGUF file")
+    else:
+        template, comments = _prompt_go_template(prompt_format, prompt_template)
+        lines += comments
+        lines.append(f'TEMPLATE """{template}"""')
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    if generation_settings.get("do_sample"):
+        lines += [f"PARAMETER temperature {generation_settings['temperature']}",
+                  f"PARAMETER top_p {generation_settings['top_p']}", f"PARAMETER top_k {generation_settings['top_k']}"]
+    else:
+        lines.append("PARAMETER temperature 0")
+    if generation_settings.get("repetition_penalty", 1.0) != 1.0:
+        lines.append(f"PARAMETER repeat_penalty {generation_settings['repetition_penalty']}")
+    return "\n".join(lines) + "\n"

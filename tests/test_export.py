@@ -1,0 +1,307 @@
+"""Export (``run.py export``): the LoRA adapter merged into fp32 base weights answers with the adapter's very
+token ids (a merged model that answers differently is a known PEFT failure, peft#1388, peft#2502), the
+GGUF copy made by llama.cpp's own converter answers with the merged model's ids through llama-cpp-python,
+the Ollama Modelfile carries the prompt format, full fine-tuning exports the model itself, and bad input
+is one line and writes nothing.
+
+The adapter checked is the tiny run's with its LoRA B matrices made large, so that it changes the answers
+(after a few tiny training steps it barely moves them, and identical ids would prove nothing)."""
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_INPUTS, example_subset
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import philo_dataflow
+from philo_dataflow import saving
+from philo_dataflow.commands import export
+from philo_dataflow.lib import gguf_export
+from philo_dataflow.lib.generation import generate_answers
+from philo_dataflow.lib.prompts import prompt_token_ids
+from philo_dataflow.testing import tree
+
+#: Largest absolute logit difference accepted between the adapter and the merged model, and between the
+#: merged model and its f32 GGUF copy; both measure about 2e-7 on the tiny model (logits up to ~1).
+LOGIT_TOLERANCE = 1e-5
+needs_converter = pytest.mark.skipif(gguf_export.converter_missing() is not None,
+                                     reason=f"no GGUF converter: {gguf_export.converter_missing()}")
+needs_llama_cpp = pytest.mark.skipif(gguf_export.llama_cpp_missing() is not None, reason="no llama-cpp-python")
+
+
+def _export(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = export.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def strong_run(tiny_run_dir, tmp_path_factory) -> Path:
+    """A run directory holding a copy of the tiny run's adapter with LoRA B drawn from N(0, 0.1)."""
+    run = tmp_path_factory.mktemp("strong-run")
+    shutil.copytree(Path(tiny_run_dir) / "adapter", run / "adapter")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(tensor.shape, generator=generator) * 0.1 if "lora_B" in name else tensor
+               for name, tensor in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_export(strong_run) -> dict:
+    """``run.py export --model-dir <run>/adapter`` (default output dir: the run's), with its output."""
+    adapter = strong_run / "adapter"
+    before = tree(adapter)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, out, err = _export(["--model-dir", str(adapter)])
+    finally:
+        torch.set_num_threads(threads)
+    return {"code": code, "out": out, "err": err, "adapter_before": before, "merged": strong_run / "merged",
+            "report": json.loads((strong_run / "merged" / "export_report.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def hold_out(strong_run, tmp_path_factory) -> dict:
+    """The run's hold-out prompts (token ids), tokenizer and adapter model, made here without the export."""
+    adapter = strong_run / "adapter"
+    inputs = export._inputs(str(adapter), str(tmp_path_factory.mktemp("unused")))
+    dr = philo_dataflow.build_driver({"start": "presaved", "presaved_model_dir": str(adapter)})
+    values = dr.execute(["hold_out_set", "tokenizer", "prompt_format"], inputs=inputs)
+    tokenizer = values["tokenizer"]
+    prompts = [prompt_token_ids(tokenizer, values["prompt_format"], question)
+               for question in values["hold_out_set"]["input_text"]]
+    base_id = json.loads((adapter / "philo_dataflow_manifest.json").read_text())["inputs"]["model_id"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), str(adapter)).eval()
+    return {"prompts": prompts, "tokenizer": tokenizer, "adapter_model": model,
+            "max_new_tokens": inputs["max_new_tokens"]}
+
+
+def _greedy_ids(model, hold_out: dict) -> list[list[int]]:
+    answers = generate_answers(model, hold_out["tokenizer"], hold_out["prompts"], hold_out["max_new_tokens"], 32)
+    return [answer["token_ids"] for answer in answers]
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0]  # (len(ids), vocab)
+
+
+def test_export_writes_a_plain_merged_model_and_leaves_the_adapter_untouched(lora_export, strong_run):
+    assert lora_export["code"] == 0, lora_export["err"][-2000:]
+    merged = lora_export["merged"]
+    names = {path.name for path in merged.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json",
+            "export_report.json", "export_report.md"} <= names
+    assert not names & {"adapter_config.json", "adapter_model.safetensors"}
+    assert not [name for name in names if name.startswith(".")]  # no temporary file left
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert (generation["do_sample"], generation["max_new_tokens"]) == (False, FAST_INPUTS["max_new_tokens"])
+    assert tree(strong_run / "adapter") == lora_export["adapter_before"]
+    assert f"{merged}/" in lora_export["out"] and "identical token ids on 6 of 6" in lora_export["out"]
+
+
+def test_merged_model_answers_with_the_adapters_token_ids(lora_export, hold_out):
+    adapter = hold_out["adapter_model"]
+    merged = AutoModelForCausalLM.from_pretrained(lora_export["merged"]).eval()  # plain transformers, no PEFT
+    adapter_ids = _greedy_ids(adapter, hold_out)
+    assert _greedy_ids(merged, hold_out) == adapter_ids
+    with adapter.disable_adapter():
+        base_ids = _greedy_ids(adapter, hold_out)
+    assert sum(a != b for a, b in zip(adapter_ids, base_ids)) >= len(adapter_ids) - 1  # the adapter matters
+    largest = moved = 0.0
+    for prompt, answer in zip(hold_out["prompts"], adapter_ids):
+        ids = prompt + answer
+        adapted = _logits(adapter, ids)
+        largest = max(largest, (adapted - _logits(merged, ids)).abs().max().item())
+        with adapter.disable_adapter():
+            moved = max(moved, (adapted - _logits(adapter, ids)).abs().max().item())
+    assert largest < LOGIT_TOLERANCE < moved / 1000
+    report = lora_export["report"]["merged_model"]
+    assert report["identical_token_ids"] == report["questions"] == len(adapter_ids)
+    assert report["first_divergences"] == [] and report["max_abs_logit_difference"] < LOGIT_TOLERANCE
+
+
+def test_merging_leaves_the_adapter_model_and_its_base_weights_untouched(strong_run, tiny_model_dir, tmp_path,
+                                                                        one_torch_thread):
+    adapter = strong_run / "adapter"
+    dr = philo_dataflow.build_driver({"start": "presaved", "presaved_model_dir": str(adapter)})
+    values = dr.execute(["merged_model", "finetuned_model"], inputs=export._inputs(str(adapter), str(tmp_path)))
+    tuned, merged = values["finetuned_model"], values["merged_model"]
+    lora_layers = [m for m in tuned.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and not any(m.merged for m in lora_layers)  # the adapter model was not merged in place
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    with tuned.disable_adapter():
+        base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in tuned.state_dict().items()
+                if "lora_" not in n}
+    assert base.keys() == fresh.keys() and all(torch.equal(base[n], fresh[n]) for n in fresh)
+    assert not any("lora_" in n for n in merged.state_dict())
+    assert not all(torch.equal(merged.state_dict()[n], fresh[n]) for n in fresh)
+
+
+@needs_converter
+@needs_llama_cpp
+def test_gguf_copy_answers_with_the_merged_models_token_ids(lora_export, hold_out):
+    import llama_cpp
+
+    gguf = lora_export["merged"] / "model.gguf"
+    assert gguf_export.gguf_metadata(gguf)["pre_tokenizer"] == "smollm"  # SmolLM2's BPE pre-tokenizer recognised
+    merged = AutoModelForCausalLM.from_pretrained(lora_export["merged"]).eval()
+    merged_ids = _greedy_ids(merged, hold_out)
+    tokenizer, prompts = hold_out["tokenizer"], hold_out["prompts"]
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, verbose=False, seed=0,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        # llama.cpp's own tokenizer reads the rendered prompts as transformers does
+        assert [llm.tokenize(tokenizer.decode(p).encode(), add_bos=False, special=True) for p in prompts] == prompts
+        gguf_ids = [gguf_export.greedy_continuation(llm, p, hold_out["max_new_tokens"], tokenizer.eos_token_id)
+                    for p in prompts]
+        largest = max(
+            float(abs(_logits(merged, p + a).numpy() - gguf_export.gguf_logits(llm, p + a)).max())
+            for p, a in zip(prompts, merged_ids))
+    finally:
+        llm.close()
+    assert gguf_ids == merged_ids
+    assert largest < LOGIT_TOLERANCE
+    report = lora_export["report"]["gguf"]
+    assert (report["status"], report["outtype"], report["architecture"]) == ("ok", "f32", "llama")
+    assert report["identical_token_ids"] == report["questions"] == gguf_export.GGUF_CHECKED_QUESTIONS
+    assert report["max_abs_logit_difference"] < LOGIT_TOLERANCE
+    assert "identical greedy token ids on 5 of 5 questions" in lora_export["out"]
+
+
+@needs_converter
+def test_modelfile_carries_the_chatml_template_and_its_stop_token(lora_export):
+    assert (lora_export["merged"] / "Modelfile").read_text() == (
+        "# Ollama Modelfile of the exported model (philo_dataflow): ollama create NAME -f Modelfile\n"
+        "FROM ./model.gguf\n"
+        'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        '<|im_start|>assistant\n"""\n'
+        'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""\n'
+        'PARAMETER stop "<|im_end|>"\n'
+        "PARAMETER temperature 0\n"
+    )
+
+
+def test_modelfile_of_the_alpaca_and_template_formats(alpaca_tokenizer):
+    greedy = {"do_sample": False}
+    alpaca = gguf_export.modelfile_text(alpaca_tokenizer, "alpaca", None, greedy, "model.gguf")
+    assert ('TEMPLATE """Below is an instruction that describes a task. Write a response that appropriately '
+            'completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n"""') in alpaca
+    assert f'PARAMETER stop "{alpaca_tokenizer.eos_token}"' in alpaca
+    template = gguf_export.modelfile_text(alpaca_tokenizer, "template", "### Q {{{{x}}}}:\n{question}\n### A:", greedy,
+                                          "model.gguf")
+    assert 'TEMPLATE """### Q {{ "{{" }}x{{ "}}" }}:\n{{ .Prompt }}\n### A:"""' in template
+
+
+def test_without_a_converter_the_gguf_step_says_how_to_get_it_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv(gguf_export.CONVERTER_ENV, raising=False)
+    monkeypatch.setattr(gguf_export, "CONVERTER_DIR", tmp_path / "no-converter")
+    before = tree(tmp_path)
+    result = saving.saved_gguf_model({"merged_dir": str(tmp_path)}, "FROM ./model.gguf\n", "causal")
+    assert result["status"] == "skipped" and "run `bash setup.sh`" in result["reason"]
+    assert str(tmp_path / "no-converter") in result["reason"] and "\n" not in result["reason"]
+    monkeypatch.setenv(gguf_export.CONVERTER_ENV, str(tmp_path / "elsewhere"))
+    reason = saving.saved_gguf_model({"merged_dir": str(tmp_path)}, "", "causal")["reason"]
+    assert reason.startswith(f"{gguf_export.CONVERTER_ENV}='{tmp_path / 'elsewhere'}' names no convert_hf_to_gguf.py")
+    assert tree(tmp_path) == before
+
+
+@needs_converter
+def test_a_model_the_converter_cannot_convert_is_one_line_and_leaves_no_file(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    (tmp_path / "merged" / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    before = tree(tmp_path)
+    result = saving.saved_gguf_model({"merged_dir": str(tmp_path / "merged")}, "FROM ./model.gguf\n", "causal")
+    assert result["status"] == "failed" and "\n" not in result["reason"]
+    assert result["reason"].startswith("llama.cpp's convert_hf_to_gguf.py failed on ") and "NoSuchForCausalLM" in result["reason"]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("make", ["missing", "no_manifest"])
+def test_bad_model_dir_is_one_error_line_and_writes_nothing(tmp_path, make):
+    model_dir = tmp_path / "adapter"
+    if make == "no_manifest":
+        model_dir.mkdir()
+        (model_dir / "adapter_config.json").write_text("{}")
+    before = tree(tmp_path)
+    code, out, err = _export(["--model-dir", str(model_dir), "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and out == ""
+    [line] = err.splitlines()
+    assert line.startswith(f"error: --model-dir {model_dir}: ") and "<output_dir>/adapter" in line
+    assert tree(tmp_path) == before
+
+
+def test_gguf_questions_below_one_is_one_error_line(tmp_path):
+    code, out, err = _export(["--model-dir", str(tmp_path), "--gguf-questions", "0"])
+    assert (code, out, err) == (2, "", "error: --gguf-questions 0: give at least 1 (default 5), or --no-gguf for no "
+                                       "GGUF file.\n")
+
+
+def test_export_outputs_stay_out_of_the_default_run_and_resolve_under_every_config():
+    assert set(philo_dataflow.EXPORT_OUTPUTS) == {"export_report", "saved_merged_model", "saved_gguf_model",
+                                                  "saved_export_report"}
+    assert set(philo_dataflow.EXPORT_OUTPUTS).isdisjoint(philo_dataflow.FINAL_VARIABLES)
+    for start in ("base", "presaved"):
+        for method in ("lora", "full"):
+            dr = philo_dataflow.build_driver({"start": start, "finetuning_method": method})
+            dr.validate_execution(list(philo_dataflow.EXPORT_OUTPUTS),
+                                  inputs={"data_path": "d.jsonl", "presaved_model_dir": "adapter"})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_alpaca_model_dir) -> Path:
+    """A finished tiny full fine-tuning run (the tiny Llama without a chat template: the alpaca prompt): its
+    ``output_dir``."""
+    work = tmp_path_factory.mktemp("full-run")
+    data = example_subset(work / "data.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
+    inputs = {**FAST_INPUTS, "data_path": data, "model_id": tiny_alpaca_model_dir, "output_dir": str(work / "run"),
+              "learning_rate": 1e-3, "torch_compile": False}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        philo_dataflow.build_driver({"start": "base", "finetuning_method": "full"}).execute(
+            ["save_best_models"], inputs=inputs)
+    finally:
+        torch.set_num_threads(threads)
+    return work / "run"
+
+
+def test_full_fine_tuning_exports_the_model_itself(full_run, tmp_path, one_torch_thread):
+    code, out, err = _export(["--model-dir", str(full_run / "adapter"), "--output-dir", str(tmp_path),
+                              "--gguf-questions", "2"])
+    assert code == 0, err[-2000:]
+    merged = tmp_path / "merged"
+    saved, exported = load_file(full_run / "adapter" / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert saved.keys() == exported.keys() and all(torch.equal(saved[n], exported[n]) for n in saved)
+    report = json.loads((merged / "export_report.json").read_text())
+    assert (report["finetuning_method"], report["merge"]) == ("full", "the fully fine-tuned model itself")
+    assert report["merged_model"]["identical_share"] == 1.0
+    assert report["merged_model"]["max_abs_logit_difference"] == 0.0
+    assert AutoTokenizer.from_pretrained(merged).chat_template is None
+    if gguf_export.converter_missing() is None and gguf_export.llama_cpp_missing() is None:
+        gguf = report["gguf"]
+        assert (gguf["status"], gguf["architecture"], gguf["questions"]) == ("ok", "llama", 2)
+        assert gguf["identical_token_ids"] == 2 and gguf["max_abs_logit_difference"] < LOGIT_TOLERANCE
+        assert "### Instruction:\n{{ .Prompt }}\n\n### Response:" in (merged / "Modelfile").read_text()
+
+
+def test_no_gguf_writes_the_merged_model_only(full_run, tmp_path, one_torch_thread):
+    code, out, err = _export(["--model-dir", str(full_run / "adapter"), "--output-dir", str(tmp_path), "--no-gguf"])
+    assert code == 0, err[-2000:]
+    names = {path.name for path in (tmp_path / "merged").iterdir()}
+    assert "model.safetensors" in names and not names & {"model.gguf", "Modelfile"}
+    report = json.loads((tmp_path / "merged" / "export_report.json").read_text())
+    assert report["gguf"] == {"status": "skipped", "reason": "--no-gguf"}
+    assert "GGUF skipped: --no-gguf" in out
