@@ -104,9 +104,10 @@ def run_of(path: str) -> Run:
 
 
 def run_labels(runs: list[Run]) -> list[str]:
-    """A short, unique name for each run: the last component of its ``run_dir``, or as many of the last
-    components as make the names unique (and unlike ``BASE``)."""
-    parts = [run.run_dir.resolve().parts for run in runs]
+    """A short, unique name for each run: the last component of its ``run_dir`` (of its adapter directory
+    when that is not named ``adapter``), or as many of the last components as make the names unique (and
+    unlike ``BASE``)."""
+    parts = [(run.run_dir if run.adapter_dir.name == ADAPTER_DIR else run.adapter_dir).resolve().parts for run in runs]
     for depth in range(1, max(map(len, parts)) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels) and BASE not in labels:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bad_inputs.cases import ACCEPTED, CASES, GOOD, JUDGE_MODELS, UNSET_KEY_VARIABLE, Case, Env
+from bad_inputs.commands import COMMAND_CASES
 from judge_servers import FaultyJudgeServer, free_port
 
 import philo_dataflow
@@ -173,3 +174,14 @@ def test_generation_nodes_raise_the_preflights_lines_before_generating(output):
         philo_dataflow.build_driver({"start": "base"}).execute(
             [output], inputs=settings, overrides={**placeholders, "prompt_format": "chat_template"})
     assert len(expected) == 2 and str(raised.value).splitlines() == expected
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=lambda case: case.id)
+def test_bad_subcommand_input_is_one_line_per_problem_and_writes_nothing(case, env, tmp_path, capsys):
+    argv = case.argv(env, tmp_path)
+    before, adapter_before = tree(tmp_path), tree(Path(env.adapter))
+    assert run.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: ") for line in lines), lines
+    _assert_matches([line[len("error: "):] for line in lines], case.expected)
+    assert tree(tmp_path) == before and tree(Path(env.adapter)) == adapter_before, "a refused command wrote files"

@@ -92,7 +92,7 @@ def checked_runs(paths: list[str], data_path: Optional[str]) -> tuple[list, list
             problems.append(Problem("runs", str(error)))
     seen = {}
     for path, run in runs:
-        key = run.run_dir.resolve()
+        key = run.adapter_dir.resolve()
         if key in seen:
             problems.append(Problem("runs", f"{seen[key]} and {path} are the same run; give each run once."))
         seen.setdefault(key, path)
