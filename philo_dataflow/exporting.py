@@ -31,7 +31,7 @@ from .lib.gguf_export import (
     modelfile_text,
 )
 from .lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
-from .prediction import _prompts
+from .lib.prompts import question_prompt_ids
 
 
 @config.when(finetuning_method="lora")
@@ -84,7 +84,7 @@ def hold_out_prompts(
 ) -> list[list[int]]:
     """Token ids of each hold-out question's prompt, as ``finetuned_model_hold_out_generations`` answered
     it (``prediction``'s prompts, overlong ones cut the same way)."""
-    return _prompts(hold_out_set, finetuned_model, tokenizer, prompt_format, max_new_tokens)
+    return question_prompt_ids(hold_out_set, finetuned_model, tokenizer, prompt_format, max_new_tokens)
 
 
 def merged_model_hold_out_generations(

@@ -7,7 +7,6 @@ fine-tuning, the untouched base weights.
 """
 
 import contextlib
-import logging
 
 from datasets import Dataset
 from hamilton.function_modifiers import (
@@ -23,28 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lib.generation import generate_answers
 from .lib.inputs import raise_hyperparameter_problems
-from .lib.problems import listed
-from .lib.prompts import prompt_token_ids
-
-logger = logging.getLogger(__name__)
-
-
-def _prompts(examples: Dataset, model, tokenizer: PreTrainedTokenizerBase, prompt_format: str,
-             max_new_tokens: int) -> list[list[int]]:
-    """Token ids of each question's whole prompt (its conversation before it included), whatever the
-    ``overlong_policy``: only a prompt longer than the model's context less ``max_new_tokens`` loses its
-    oldest tokens, counted in the log."""
-    contexts = examples["context"] if "context" in examples.column_names else ["[]"] * len(examples)
-    prompts = [prompt_token_ids(tokenizer, prompt_format, q, c) for q, c in zip(examples["input_text"], contexts)]
-    context_length = getattr(model.config, "max_position_embeddings", None)
-    if context_length and not getattr(model.config, "is_encoder_decoder", False):
-        room = max(context_length - max_new_tokens, 1)
-        cut = [i for i, ids in enumerate(prompts) if len(ids) > room]
-        if cut:
-            logger.warning("%d prompt(s) longer than the model's context (%d tokens) less max_new_tokens keep "
-                           "their last %d tokens (records %s)", len(cut), context_length, room, listed(cut))
-            prompts = [ids[-room:] for ids in prompts]
-    return prompts
+from .lib.prompts import question_prompt_ids
 
 
 def _generations(
@@ -60,7 +38,7 @@ def _generations(
     seed: int,
 ) -> list[dict]:
     raise_hyperparameter_problems(max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size)
-    prompts = _prompts(examples, model, tokenizer, prompt_format, max_new_tokens)
+    prompts = question_prompt_ids(examples, model, tokenizer, prompt_format, max_new_tokens)
     adapter_off = model.disable_adapter() if not use_adapter and isinstance(model, PeftModel) else contextlib.nullcontext()
     with adapter_off:
         return generate_answers(model, tokenizer, prompts, max_new_tokens, generation_batch_size,

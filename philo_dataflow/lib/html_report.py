@@ -15,7 +15,7 @@ h1 { font-size: 1.6rem; margin-bottom: .3rem; }
 h2 { font-size: 1.25rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; margin-top: 2rem; }
 h3 { font-size: 1.05rem; margin-top: 1.2rem; }
 nav a { margin-right: 1rem; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; display: block; max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid #d0d7de; padding: .25rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; }
 td { white-space: pre-wrap; }

@@ -15,12 +15,16 @@ supervised even where the pad token *is* the EOS token.
 """
 
 import json
+import logging
 import string
 from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
 from .inputs import OVERLONG_POLICIES
+from .problems import listed
+
+logger = logging.getLogger(__name__)
 
 #: Label of a position that is not supervised (PyTorch's ``cross_entropy`` ``ignore_index``).
 IGNORE_INDEX = -100
@@ -283,3 +287,22 @@ def tokenize_seq2seq_example(
     target = target[:max_seq_length]
     return {"input_ids": source, "attention_mask": [1] * len(source), "labels": target, "truncated": truncated,
             "prompt_truncated": prompt_truncated}
+
+
+def question_prompt_ids(examples, model, tokenizer: PreTrainedTokenizerBase, prompt_format: str,
+                        max_new_tokens: int) -> list[list[int]]:
+    """Token ids of each question's whole prompt (``examples``: a split with ``input_text`` and, for
+    conversations, ``context``), as generation sees it (its conversation before it included), whatever the
+    ``overlong_policy``: only a prompt longer than the model's context less ``max_new_tokens`` loses its
+    oldest tokens, counted in the log."""
+    contexts = examples["context"] if "context" in examples.column_names else ["[]"] * len(examples)
+    prompts = [prompt_token_ids(tokenizer, prompt_format, q, c) for q, c in zip(examples["input_text"], contexts)]
+    context_length = getattr(model.config, "max_position_embeddings", None)
+    if context_length and not getattr(model.config, "is_encoder_decoder", False):
+        room = max(context_length - max_new_tokens, 1)
+        cut = [i for i, ids in enumerate(prompts) if len(ids) > room]
+        if cut:
+            logger.warning("%d prompt(s) longer than the model's context (%d tokens) less max_new_tokens keep "
+                           "their last %d tokens (records %s)", len(cut), context_length, room, listed(cut))
+            prompts = [ids[-room:] for ids in prompts]
+    return prompts
