@@ -40,11 +40,11 @@ from .lib.generation import GREEDY
 from .lib.scores import (
     REPETITION_MEASURES,
     ROUGE_TYPES,
+    answer_summary,
     bootstrap_mean_difference_ci,
     has_loop,
     mean,
     repetition_difference,
-    repetition_measures,
     rouge_per_example,
 )
 from .lib.trainer import ready_for_generation
@@ -244,15 +244,8 @@ def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generati
 
 
 def _summary(generations: list[dict], scores: list[dict]) -> dict:
-    texts = [g["text"] for g in generations]
-    return {
-        **{name: mean([s[name] for s in scores]) for name in ROUGE_TYPES},
-        "eos_stop_rate": mean([float(g["ended_on_eos"]) for g in generations]),
-        "mean_answer_words": mean([len(t.split()) for t in texts]),
-        "mean_new_tokens": mean([len(g["token_ids"]) for g in generations]),
-        **repetition_measures(texts),
-        "count": len(generations),
-    }
+    return answer_summary([g["text"] for g in generations], [g["ended_on_eos"] for g in generations],
+                          [len(g["token_ids"]) for g in generations], scores)
 
 
 def comparison_scores(hold_out: list[dict], answers: dict, seed: int) -> dict:

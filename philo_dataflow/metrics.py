@@ -9,10 +9,10 @@ from hamilton.function_modifiers import tag
 from .lib.scores import (
     MODELS,
     ROUGE_TYPES,
+    answer_summary,
     bootstrap_mean_difference_ci,
     mean,
     repetition_difference,
-    repetition_measures,
     rouge_per_example,
 )
 
@@ -20,14 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def _summary(rows: list[dict], model: str, scores: list[dict]) -> dict:
-    return {
-        **{name: mean([s[name] for s in scores]) for name in ROUGE_TYPES},
-        "eos_stop_rate": mean([float(r[f"{model}_ended_on_eos"]) for r in rows]),
-        "mean_answer_words": mean([len(r[f"{model}_prediction"].split()) for r in rows]),
-        "mean_new_tokens": mean([r[f"{model}_new_tokens"] for r in rows]),
-        **repetition_measures([r[f"{model}_prediction"] for r in rows]),
-        "count": len(rows),
-    }
+    return answer_summary([r[f"{model}_prediction"] for r in rows], [r[f"{model}_ended_on_eos"] for r in rows],
+                          [r[f"{model}_new_tokens"] for r in rows], scores)
 
 
 @tag(output="final")

@@ -128,3 +128,17 @@ def repetition_difference(a_texts: list[str], b_texts: list[str], seed: int) -> 
         low, high = bootstrap_mean_difference_ci(differences, seed) if differences else (float("nan"),) * 2
         result[measure] = {"mean": mean(differences), "ci95_low": low, "ci95_high": high}
     return result
+
+
+def answer_summary(texts: list[str], ended_on_eos: list[bool], new_tokens: list[int], scores: list[dict]) -> dict:
+    """One model's answers summed up: mean ROUGE F-measures (``ROUGE_TYPES``, 0–1, from ``scores``, one dict
+    per answer), ``eos_stop_rate`` (share that ended on EOS), ``mean_answer_words``, ``mean_new_tokens``,
+    the ``repetition_measures`` and ``count``."""
+    return {
+        **{name: mean([s[name] for s in scores]) for name in ROUGE_TYPES},
+        "eos_stop_rate": mean([float(ended) for ended in ended_on_eos]),
+        "mean_answer_words": mean([len(t.split()) for t in texts]),
+        "mean_new_tokens": mean([float(n) for n in new_tokens]),
+        **repetition_measures(texts),
+        "count": len(texts),
+    }
