@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow writing over another run's files in --output-dir")
     parser.add_argument("--visualize", metavar="PATH", help="only draw the dataflow graph to PATH (.png/.svg) and exit")
     parser.add_argument("--no-graph", action="store_true", help=f"do not draw <output-dir>/{DATAFLOW_FILE}")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="Hamilton's cache: a re-run reuses every result whose code and inputs it has seen, "
+                             "e.g. the trained weights when only generation or judge settings change "
+                             "(default: $PHILO_DATAFLOW_CACHE/dataflow, that is ~/.cache/philo_dataflow/dataflow; "
+                             "single-process runs only)")
+    parser.add_argument("--no-cache", action="store_true", help="run every node, reading and writing no cache")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     groups = {group: parser.add_argument_group(title) for group, title in GROUP_TITLES.items()}
     for spec in CLI_INPUTS:
@@ -259,6 +265,23 @@ def run_config(start: str, inputs: dict, finetuning_method: str = "lora") -> dic
     return values
 
 
+def default_cache_dir() -> str:
+    """``run.py``'s cache directory when ``--cache-dir`` is not given: ``dataflow/`` in the package's cache
+    (``lib.model_sources.cache_root``: ``$PHILO_DATAFLOW_CACHE``, default ``~/.cache/philo_dataflow``)."""
+    from philo_dataflow.lib.model_sources import cache_root
+
+    return str(cache_root() / "dataflow")
+
+
+def run_cache_dir(cache_dir: Optional[str], no_cache: bool) -> Optional[str]:
+    """The cache directory the run uses: ``cache_dir`` or the default, None with ``--no-cache`` or when
+    several processes run (``WORLD_SIZE`` > 1, set by torchrun and accelerate): every rank must run the
+    same nodes, so that their collective operations meet."""
+    if no_cache or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return cache_dir or default_cache_dir()
+
+
 def _setting_problems(given: dict, outputs: list, available: set) -> list:
     """Mistakes in the command line itself, reported with the preflight's problems."""
     problems = []
@@ -312,6 +335,21 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     _print_judge_summary(metrics)
 
 
+def _print_cache_summary(dr) -> None:
+    """One line on what the cache gave: how many nodes came from it, and whether training did."""
+    if dr.cache is None:
+        return
+    from hamilton.caching.adapter import CachingEventType
+
+    reused = set()
+    for run_id in dr.cache.run_ids[-2:]:  # run.py executes twice: the data nodes, then the rest
+        for name, events in dr.cache.logs(run_id=run_id, level="debug").items():
+            if any(event.event_type == CachingEventType.GET_RESULT for event in events):
+                reused.add(name)
+    training = "the trained weights came from it" if "trained_parameters" in reused else "training ran"
+    print(f"  cache {dr.cache.result_store.path}: {len(reused)} results reused; {training} (--no-cache turns it off)")
+
+
 def _print_judge_summary(metrics: dict) -> None:
     judge = metrics.get("judge")
     if judge is None:
@@ -338,6 +376,7 @@ def main(argv: Optional[list] = None) -> int:
     import philo_dataflow
     from philo_dataflow import preflight
     from philo_dataflow.commands import SUBCOMMANDS
+    from philo_dataflow.lib.distributed import is_main_process, wait_for_everyone
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
@@ -358,7 +397,8 @@ def main(argv: Optional[list] = None) -> int:
             outputs += [o for o in philo_dataflow.JUDGE_OUTPUTS if o not in outputs]
         inputs = run_inputs(start, given)
         config = driver_config(start, judged, settings["finetuning_method"], inputs)
-        dr = philo_dataflow.build_driver(config, adapters=[h_tqdm.ProgressBar("philo_dataflow")])
+        dr = philo_dataflow.build_driver(config, adapters=[h_tqdm.ProgressBar("philo_dataflow")],
+                                         cache_dir=run_cache_dir(args.cache_dir, args.no_cache))
         if args.visualize:
             inputs = {"data_path": given.get("data_path", EXAMPLE_DATA_PATH)}
             print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
@@ -371,8 +411,11 @@ def main(argv: Optional[list] = None) -> int:
         problems += preflight.check_run_inputs(inputs, start, settings["overwrite"])
         if problems:
             raise InputProblems(problems)
+        # With several processes (torchrun, accelerate launch) every one has checked the output directory
+        # before any writes to it; from here on only the main process writes and prints.
+        wait_for_everyone()
         graph_note = None
-        if not args.no_graph:
+        if not args.no_graph and is_main_process():
             try:
                 graph_note = _draw_graph(dr, outputs, inputs, str(Path(inputs["output_dir"]) / DATAFLOW_FILE))
             except UserError as error:
@@ -387,7 +430,10 @@ def main(argv: Optional[list] = None) -> int:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return 2
+    if not is_main_process():
+        return 0
     _print_summary(result, inputs["output_dir"], time.time() - started)
+    _print_cache_summary(dr)
     if graph_note:
         print(f"  dataflow graph: {graph_note}")
     return 0

@@ -40,6 +40,7 @@ from . import (
     training,
 )
 from .lib.artifacts import read_manifest
+from .lib.caching import DataResultStore, cache_path
 from .lib.inputs import ARCHITECTURES, EMBEDDED_MODEL_ID, FINETUNING_METHODS, START_MODES
 from .lib.model_sources import is_encoder_decoder
 
@@ -55,7 +56,7 @@ OUTPUT_TAG = "output"
 
 
 def build_driver(
-    config: Optional[dict] = None, adapters: Optional[list[LifecycleAdapter]] = None
+    config: Optional[dict] = None, adapters: Optional[list[LifecycleAdapter]] = None, cache_dir: Optional[str] = None,
 ) -> driver.Driver:
     """A Hamilton driver over ``MODULES``.
 
@@ -67,10 +68,22 @@ def build_driver(
         presaved run is read from its manifest the same way. Those keys (``MODEL_SOURCE_KEYS``) only
         choose the switches: give them in ``inputs`` as usual.
     :param adapters: Hamilton lifecycle adapters, e.g. ``[h_tqdm.ProgressBar("philo_dataflow")]``.
+    :param cache_dir: turns on Hamilton's cache (``Builder().with_cache``) in ``<cache_dir>/<code
+        fingerprint>`` (``lib.caching``): a node whose code and inputs' fingerprints were seen before returns
+        its stored result instead of running, so a re-run that changes only evaluation inputs reuses the
+        loaded and tokenized data and the trained weights. Nodes that read files (marked
+        ``@cache(behavior="recompute")``) and every node that writes one (tagged ``output`` other than
+        ``"final"``) always run; models, Trainers and tokenizers are never stored, only fingerprinted, and
+        are rebuilt. None (the default) runs without a cache. Single-process only: the ranks of a
+        multi-process run must all run the same nodes.
     :raises ValueError: a config value not among its choices.
     """
     config = {key: value for key, value in resolved_config(config).items() if key not in MODEL_SOURCE_KEYS}
     builder = driver.Builder().with_config(config).with_modules(*MODULES)
+    if cache_dir is not None:
+        path = cache_path(cache_dir)
+        writers = [name for name, value in _tagged_outputs() if value != "final"]
+        builder = builder.with_cache(path=path, result_store=DataResultStore(str(path)), recompute=writers)
     if adapters:
         builder = builder.with_adapters(*adapters)
     return builder.build()

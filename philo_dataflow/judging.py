@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from hamilton.function_modifiers import config
+from hamilton.function_modifiers import cache, config
 
 from .lib.artifacts import JUDGE_CACHE_DIR
 from .lib.judge_client import (
@@ -58,6 +58,7 @@ def judge_client(
 
 
 @config.when(judge=True)
+@cache(behavior="recompute")
 def judge_cache(output_dir: str = "outputs", judge_cache_dir: Optional[str] = None) -> JudgeCache:
     """The on-disk cache of judge replies: ``judge_cache_dir``, or ``<output_dir>/judge_cache``.
 
@@ -104,6 +105,7 @@ def judge_request(
 
 
 @config.when(judge=True)
+@cache(behavior="recompute")
 def rubric_judgments(hold_out_set_predictions: list[dict], judge_request: JudgeRequest) -> list[dict]:
     """Rubric grades of every hold-out answer of the base and the fine-tuned model, each answer graded
     alone (single-answer grading with a reference, Zheng et al. 2023) against ``RUBRIC``.
@@ -138,6 +140,7 @@ def rubric_judgments(hold_out_set_predictions: list[dict], judge_request: JudgeR
 
 
 @config.when(judge=True)
+@cache(behavior="recompute")
 def pairwise_judgments(hold_out_set_predictions: list[dict], judge_request: JudgeRequest) -> list[dict]:
     """Pairwise verdicts base vs fine-tuned on every hold-out question, asked in both orders (answer A
     = base, then answer A = fine-tuned), combined as in Zheng et al. 2023 (see ``pair_outcome``).

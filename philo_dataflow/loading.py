@@ -11,7 +11,7 @@ empty pairs dropped, duplicate prompts kept once). Every bad record is reported,
 import logging
 from typing import Optional
 
-from hamilton.function_modifiers import config
+from hamilton.function_modifiers import cache, config
 
 from .lib.inputs import raise_hyperparameter_problems
 from .lib.problems import flag
@@ -20,6 +20,7 @@ from .lib.records import normalised_pairs, read_records
 logger = logging.getLogger(__name__)
 
 
+@cache(behavior="recompute")
 def raw_records(data_path: str) -> list[dict]:
     """The records of ``data_path``, as parsed, in file order (sources: ``lib.records.read_records``).
 

@@ -9,7 +9,7 @@ import logging
 from typing import Union
 
 import torch
-from hamilton.function_modifiers import config, tag
+from hamilton.function_modifiers import cache, config, tag
 from peft import (
     LoraConfig,
     PeftModel,
@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from .lib.artifacts import read_manifest
+from .lib.distributed import launched_local_rank, launched_processes
 from .lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
 from .lib.model_sources import (
     adapter_files,
@@ -46,11 +47,16 @@ logger = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
-    """The device to train and generate on: the first CUDA GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to train and generate on: the first CUDA GPU when there is one, else the CPU. With
+    several processes (torchrun, accelerate launch) on CUDA, the GPU of this process's local rank
+    (``cuda:LOCAL_RANK``), so that each process loads, trains and generates on its own GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", launched_local_rank()) if launched_processes() > 1 else torch.device("cuda")
 
 
 @config.when(start="presaved")
+@cache(behavior="recompute")
 def presaved_manifest__presaved(presaved_model_dir: str) -> dict:
     """The manifest the base run saved beside the presaved adapter (``lib.artifacts.MANIFEST_FILE``): the
     inputs it ran with, its prompt format, LoRA and Trainer settings, library versions and metrics.
@@ -148,6 +154,8 @@ def base_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
+        # The whole 4-bit model on this process's GPU (``device``: cuda:LOCAL_RANK with several processes,
+        # each holding its own copy for DDP); never "auto", which would spread it over every GPU.
         model = from_pretrained(
             model_class, base_model_id, path, quantization_config=quantization_config,
             device_map={"": device.index or 0}, **loading,

@@ -4,6 +4,11 @@ greedy unless the generation settings ask for sampling.
 The base model's answers come from ``base_answer_model``: with LoRA, the same weights with the adapter
 disabled (``PeftModel.disable_adapter()``), so no second copy of the model is held in memory; with full
 fine-tuning, the untouched base weights.
+
+With several processes (torchrun, accelerate launch) process ``r`` of ``w`` answers the questions
+``r, r + w, ...`` (``lib.distributed.sharded_map``) and every process gets all answers in split order.
+Greedy answers are the same as with one process; sampled ones are seeded per process, so they depend on
+the number of processes.
 """
 
 import contextlib
@@ -20,6 +25,7 @@ from hamilton.function_modifiers import (
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .lib.distributed import sharded_map
 from .lib.generation import generate_answers
 from .lib.inputs import raise_hyperparameter_problems
 from .lib.prompts import question_prompt_ids
@@ -41,8 +47,9 @@ def _generations(
     prompts = question_prompt_ids(examples, model, tokenizer, prompt_format, max_new_tokens)
     adapter_off = model.disable_adapter() if not use_adapter and isinstance(model, PeftModel) else contextlib.nullcontext()
     with adapter_off:
-        return generate_answers(model, tokenizer, prompts, max_new_tokens, generation_batch_size,
-                                description, generation_settings, seed)
+        # With several processes each answers its share of the prompts and all get every answer, in order.
+        return sharded_map(prompts, lambda shard: generate_answers(
+            model, tokenizer, shard, max_new_tokens, generation_batch_size, description, generation_settings, seed))
 
 
 def generation_settings(

@@ -27,8 +27,8 @@ weights and writes nothing. What it checks, in order:
    renderable in the prompt format; with ``overlong_policy="error"``, every prompt shorter than
    ``max_seq_length`` so that each example keeps at least one supervised answer token;
 5. ``resume_from_checkpoint`` a complete checkpoint;
-6. the LLM judge, when ``judge_model`` is set: settings valid, endpoint reachable (``GET /models``), the
-   model listed there.
+6. the LLM judge, when ``judge_model`` is set: one process only (not under torchrun or accelerate
+   launch), settings valid, endpoint reachable (``GET /models``), the model listed there.
 
 The nodes of ``loading``, ``splitting``, ``tokenization``, ``modeling``, ``training`` and ``prediction``
 raise the same messages for the inputs they take, so ``dr.execute`` without a preflight fails with a
@@ -50,6 +50,7 @@ import openai
 
 from . import loading, modeling, splitting, tokenization
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
+from .lib.distributed import launched_processes
 from .lib.inputs import (
     DEFAULTS,
     RULES,
@@ -314,10 +315,17 @@ def judge_problems(values: dict) -> list:
     The client is built by ``lib.judge_client.make_judge_client`` (a missing key fails there), then ``GET /models`` is
     asked once, without retries, within ``JUDGE_PROBE_TIMEOUT_SECONDS``: the endpoint must answer, accept
     the key, and list ``judge_model`` when it lists models. A loopback server listing a single model is
-    taken to serve any name (llama.cpp's server does). The key never appears in a message.
+    taken to serve any name (llama.cpp's server does). The key never appears in a message. With several
+    processes (``WORLD_SIZE`` > 1: torchrun, accelerate launch) the judge is refused outright: it runs in one
+    process, afterwards, on the saved adapter.
     """
     if values.get("judge_model") is None:
         return []
+    if launched_processes() > 1:
+        return [Problem("judge_model", f"judge_model={values['judge_model']!r} ({flag('judge_model')}): the LLM judge "
+                                       f"runs in one process, not under torchrun or accelerate launch ({launched_processes()} "
+                                       "processes); train without it, then judge in one process: python run.py --start "
+                                       "presaved --presaved-model-dir OUTPUT_DIR/adapter --judge-model NAME.")]
     try:
         judge = make_judge_client(**_arguments(make_judge_client, values))
     except ValueError as error:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from hamilton.function_modifiers import config, tag
+from hamilton.function_modifiers import cache, config, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from .lib.artifacts import (
@@ -39,12 +39,14 @@ from .lib.artifacts import (
     sha256_of_file,
     write_text_atomically,
 )
+from .lib.distributed import is_main_process, wait_for_everyone
 from .lib.generation import generation_config
 from .lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
 
 logger = logging.getLogger(__name__)
 
 
+@cache(behavior="recompute")
 def run_manifest(
     base_model_id: str,
     data_path: str,
@@ -199,7 +201,20 @@ def saved_run_config(run_config: dict, output_dir: str = "outputs") -> str:
 def _swap_in_directory(target: Path, build) -> None:
     """Builds a directory with ``build(staging)`` in a temporary directory beside ``target``, then puts it in
     ``target``'s place by two renames (a previous ``target`` is restored if the second fails), so an error
-    leaves the previous directory as it was and no temporary one."""
+    leaves the previous directory as it was and no temporary one.
+
+    With several processes (torchrun, accelerate launch) only the main one builds and writes; every
+    process then waits for the others (``lib.distributed.wait_for_everyone``, also when building fails),
+    so all of them find ``target`` in place when this returns. Every process must call it.
+    """
+    try:
+        if is_main_process():
+            _build_and_swap_in(target, build)
+    finally:
+        wait_for_everyone()
+
+
+def _build_and_swap_in(target: Path, build) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -1,9 +1,11 @@
 """Training: LoRA or full fine-tuning with the transformers ``Trainer`` (a
 ``lib.trainer.SupervisedTokensTrainer``; its plain ``Trainer`` for encoder-decoder models).
 
-Exactly one node, ``fitted_and_evaluated_trainer`` (``start="base"``), calls ``trainer.train()``;
-saving, prediction and metrics depend on its outputs. Under ``start="presaved"`` the same names are
-filled from the presaved adapter: the validation loss is recomputed, the loss history is read back.
+Exactly one node, ``trained_parameters`` (``start="base"``), calls ``trainer.train()``; its result is
+plain data (the trained parameters, metrics and log), so Hamilton's cache can keep it, and
+``fitted_and_evaluated_trainer`` puts the parameters into the model that saving, prediction and metrics
+use. Under ``start="presaved"`` the same names are filled from the presaved adapter: the validation loss is
+recomputed, the loss history is read back.
 """
 
 import json
@@ -13,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 from datasets import Dataset
-from hamilton.function_modifiers import config, extract_fields, tag_outputs
+from hamilton.function_modifiers import cache, config, extract_fields, tag_outputs
 from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
@@ -228,6 +230,7 @@ def trainer__seq2seq(
                                         tokenized_validation, tokenizer, early_stopping_patience))
 
 
+@cache(behavior="recompute")
 def resume_checkpoint_dir(output_dir: str = "outputs", resume_from_checkpoint: Optional[str] = None) -> Optional[str]:
     """The checkpoint training continues from, checked to be complete; None trains from the start
     (``lib.trainer.checked_resume_checkpoint``).
@@ -239,26 +242,19 @@ def resume_checkpoint_dir(output_dir: str = "outputs", resume_from_checkpoint: O
     return checked_resume_checkpoint(output_dir, resume_from_checkpoint)
 
 
-_TRAINER_FIELDS = {
-    "fit_trainer": Trainer,
-    "fit_trainer_eval_metrics": dict,
-    "finetuned_model": PreTrainedModel,
-    "training_log_history": list,
-}
-
-
-@tag_outputs(**{name: {"output": "final"} for name in ("fit_trainer", "fit_trainer_eval_metrics", "finetuned_model")})
-@extract_fields(_TRAINER_FIELDS)
 @config.when(start="base")
-def fitted_and_evaluated_trainer__base(resume_checkpoint_dir: Optional[str], trainer: Trainer) -> dict:
+def trained_parameters__base(resume_checkpoint_dir: Optional[str], trainer: Trainer) -> dict:
     """Trains (the only node that does), restores the best checkpoint, evaluates on ``validation_set``.
 
-    Mutates ``trainer`` and its model; only this node's outputs are used downstream.
+    The result is plain data, so Hamilton's cache (``build_driver(cache_dir=...)``) can store it: a re-run
+    whose trainer (model, arguments, data, collator, callbacks: ``lib.caching.hash_trainer``) is unchanged
+    reuses it instead of training. Mutates ``trainer``'s model in place.
 
     :param resume_checkpoint_dir: the checkpoint of an interrupted run to continue from, or None.
-    :return: ``fit_trainer``, ``fit_trainer_eval_metrics`` (``eval_loss`` of the kept checkpoint, its
-        path, steps and epochs done, whether early stopping ended the run), ``finetuned_model``
-        (ready for generation), ``training_log_history`` (the Trainer's log entries).
+    :return: ``state_dict`` (the trained parameters, those with ``requires_grad``: the adapter's for LoRA,
+        every weight for full fine-tuning; CPU tensors by parameter name), ``eval_metrics`` (``eval_loss`` of
+        the kept checkpoint, its path, steps and epochs done, whether early stopping ended the run) and
+        ``log_history`` (the Trainer's log entries).
     """
     result = trainer.train(resume_from_checkpoint=resume_checkpoint_dir)
     eval_metrics = trainer.evaluate()
@@ -272,11 +268,40 @@ def fitted_and_evaluated_trainer__base(resume_checkpoint_dir: Optional[str], tra
         train_runtime_s=result.metrics.get("train_runtime"),
         train_loss=result.training_loss,
     )
+    state_dict = {name: parameter.detach().cpu().clone()
+                  for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
+    return {"state_dict": state_dict, "eval_metrics": eval_metrics, "log_history": list(state.log_history)}
+
+
+_TRAINER_FIELDS = {
+    "fit_trainer": Trainer,
+    "fit_trainer_eval_metrics": dict,
+    "finetuned_model": PreTrainedModel,
+    "training_log_history": list,
+}
+
+
+@tag_outputs(**{name: {"output": "final"} for name in ("fit_trainer", "fit_trainer_eval_metrics", "finetuned_model")})
+@extract_fields(_TRAINER_FIELDS)
+@config.when(start="base")
+def fitted_and_evaluated_trainer__base(trainer: Trainer, trained_parameters: dict) -> dict:
+    """The trainer with the trained parameters in its model: those it was just trained to, or, when
+    ``trained_parameters`` came from the cache, loaded into its freshly built model.
+
+    :return: ``fit_trainer`` (its ``state`` is the training's only when it trained in this run: the log
+        entries are ``training_log_history``), ``fit_trainer_eval_metrics`` (``trained_parameters``'
+        ``eval_metrics``), ``finetuned_model`` (ready for generation), ``training_log_history``.
+    :raises RuntimeError: ``trained_parameters`` names parameters the model lacks.
+    """
+    model = trainer.model
+    missing, unexpected = model.load_state_dict(trained_parameters["state_dict"], strict=False)
+    if unexpected:
+        raise RuntimeError(f"trained_parameters holds {len(unexpected)} parameters the model lacks, e.g. {unexpected[0]}")
     return {
         "fit_trainer": trainer,
-        "fit_trainer_eval_metrics": eval_metrics,
-        "finetuned_model": ready_for_generation(trainer.model),
-        "training_log_history": list(state.log_history),
+        "fit_trainer_eval_metrics": dict(trained_parameters["eval_metrics"]),
+        "finetuned_model": ready_for_generation(model),
+        "training_log_history": list(trained_parameters["log_history"]),
     }
 
 

@@ -14,6 +14,27 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "phillm" / "main_data.json"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+def _session_package_cache() -> str:
+    """A package cache (``$PHILO_DATAFLOW_CACHE``) of the test session's own: run.py's dataflow cache starts
+    empty in every session, so no test reuses a result another session computed; the dense copies of GGUF
+    models already made are linked in, not made again."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from philo_dataflow.lib.model_sources import cache_root
+
+    real, session = cache_root(), Path(tempfile.mkdtemp(prefix="philo-test-cache-"))
+    atexit.register(shutil.rmtree, session, True)
+    for entry in real.iterdir() if real.is_dir() else ():
+        if entry.name != "dataflow":
+            (session / entry.name).symlink_to(entry)
+    return str(session)
+
+
+os.environ["PHILO_DATAFLOW_CACHE"] = _session_package_cache()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -98,8 +98,10 @@ def test_corpus_is_large_and_named_uniquely():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path, capsys):
+def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path, capsys, monkeypatch):
     _skip_if_not_applicable(case)
+    for name, value in case.environment:
+        monkeypatch.setenv(name, value)
     inputs = _inputs(case, env, tmp_path)
     before = tree(tmp_path)
 

@@ -43,6 +43,8 @@ JUDGE_NODES = {
 }
 #: The nodes ``start="presaved"`` adds: the one reader of the adapter's manifest.
 PRESAVED_NODES = {"presaved_manifest"}
+#: The nodes only ``start="base"`` has: the one that trains.
+BASE_ONLY_NODES = {"trained_parameters"}
 CONFIG_KEYS = {"start", "judge", "finetuning_method", "architecture"}
 
 
@@ -57,7 +59,7 @@ def _graph(start: str, judge: bool) -> tuple[set, set]:
 @pytest.mark.parametrize("judge", [False, True])
 def test_each_config_has_exactly_its_nodes_and_only_documented_inputs(start, judge):
     nodes, inputs = _graph(start, judge)
-    expected = BASE_NODES | (JUDGE_NODES if judge else set()) | (PRESAVED_NODES if start == "presaved" else set())
+    expected = BASE_NODES | (JUDGE_NODES if judge else set()) | (PRESAVED_NODES if start == "presaved" else BASE_ONLY_NODES)
     assert nodes == expected
     assert inputs <= set(BY_NAME), f"inputs missing from lib.inputs.INPUTS: {sorted(inputs - set(BY_NAME))}"
     assert ("presaved_model_dir" in inputs) is (start == "presaved")
@@ -75,7 +77,7 @@ def test_model_kinds_swap_variants_and_drop_only_the_lora_nodes(start, method, a
     variables = philo_dataflow.build_driver({"start": start, "finetuning_method": method,
                                              "architecture": architecture}).list_available_variables()
     nodes = {v.name for v in variables if not v.is_external_input}
-    expected = BASE_NODES | (PRESAVED_NODES if start == "presaved" else set())
+    expected = BASE_NODES | (PRESAVED_NODES if start == "presaved" else BASE_ONLY_NODES)
     assert nodes == (expected - LORA_NODES if method == "full" else expected)
 
 

@@ -1,5 +1,6 @@
 """What a run writes and where: the file names under ``output_dir`` and in an adapter directory, the one
-reader of an adapter's manifest, and atomic writing. Imports nothing of the package."""
+reader of an adapter's manifest, and atomic writing (by the main process only, when several run).
+Imports ``distributed`` only."""
 
 import hashlib
 import json
@@ -7,6 +8,8 @@ import os
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from .distributed import is_main_process
 
 # Files and directories under ``output_dir``.
 ADAPTER_DIR = "adapter"
@@ -80,10 +83,14 @@ def write_text_atomically(path: Path, text: str) -> str:
     """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename, so
     ``path`` holds either its previous content or all of ``text``, never part of it (a full disk or a
     crash mid-write leaves the previous file and no temporary file). The file gets the usual
-    permissions (0666 minus the umask), not ``mkstemp``'s owner-only 0600.
+    permissions (0666 minus the umask), not ``mkstemp``'s owner-only 0600. With several processes
+    (torchrun, accelerate launch) only the main one writes; the others write nothing and return the
+    same path.
 
     :return: ``str(path)``.
     """
+    if not is_main_process():
+        return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -83,7 +83,9 @@ def embedded_gguf_path() -> Path:
     )
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """The package's own cache: ``$PHILO_DATAFLOW_CACHE``, default ``~/.cache/philo_dataflow``; it holds the dense
+    copies of GGUF models and (``run.py``) the dataflow cache in ``dataflow/``."""
     return Path(os.environ.get("PHILO_DATAFLOW_CACHE", Path.home() / ".cache" / "philo_dataflow"))
 
 
@@ -91,7 +93,7 @@ def _dense_copy_dir(gguf_path: Path) -> Path:
     """Where the dense copy of ``gguf_path`` is kept (keyed by path, size and modification time)."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / f"{gguf_path.stem}-{key}"
+    return cache_root() / f"{gguf_path.stem}-{key}"
 
 
 def _dense_copy_of_gguf(gguf_path: Path) -> Path:

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .artifacts import CHECKPOINTS_DIR
 from .cross_entropy import (
@@ -181,9 +182,40 @@ class SupervisedTokensTrainer(Trainer):
                 _training_attention(self.model, longest, self.compile_decoder_layers):
             return super().train(*args, **kwargs)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """The ``Trainer``'s sampler, with ``group_by_length``'s mega-batches (``LengthGroupedSampler``: a
+        random permutation cut into mega-batches, each sorted by length) sized by the global batch,
+        ``train_batch_size x gradient_accumulation_steps x world_size``. The ``Trainer`` (transformers 5.24
+        ``trainer.py`` line 1101) leaves out ``world_size``, so several processes would take the examples
+        in another order than one process at the same global batch. accelerate hands consecutive
+        per-device batches to the processes in turn, so every optimizer step now takes the examples one
+        process takes at that global batch. Unchanged with one process."""
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler.batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return sampler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``supervised_causal_lm_loss`` of the batch: its summed loss over ``num_items_in_batch`` (the
+        supervised tokens of the optimizer step, across every process), times the number of data-parallel
+        processes, as ``Trainer.compute_loss`` scales it.
+
+        With several processes, ``Trainer._get_num_items_in_batch`` (transformers 5.24 ``trainer.py``
+        lines 2347-2350) sums the token count over all processes when ``average_tokens_across_devices``
+        (the default), so each process's loss is its share of the global mean; DDP then *averages* the
+        gradients over the processes, and the logged training loss and the validation loss (whose
+        ``prediction_step`` passes the count gathered the same way, line 3270) are averaged too.
+        ``Trainer.compute_loss`` (lines 2207-2215) multiplies by ``num_processes // tp_size`` to undo that
+        average; this override replaces it and must do the same, or the gradients, the training loss and
+        the validation loss come out ``1 / num_processes`` of the single-process ones at the same global
+        batch (``tests/test_distributed.py``). Under ``DataParallel`` (several GPUs, one process) the loss
+        is computed here on the gathered logits, so no factor applies.
+        """
         with self.accelerator.autocast():
             loss, outputs = supervised_causal_lm_loss(model, inputs, num_items_in_batch, self.loss_chunk_tokens)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.n_gpu <= 1:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
 

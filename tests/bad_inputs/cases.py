@@ -64,6 +64,8 @@ class Case:
     #: root reads and writes whatever the permissions say: the case is skipped when run as root
     needs_non_root: bool = False
     needs_no_cuda: bool = False
+    #: environment variables set for the case (``WORLD_SIZE`` as torchrun sets it, say)
+    environment: tuple = ()
 
 
 def _with(name: str, **inputs) -> Callable[[Env, Path], dict]:
@@ -458,6 +460,10 @@ CASES = (
          (f"the environment variable {UNSET_KEY_VARIABLE} is unset or empty",)),
     Case("judge_concurrency_zero", _judge(judge_model="judge-a", judge_base_url=ENDPOINT, judge_max_concurrency=0),
          ("judge_max_concurrency=0 must be an integer >= 1",)),
+    Case("judge_under_several_processes", _judge(judge_model="judge-a", judge_base_url=ENDPOINT),
+         (("judge_model='judge-a' (--judge-model): the LLM judge runs in one process", "2 processes",
+           "--start presaved --presaved-model-dir OUTPUT_DIR/adapter --judge-model NAME"),),
+         environment=(("WORLD_SIZE", "2"),)),
     # -- mistakes only the command line can make
     Case("judge_flag_without_judge_model", _good(), ("--judge-base-url configure the LLM judge; add --judge-model",),
          cli_extra=("--judge-base-url", "http://127.0.0.1:1/v1"), cli_only=True),
