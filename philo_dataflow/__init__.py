@@ -13,8 +13,8 @@ judge (``judging``): its results join ``metrics.json`` and the report, ``JUDGE_O
 files, and the ``judge_*`` inputs (at least ``judge_model``) are needed.
 
 The output lists are derived from the nodes' ``@tag(output=...)``: ``"default"`` nodes write every file
-of a run (``DEFAULT_OUTPUTS``), ``"final"`` nodes are the other values users ask for, ``"judge"`` nodes
-write the judge's files, ``"run"`` nodes write what only ``run.py`` provides (its resolved ``config.yaml``),
+of a run and log its final metrics to the trackers of ``report_to`` (``tracking``): ``DEFAULT_OUTPUTS``;
+``"final"`` nodes are the other values users ask for, ``"judge"`` nodes write the judge's files, ``"run"`` nodes write what only ``run.py`` provides (its resolved ``config.yaml``),
 ``"export"`` nodes write the merged and GGUF copies of the model (``EXPORT_OUTPUTS``, ``run.py export``).
 """
 
@@ -37,6 +37,7 @@ from . import (
     saving,
     splitting,
     tokenization,
+    tracking,
     training,
 )
 from .lib.artifacts import read_manifest
@@ -47,7 +48,7 @@ from .lib.model_sources import is_encoder_decoder
 #: The stage modules, in the order the data flows through them.
 MODULES = (
     loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, exporting,
-    saving,
+    tracking, saving,
 )
 #: Config keys ``build_driver`` reads the switches off, then leaves out of the driver's config.
 MODEL_SOURCE_KEYS = ("model_id", "presaved_model_dir", "trust_remote_code")

@@ -21,7 +21,8 @@ _MEASURE_NAMES = {"loop_rate": "loop rate", "distinct_1": "distinct-1", "distinc
 _HOLD_OUT_HEADER = ["hold-out", *ROUGE_TYPES, "EOS-stop rate", "mean words", "mean new tokens",
                     *(_MEASURE_NAMES[m] for m in REPETITION_MEASURES)]
 _REPETITION_DEFINITION = (
-    f"Loop rate: share of answers in which some word {LOOP_NGRAM}-gram occurs {LOOP_MIN_COUNT} or more times; "
+    f"Loop rate: share of answers in which some word {LOOP_NGRAM}-gram occurs {LOOP_MIN_COUNT} or more times "
+    "(in brackets in the summary: its Wilson 95% interval); "
     "distinct-n: distinct word n-grams / all word n-grams over a model's answers (Li et al. 2016)."
 )
 _RUBRIC_HEADER = ["rubric (mean 1–5)", *(c.replace("_", " ") for c in CRITERIA), "judged", "failed", "mean words"]
@@ -106,10 +107,18 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _hold_out_row(name: str, summary: dict) -> list[str]:
-    """One model's cells under ``_HOLD_OUT_HEADER``."""
+    """One model's cells under ``_HOLD_OUT_HEADER``; the loop rate with its Wilson 95% interval where the
+    summary has it."""
     return [name, *(fmt(summary[t]) for t in ROUGE_TYPES), fmt(summary["eos_stop_rate"], 2),
-            fmt(summary["mean_answer_words"], 1), fmt(summary["mean_new_tokens"], 1), fmt(summary["loop_rate"], 2),
+            fmt(summary["mean_answer_words"], 1), fmt(summary["mean_new_tokens"], 1), _loop_rate_cell(summary),
             fmt(summary["distinct_1"]), fmt(summary["distinct_2"])]
+
+
+def _loop_rate_cell(summary: dict) -> str:
+    """``0.43 (0.34–0.53)``: the loop rate and its 95% interval (the interval left out where absent)."""
+    interval = (f" ({fmt(summary['loop_rate_ci95_low'], 2)}–{fmt(summary['loop_rate_ci95_high'], 2)})"
+                if "loop_rate_ci95_low" in summary else "")
+    return fmt(summary["loop_rate"], 2) + interval
 
 
 def _repetition_line(difference: dict) -> str:

@@ -29,6 +29,7 @@ from .lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE
 from .lib.cross_entropy import LOSS_CHUNK_TOKENS
 from .lib.inputs import raise_hyperparameter_problems
 from .lib.prompts import IGNORE_INDEX
+from .lib.trackers import direct_tensorboard_to, reported_trackers, tensorboard_dir
 from .lib.trainer import (
     MEMORY_SAVING_LOSS_CHUNK_TOKENS,
     ReturnFreedMemory,
@@ -43,6 +44,7 @@ from .lib.trainer import (
 logger = logging.getLogger(__name__)
 
 
+@cache(behavior="recompute")  # it points TensorBoard at its directory (an environment variable): run it every time
 def training_args(
     bf16_autocast: bool,
     output_dir: str = "outputs",
@@ -59,6 +61,8 @@ def training_args(
     logging_steps: int = 5,
     neftune_noise_alpha: Optional[float] = None,
     seed: int = 42,
+    report_to: str = "none",
+    tracking_dir: Optional[str] = None,
 ) -> TrainingArguments:
     """The Trainer's arguments. Tokens per optimizer step = batch size x gradient accumulation x
     (mean) sequence length.
@@ -80,10 +84,20 @@ def training_args(
     :param neftune_noise_alpha: NEFTune embedding-noise scale (Jain et al. 2023); None disables it.
     :param bf16_autocast: see ``bf16_autocast``.
     :param seed: seeds model init, dropout and data order (``seed`` and ``data_seed``).
-    :raises lib.problems.InputProblems: (a ValueError) a hyperparameter out of range, one line each.
+    :param report_to: comma-separated experiment trackers the Trainer logs to (``"none"``, ``"all"``,
+        ``"tensorboard"``, ``"mlflow"``, ``"wandb"``...: ``lib.inputs.TRACKERS``); ``all`` is resolved to the
+        installed ones here. ``tracking.tracked_final_metrics`` logs the final metrics to the same trackers.
+    :param tracking_dir: directory of the TensorBoard event files; None is ``<output_dir>/runs``. With
+        TensorBoard among the trackers it is handed to the Trainer through the process's environment
+        (``lib.trackers.direct_tensorboard_to``), so this node is never taken from Hamilton's cache.
+    :raises lib.problems.InputProblems: (a ValueError) a hyperparameter out of range or an unknown
+        tracker, one line each.
     """
     raise_hyperparameter_problems(**locals())  # every argument; those without a rule (output_dir...) pass
     strategy = "epoch" if eval_steps is None else "steps"
+    trackers = reported_trackers(report_to)
+    if "tensorboard" in trackers:
+        direct_tensorboard_to(tensorboard_dir(output_dir, tracking_dir))
     return TrainingArguments(
         output_dir=str(Path(output_dir) / CHECKPOINTS_DIR),
         learning_rate=learning_rate,
@@ -110,7 +124,7 @@ def training_args(
         bf16=bf16_autocast,
         seed=seed,
         data_seed=seed,
-        report_to="none",
+        report_to=trackers,
         use_cpu=not torch.cuda.is_available(),
     )
 

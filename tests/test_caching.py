@@ -156,3 +156,14 @@ def test_run_py_turns_the_cache_off_for_several_processes(monkeypatch, tmp_path)
     assert run.run_cache_dir(str(tmp_path), no_cache=True) is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run.run_cache_dir(str(tmp_path), no_cache=False) is None
+
+
+def test_a_value_pickle_cannot_write_is_not_stored(tmp_path):
+    import threading
+
+    store = caching.DataResultStore(path=str(tmp_path / "results"))
+    store.set("unpicklable", {"client": threading.RLock()})  # an HTTP client holds locks like this
+    store.set("plain", {"rows": [1, 2]})
+    assert not store.exists("unpicklable")
+    assert store.get("plain") == {"rows": [1, 2]}
+    assert sorted(path.name for path in (tmp_path / "results").iterdir()) == ["plain"]

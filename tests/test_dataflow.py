@@ -9,7 +9,7 @@ import torch
 from conftest import FAST_INPUTS, logits_against_base
 
 import philo_dataflow
-from philo_dataflow.lib.generation import generate_answers
+from philo_dataflow.lib.generation import generate_answers, token_budget_batches
 
 
 @pytest.mark.parametrize("start", ["base", "presaved"])
@@ -127,6 +127,20 @@ def test_batched_greedy_equals_one_at_a_time(base_run, chat_tokenizer):
     batched = generate_answers(model, chat_tokenizer, prompts, max_new_tokens=12, batch_size=4)
     single = [generate_answers(model, chat_tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
     assert [b["token_ids"] for b in batched] == [s["token_ids"] for s in single]
+    longest = max(len(p) for p in prompts)
+    budgeted = generate_answers(model, chat_tokenizer, prompts, max_new_tokens=12, batch_size=4,
+                                token_budget=2 * (longest + 12))  # at most two rows per call
+    assert [b["token_ids"] for b in budgeted] == [s["token_ids"] for s in single]
+
+
+def test_token_budget_batches_keep_long_prompts_from_padding_short_ones():
+    lengths = [2760, 40, 35, 2000, 50, 45]
+    # 8 rows of at most 1,000 tokens each (prompt + 60 new): the two long prompts alone, the rest together.
+    assert token_budget_batches(lengths, max_new_tokens=60, batch_size=8, token_budget=1000) == [[0], [3], [4, 5, 1, 2]]
+    assert token_budget_batches(lengths, 60, batch_size=2, token_budget=10**6) == [[0, 3], [4, 5], [1, 2]]
+    # (rows + 1) x (longest + new) is the test: 3 x (50 + 60) = 330 fits 330, a fourth row does not.
+    assert token_budget_batches([50, 45, 40, 35], 60, 8, token_budget=330) == [[0, 1, 2], [3]]
+    assert sorted(sum(token_budget_batches(lengths, 60, 3, 500), [])) == list(range(len(lengths)))
 
 
 def test_base_answers_come_from_the_same_weights_with_adapter_disabled(base_run, tiny_model_dir):

@@ -27,6 +27,7 @@ from conftest import REPO
 
 from philo_dataflow.lib.artifacts import ADAPTER_DIR, LOG_HISTORY_FILE, METRICS_FILE, PREDICTIONS_JSONL_FILE
 from philo_dataflow.lib.distributed import in_original_order, sharded_map
+from philo_dataflow.lib.trackers import RUNS_DIR
 from philo_dataflow.testing import example_subset
 
 #: |two processes - one process| allowed of ``validation.eval_loss`` (measured: 8.4e-05).
@@ -55,7 +56,7 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict:
     common = ["--model-id", tiny_model_dir, "--data-path", data, "--no-graph", "--max-steps", "6",
               "--eval-steps", "3", "--logging-steps", "1", "--max-new-tokens", "8", "--max-seq-length", "256",
               "--hold-out-fraction", "0.2", "--validation-fraction", "0.2", "--per-device-eval-batch-size", "1",
-              "--seed", "7"]
+              "--seed", "7", "--report-to", "tensorboard"]
     ddp = _torchrun(str(REPO / "run.py"), *common, "--per-device-train-batch-size", "2",
                     "--output-dir", str(work / "ddp"))
     single = subprocess.run([sys.executable, str(REPO / "run.py"), *common, "--per-device-train-batch-size", "4",
@@ -65,8 +66,14 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def _listing(out: Path) -> list:
-    """Every path under ``out`` but the Trainer's checkpoints, relative."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.relative_to(out).parts[0] != "checkpoints")
+    """Every path under ``out`` but the Trainer's checkpoints and the TensorBoard event files (named by
+    time, host and process), relative."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.relative_to(out).parts[0] not in ("checkpoints", RUNS_DIR))
+
+
+def _event_files(out: Path) -> list:
+    return sorted((out / RUNS_DIR).glob("events.out.tfevents.*"))
 
 
 def _metrics(out: Path) -> dict:
@@ -94,6 +101,9 @@ def test_two_processes_write_one_set_of_outputs(runs):
     for key in ("base_prediction", "base_new_tokens", "base_ended_on_eos"):
         assert [row[key] for row in rows] == [row[key] for row in single_rows], key
     assert ddp["process"].stdout.count(SUMMARY_LINE) == 1
+    # One process logs to TensorBoard, as with one process: the Trainer's event file of training, the one its
+    # closing evaluate() opens after training closed the first, and the final metrics'.
+    assert len(_event_files(ddp["out"])) == len(_event_files(single["out"])) == 3
 
 
 def test_two_processes_train_as_one_at_the_same_global_batch(runs):

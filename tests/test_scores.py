@@ -10,6 +10,7 @@ from philo_dataflow.lib.scores import (
     has_loop,
     repetition_difference,
     repetition_measures,
+    wilson_interval,
     words,
 )
 from philo_dataflow.metrics import hold_out_set_metrics
@@ -80,3 +81,14 @@ def test_hold_out_set_metrics_carry_the_repetition_measures():
     assert metrics["finetuned"]["distinct_1"] == 1.0
     assert metrics["repetition_difference"]["loop_rate"]["mean"] == pytest.approx(-0.5)
     assert metrics["per_category"]["Taoism"]["base"]["loop_rate"] == pytest.approx(2 / 3)  # i = 0, 2 of 0, 2, 4
+    assert (metrics["base"]["loop_rate_ci95_low"], metrics["base"]["loop_rate_ci95_high"]) == wilson_interval(3, 6)
+    assert metrics["finetuned"]["loop_rate_ci95_low"] == 0.0 < metrics["finetuned"]["loop_rate_ci95_high"]
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe 1998 (Statistics in Medicine 17:857), table I: 0/10 -> 0 to 0.2775, 15/148 -> 0.0624 to 0.1605.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(1 - high) and low < 0.5 < high  # symmetric about 1/2
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))

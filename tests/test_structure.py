@@ -30,7 +30,7 @@ BASE_NODES = {
     "training_and_validation_set_metrics", "judge_results", "loss_curve_figure", "learning_rate_figure",
     "answer_length_figure", "rouge_comparison_figure",
     "run_metrics", "report_markdown", "report_html", "run_manifest", "save_best_models", "saved_hold_out_predictions",
-    "saved_metrics", "saved_report", "saved_report_html", "saved_run_config",
+    "saved_metrics", "saved_report", "saved_report_html", "saved_run_config", "tracked_final_metrics",
 } | {  # exporting (run.py export), and its files
     "merged_model", "hold_out_prompts", "merged_model_hold_out_generations", "merged_model_agreement", "ollama_modelfile",
     "gguf_checked_questions", "gguf_agreement", "export_report", "export_report_markdown", "saved_merged_model",
@@ -144,7 +144,8 @@ def test_readme_inputs_table_is_the_tables():
 
 def test_output_lists_come_from_the_tags():
     assert philo_dataflow.DEFAULT_OUTPUTS == (
-        "save_best_models", "saved_hold_out_predictions", "saved_metrics", "saved_report", "saved_report_html")
+        "tracked_final_metrics", "save_best_models", "saved_hold_out_predictions", "saved_metrics", "saved_report",
+        "saved_report_html")
     assert philo_dataflow.JUDGE_OUTPUTS == ("saved_judgments",)
     assert philo_dataflow.RUN_OUTPUTS == ("saved_run_config",)
     assert philo_dataflow.EXPORT_OUTPUTS == ("export_report", "saved_merged_model", "saved_gguf_model", "saved_export_report")
@@ -182,6 +183,14 @@ def test_helpers_never_import_stages_or_preflight():
 def test_example_configs_are_valid(config):
     settings, problems = run._config_file_settings(str(config))
     assert problems == [] and settings
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_in_accelerate(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_machines == 1 and loaded.distributed_type.value in ("MULTI_CPU", "MULTI_GPU", "FSDP")
 
 
 def test_cpu_demo_config_is_the_defaults():

@@ -16,8 +16,8 @@ structure but not the weights; registered here instead:
 - ``torch.device`` and classes: their names.
 
 ``DataResultStore`` stores pickled results like Hamilton's ``FileResultStore``, but never writes a value that
-holds a model, a Trainer or a tokenizer (such nodes run again, from cached inputs, in seconds), writes each file
-atomically, and turns an unreadable entry into a recomputation (``ResultRetrievalError``) instead of a failure.
+holds a model, a Trainer or a tokenizer, nor one pickle cannot write (a client holding locks or sockets): such
+nodes run again, from cached inputs, in seconds. It writes each file atomically, and turns an unreadable entry into a recomputation (``ResultRetrievalError``) instead of a failure.
 """
 
 import functools
@@ -132,8 +132,8 @@ def _scalars(obj: Any) -> dict:
 @fingerprinting.hash_value.register(Trainer)
 def hash_trainer(obj: Trainer, *args, **kwargs) -> str:
     """Hash of what a Trainer learns from: its class, model, arguments less ``output_dir``, training and
-    evaluation sets, data collator, the callbacks (class and settings) and its own scalar settings (e.g.
-    ``compile_decoder_layers``)."""
+    evaluation sets, data collator, the callbacks (class and settings, less TensorBoard's ``logging_dir``)
+    and its own scalar settings (e.g. ``compile_decoder_layers``)."""
     arguments = {key: value for key, value in obj.args.to_dict().items() if key not in ("output_dir", "logging_dir")}
     collator = obj.data_collator
     parts = {
@@ -144,7 +144,8 @@ def hash_trainer(obj: Trainer, *args, **kwargs) -> str:
         "eval_dataset": fingerprinting.hash_value(obj.eval_dataset),
         "processing_class": fingerprinting.hash_value(obj.processing_class),
         "collator": [type(collator).__qualname__, fingerprinting.hash_value(_scalars(collator))],
-        "callbacks": [[type(callback).__qualname__, fingerprinting.hash_value(_scalars(callback))]
+        "callbacks": [[type(callback).__qualname__, fingerprinting.hash_value(
+                          {key: value for key, value in _scalars(callback).items() if key != "logging_dir"})]
                       for callback in obj.callback_handler.callbacks],
         "settings": fingerprinting.hash_value(_scalars(obj)),
     }
@@ -177,8 +178,8 @@ def holds_unstored(value: Any, depth: int = 0) -> bool:
 
 class DataResultStore(FileResultStore):
     """Hamilton's ``FileResultStore`` (one pickle file per data version under ``path``), except that:
-    a value holding a model, Trainer or tokenizer (``holds_unstored``) is not written, so its node runs
-    again next time (Hamilton logs a missing result); each file is written to a temporary name and renamed,
+    a value holding a model, Trainer or tokenizer (``holds_unstored``), or one that pickle cannot write (an
+    HTTP client's locks), is not written, so its node runs again next time (Hamilton logs a missing result); each file is written to a temporary name and renamed,
     so an interrupted run leaves no partial file; an entry that cannot be read back (truncated, corrupt,
     written by an incompatible library) raises ``ResultRetrievalError``, on which Hamilton deletes it and
     recomputes the node."""
@@ -189,7 +190,10 @@ class DataResultStore(FileResultStore):
         if saver_cls is not None:
             return super().set(data_version, result, saver_cls, loader_cls)
         self.path.mkdir(parents=True, exist_ok=True)
-        payload = StoredResult.new(value=result).save()
+        try:
+            payload = StoredResult.new(value=result).save()
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError):
+            return  # not picklable (an OpenAI client's locks...): the node runs again next time
         descriptor, temporary = tempfile.mkstemp(prefix=".partial-", dir=self.path)
         try:
             with os.fdopen(descriptor, "wb") as handle:

@@ -13,6 +13,31 @@ from .inputs import DEFAULTS
 #: are used only with ``do_sample``) at the inputs table's defaults: greedy decoding.
 GREEDY = {name: DEFAULTS[name] for name in
           ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")}
+#: Most tokens one ``generate`` call holds: rows x (longest prompt + ``max_new_tokens``), the size of its
+#: padded KV cache. Serving engines batch by a token budget the same way (vLLM's ``max_num_batched_tokens``)
+#: so that one long prompt does not pad many short ones; at 32 rows it admits prompts of up to 352 tokens
+#: with 160 new ones.
+TOKEN_BUDGET = 16384
+
+
+def token_budget_batches(lengths: list[int], max_new_tokens: int, batch_size: int,
+                         token_budget: int = TOKEN_BUDGET) -> list[list[int]]:
+    """Batches of prompt indices, longest prompts first: each batch has at most ``batch_size`` prompts and
+    at most ``token_budget`` tokens counted as rows x (its longest prompt + ``max_new_tokens``); a prompt
+    over the budget by itself gets a batch of its own.
+
+    :param lengths: token count of each prompt.
+    :return: lists of indices into ``lengths``, every index once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + max_new_tokens) <= token_budget:
+            batches[-1].append(i)  # sorted longest first: the batch's first prompt is its longest
+        else:
+            batches.append([i])
+    return batches
 
 
 def generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, settings: Optional[dict] = None
@@ -43,10 +68,12 @@ def generate_answers(
     description: str = "generating",
     settings: Optional[dict] = None,
     seed: int = 42,
+    token_budget: int = TOKEN_BUDGET,
 ) -> list[dict]:
     """Continuations of tokenized prompts, in the order given: greedy, or sampled with ``settings``.
 
-    Prompts are sorted by length (longest first) and batched; each batch is left-padded (right padding
+    Prompts are sorted by length (longest first) and batched by count and by tokens
+    (``token_budget_batches``); each batch is left-padded (right padding
     gives garbage, transformers#25790) and decoded with the KV cache; a sequence stops at its first EOS.
     Sampling draws from torch's generator seeded with ``seed`` before the first batch, so the same
     prompts, settings and seed give the same answers. For an encoder-decoder model the prompt is the
@@ -54,7 +81,8 @@ def generate_answers(
 
     :param prompts: token ids of each prompt (unpadded).
     :param max_new_tokens: cap on generated tokens per prompt.
-    :param batch_size: prompts per ``generate`` call.
+    :param batch_size: most prompts per ``generate`` call.
+    :param token_budget: most tokens per ``generate`` call (``token_budget_batches``).
     :param settings: keys of ``GREEDY`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
         ``repetition_penalty``, ``no_repeat_ngram_size``); None is greedy.
     :return: one dict per prompt: ``text`` (decoded, special tokens dropped), ``token_ids`` (generated
@@ -63,10 +91,9 @@ def generate_answers(
     eos = tokenizer.eos_token_id
     config = generation_config(tokenizer, max_new_tokens, settings)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict] = [{}] * len(prompts)
     device = next(model.parameters()).device
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = token_budget_batches([len(p) for p in prompts], max_new_tokens, batch_size, token_budget)
     if config.do_sample:
         torch.manual_seed(seed)
     with torch.inference_mode():

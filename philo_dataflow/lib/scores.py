@@ -2,6 +2,7 @@
 stemming; ROUGE-Lsum needs sentences on separate lines, split after ``.``, ``!`` or ``?`` followed by
 whitespace) and the percentile bootstrap of a paired mean difference."""
 
+import math
 import random
 import re
 
@@ -60,6 +61,21 @@ LOOP_MIN_COUNT = 3
 #: The repetition measures of ``repetition_measures``, in report order.
 REPETITION_MEASURES = ("loop_rate", "distinct_1", "distinct_2")
 _WORD = re.compile(r"\w+(?:'\w+)?")
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927, "Probable inference, the law of succession, and
+    statistical inference"; Agresti & Coull 1998 recommend it over the normal approximation for small
+    ``trials`` and proportions near 0 or 1). ``z`` = 1.96 gives the 95% interval.
+
+    :return: (low, high), within [0, 1]; (NaN, NaN) for no trials.
+    """
+    if trials == 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def words(text: str) -> list[str]:
@@ -133,12 +149,17 @@ def repetition_difference(a_texts: list[str], b_texts: list[str], seed: int) -> 
 def answer_summary(texts: list[str], ended_on_eos: list[bool], new_tokens: list[int], scores: list[dict]) -> dict:
     """One model's answers summed up: mean ROUGE F-measures (``ROUGE_TYPES``, 0–1, from ``scores``, one dict
     per answer), ``eos_stop_rate`` (share that ended on EOS), ``mean_answer_words``, ``mean_new_tokens``,
-    the ``repetition_measures`` and ``count``."""
+    the ``repetition_measures``, ``loop_rate_ci95_low`` and ``loop_rate_ci95_high`` (the loop rate's Wilson
+    95% interval, ``wilson_interval``) and ``count``."""
+    loops = sum(has_loop(t) for t in texts)
+    low, high = wilson_interval(loops, len(texts))
     return {
         **{name: mean([s[name] for s in scores]) for name in ROUGE_TYPES},
         "eos_stop_rate": mean([float(ended) for ended in ended_on_eos]),
         "mean_answer_words": mean([len(t.split()) for t in texts]),
         "mean_new_tokens": mean([float(n) for n in new_tokens]),
         **repetition_measures(texts),
+        "loop_rate_ci95_low": low,
+        "loop_rate_ci95_high": high,
         "count": len(texts),
     }
