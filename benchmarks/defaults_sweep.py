@@ -42,6 +42,15 @@ CONFIGS = {
     "r32": ["--lora-r", "32", "--lora-alpha", "64"],
     "1ep": ["--num-train-epochs", "1"],
     "seed7": ["--seed", "7"],
+    # Decoding levers against loops: generation settings only, so with run.py's cache (on by default) they
+    # reuse the training of the run with the same training flags and only answer again.
+    "no_repeat3": ["--no-repeat-ngram-size", "3"],
+    "no_repeat4": ["--no-repeat-ngram-size", "4"],
+    "rep_penalty1.1": ["--repetition-penalty", "1.1"],
+    "rep_penalty1.2": ["--repetition-penalty", "1.2"],
+    "2ep": ["--num-train-epochs", "2"],
+    "2ep_no_repeat4": ["--num-train-epochs", "2", "--no-repeat-ngram-size", "4"],
+    "2ep_rep_penalty1.1": ["--num-train-epochs", "2", "--repetition-penalty", "1.1"],
 }
 
 
@@ -80,25 +89,36 @@ def run_config(name: str, flags: list[str], data_path: str, work_dir: Path, extr
     }
 
 
+def _loop_rate_cell(base: dict, tuned: dict) -> str:
+    """Loop rate (share of answers with some word 4-gram three or more times) of base and tuned, with the
+    tuned one's Wilson 95% interval; rows of runs made before the measure existed show a dash."""
+    if "loop_rate" not in tuned:
+        return "—"
+    interval = (f" [{tuned['loop_rate_ci95_low']:.0%}, {tuned['loop_rate_ci95_high']:.0%}]"
+                if "loop_rate_ci95_low" in tuned else "")
+    return f"{base['loop_rate']:.0%} → {tuned['loop_rate']:.0%}{interval}"
+
+
 def render(rows: list[dict], data_path: str) -> str:
     """The markdown table of a sweep."""
     lines = [
         f"Data: `{data_path}`",
         "",
         "| config | flags | ROUGE-L base → tuned | difference [95% CI] | EOS base → tuned | words base → tuned "
-        "| val loss | steps | train s | wall min | load start/end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loop rate base → tuned [tuned 95% CI] | val loss | steps | train s | wall min | load start/end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | `{' '.join(r['flags'])}` | {r['status']} | | | | | | | | |")
+            lines.append(f"| {r['name']} | `{' '.join(r['flags'])}` | {r['status']} | | | | | | | | | |")
             continue
         b, t, d = r["base"], r["finetuned"], r["rougeL_difference"]
         lines.append(
             f"| {r['name']} | `{' '.join(r['flags']) or '(none)'}` | {b['rougeL']:.3f} → {t['rougeL']:.3f} "
             f"| {d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] "
             f"| {b['eos_stop_rate']:.0%} → {t['eos_stop_rate']:.0%} "
-            f"| {b['mean_answer_words']:.0f} → {t['mean_answer_words']:.0f} | {r['eval_loss']:.3f} "
+            f"| {b['mean_answer_words']:.0f} → {t['mean_answer_words']:.0f} | {_loop_rate_cell(b, t)} "
+            f"| {r['eval_loss']:.3f} "
             f"| {r['global_step']} | {r['train_runtime_s']:.0f} | {r['wall_s'] / 60:.1f} "
             f"| {r['load_average_start_end'][0]:.1f}/{r['load_average_start_end'][1]:.1f} |"
         )
