@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from philo_dataflow.lib import gguf_export
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: Seconds either smoke run may take before the test fails (each takes well under a minute on a quiet
@@ -16,9 +20,9 @@ TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "trl
 TIMEOUT_S = 300
 
 
-def _start(script: str, json_out: Path, work_dir: Path) -> subprocess.Popen:
+def _start(script: str, json_out: Path, work_dir: Path, *flags: str) -> subprocess.Popen:
     command = [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--json-out", str(json_out),
-               "--work-dir", str(work_dir)]
+               "--work-dir", str(work_dir), *flags]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -65,11 +69,46 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
 
     generation_report = json.loads((tmp_path / "generation.json").read_text())
     modes = {r["variant"]: r for r in generation_report["modes"]}
-    assert set(modes) == {"batched", "one_at_a_time"}
+    assert set(modes) == {"batched", "fixed_count", "one_at_a_time"}  # --smoke leaves llama.cpp out
     assert all(m["status"] == "ok" and m["new_tokens_per_s"] > 0 and m["peak_rss_bytes"] > 0 for m in modes.values())
     assert generation_report["comparison"]["identical"] is True
     assert generation_report["comparison"]["speedup"] > 0
+    assert modes["one_at_a_time"]["batches"] == modes["one_at_a_time"]["prompts"] == 4
+    assert modes["batched"]["batches"] == modes["fixed_count"]["batches"] == 1  # 4 short prompts: one batch either way
     assert "Speed ratio batched ÷ one at a time" in generation_output
+
+
+@pytest.mark.skipif(gguf_export.llama_cpp_missing() is not None or gguf_export.converter_missing() is not None,
+                    reason="no llama-cpp-python or GGUF converter")
+def test_generation_benchmark_long_prompts_token_budget_and_llama_cpp_row(tmp_path):
+    process = _start("generation_benchmark.py", tmp_path / "long.json", tmp_path / "long",
+                     "--long-prompts", "--questions", "6", "--modes", "batched,fixed_count,llama_cpp")
+    output, _ = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 0, output[-4000:]
+    report = json.loads((tmp_path / "long.json").read_text())
+    modes = {r["variant"]: r for r in report["modes"]}
+    assert set(modes) == {"batched", "fixed_count", "llama_cpp"} and all(m["status"] == "ok" for m in modes.values())
+    # The thread before the last question makes it far longer than the first.
+    assert modes["batched"]["longest_prompt_tokens"] > 2000
+    # The budget splits the 6 prompts (fixed count: one batch of all 6), padding fewer tokens, same answers.
+    assert modes["fixed_count"]["batches"] == 1 and modes["batched"]["batches"] > 1
+    assert modes["batched"]["padded_tokens"] < modes["fixed_count"]["padded_tokens"]
+    assert report["comparison"]["modes"]["fixed_count"]["identical"] is True
+    # llama.cpp answered every prompt with as many tokens (no EOS in 8 tokens of a random model).
+    versus = report["comparison"]["modes"]["llama_cpp"]
+    assert 0 <= versus["shared_prefix_share"] <= 1 and modes["llama_cpp"]["new_tokens"] == modes["batched"]["new_tokens"]
+    assert "batched against `llama_cpp`" in output
+
+
+def test_long_prompt_questions_spread_from_bare_question_to_long_thread():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from generation_benchmark import LONG_PROMPT_MAX_CONTEXT_ANSWERS, long_prompt_questions
+
+    questions = long_prompt_questions(["Q1?", "Q2?"], ["answer one", "answer two", "answer three"], 5)
+    assert questions[0] == "Q1?"  # no thread before the first
+    assert [q.count("Earlier reply:") for q in questions] == [
+        round(LONG_PROMPT_MAX_CONTEXT_ANSWERS * (i / 4) ** 3) for i in range(5)]
+    assert questions[-1].endswith("Q1?") and questions[1].endswith("Q2?")
 
 
 def _answer_style_rows(*paths: str) -> dict:
