@@ -4,6 +4,9 @@ retrains when a training input, the data file or the model changes; a corrupt en
 
 import collections
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +151,24 @@ def test_run_py_reuses_the_cache_by_default_and_no_cache_turns_it_off(tmp_path, 
     assert "the trained weights came from it" in capsys.readouterr().out
     assert run.main([*flags, "--output-dir", str(tmp_path / "c"), "--no-cache"]) == 0
     assert "results reused" not in capsys.readouterr().out
+
+
+def test_a_second_process_with_another_string_hash_seed_reuses_the_training(tmp_path, tiny_model_dir):
+    # The LoRA config's target_modules is a set, whose order follows PYTHONHASHSEED: the model's
+    # fingerprint must not, or every new run.py process would train again.
+    data = example_subset(tmp_path / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
+    flags = ["--data-path", data, "--model-id", tiny_model_dir, "--no-graph", "--cache-dir", str(tmp_path / "cache"),
+             "--lora-target-modules", "all-linear"]
+    flags += [f"--{key.replace('_', '-')}={value}" for key, value in FAST_INPUTS.items()]
+    outputs = []
+    for name, hash_seed, extra in (("a", "1", []), ("b", "2", ["--no-repeat-ngram-size", "3"])):
+        process = subprocess.run([sys.executable, "run.py", *flags, "--output-dir", str(tmp_path / name), *extra],
+                                 cwd=Path(run.__file__).parent, capture_output=True, text=True, timeout=600,
+                                 env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert process.returncode == 0, process.stderr[-3000:]
+        outputs.append(process.stdout)
+    assert "training ran" in outputs[0]
+    assert "the trained weights came from it" in outputs[1], outputs[1][-2000:]
 
 
 def test_run_py_turns_the_cache_off_for_several_processes(monkeypatch, tmp_path):

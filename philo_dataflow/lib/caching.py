@@ -23,6 +23,7 @@ nodes run again, from cached inputs, in seconds. It writes each file atomically,
 import functools
 import hashlib
 import io
+import json
 import os
 import pickle
 import tempfile
@@ -65,6 +66,25 @@ def hash_tensor(obj: torch.Tensor, *args, **kwargs) -> str:
 _MODULE_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _sorted_sets(value: Any) -> Any:
+    """``value`` with every set (at any depth of dicts, lists and tuples) as a sorted list."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, dict):
+        return {key: _sorted_sets(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_sets(item) for item in value]
+    return value
+
+
+def _peft_description(peft_config: dict) -> str:
+    """The adapters' PEFT configs as text that is the same in every process: ``repr`` of a config prints
+    its ``target_modules`` set, whose order follows the per-process string hash seed (``PYTHONHASHSEED``),
+    so a second run of the same inputs would miss the cache."""
+    return json.dumps({name: _sorted_sets(config.to_dict()) for name, config in peft_config.items()},
+                      sort_keys=True, default=str)
+
+
 @fingerprinting.hash_value.register(torch.nn.Module)
 def hash_module(obj: torch.nn.Module, *args, **kwargs) -> str:
     """SHA-256 of a module's weights and buffers (each name, dtype, shape and bytes), its class, its
@@ -75,7 +95,7 @@ def hash_module(obj: torch.nn.Module, *args, **kwargs) -> str:
     config = getattr(obj, "config", None)
     peft_config = getattr(obj, "peft_config", None)
     described = (type(obj).__qualname__, config.to_json_string() if hasattr(config, "to_json_string") else "",
-                 repr(peft_config) if peft_config else "", obj.training,
+                 _peft_description(peft_config) if peft_config else "", obj.training,
                  ",".join(name for name, parameter in obj.named_parameters() if parameter.requires_grad))
     versions = (described, tuple((name, id(tensor), tensor._version) for name, tensor in state.items()))
     remembered = _MODULE_DIGESTS.get(obj)
