@@ -91,6 +91,8 @@ class GenerationSettings:
     :param work_dir: where children write results and logs.
     :param long_prompts: prompts with a thread of earlier answers before the question (module docstring).
     :param gguf_path: the f32 GGUF copy of the model for ``llama_cpp`` (None: that mode is not run).
+    :param no_repeat_ngram_size: generation setting of the transformers modes (0: off, plain greedy).
+    :param repetition_penalty: generation setting of every mode (llama.cpp's ``repeat_penalty``; 1.0: off).
     """
 
     data_path: str
@@ -108,6 +110,8 @@ class GenerationSettings:
     work_dir: str
     long_prompts: bool = False
     gguf_path: Optional[str] = None
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
 
 
 def long_prompt_questions(questions: list[str], answers: list[str], count: int) -> list[str]:
@@ -150,19 +154,33 @@ def _prompts(settings: GenerationSettings):
     return model, tokenizer, prompts
 
 
+def _greedy_ids(llm, prompt: list[int], max_new_tokens: int, eos_token_id: int, repeat_penalty: float) -> list[int]:
+    """``lib.gguf_export.greedy_continuation`` with llama.cpp's ``repeat_penalty``."""
+    from philo_dataflow.lib.gguf_export import greedy_continuation
+
+    if repeat_penalty == 1.0:
+        return greedy_continuation(llm, prompt, max_new_tokens, eos_token_id)
+    tokens: list[int] = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=repeat_penalty, reset=True):
+        tokens.append(int(token))
+        if token == eos_token_id or len(tokens) >= max_new_tokens:
+            break
+    return tokens
+
+
 def _llama_cpp_answers(settings: GenerationSettings, prompts: list[list[int]], eos_token_id: int
                        ) -> tuple[list[list[int]], float]:
     """llama.cpp's greedy answers to ``prompts`` over the GGUF copy and their seconds (after a
     two-token warm-up)."""
     import llama_cpp
-    from philo_dataflow.lib.gguf_export import greedy_continuation
 
     llm = llama_cpp.Llama(model_path=settings.gguf_path, n_ctx=max(map(len, prompts)) + settings.max_new_tokens,
                           n_batch=512, n_threads=settings.threads, n_threads_batch=settings.threads, seed=settings.seed,
                           logits_all=False, verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    greedy_continuation(llm, prompts[0], 2, eos_token_id)
+    _greedy_ids(llm, prompts[0], 2, eos_token_id, settings.repetition_penalty)
     started = time.perf_counter()
-    answers = [greedy_continuation(llm, prompt, settings.max_new_tokens, eos_token_id) for prompt in prompts]
+    answers = [_greedy_ids(llm, prompt, settings.max_new_tokens, eos_token_id, settings.repetition_penalty)
+               for prompt in prompts]
     return answers, time.perf_counter() - started
 
 
@@ -182,8 +200,10 @@ def _generate(settings: GenerationSettings, mode: str) -> dict:
     else:
         generate_answers(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, description="warm-up")
         started = time.perf_counter()
+        decoding = {"no_repeat_ngram_size": settings.no_repeat_ngram_size,
+                    "repetition_penalty": settings.repetition_penalty}
         generations = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, batch_size,
-                                       description=mode, token_budget=token_budget)
+                                       description=mode, settings=decoding, token_budget=token_budget)
         seconds = time.perf_counter() - started
         token_ids, ended = [g["token_ids"] for g in generations], [g["ended_on_eos"] for g in generations]
     new_tokens = sum(len(ids) for ids in token_ids)
@@ -290,7 +310,8 @@ def render_report(report: dict) -> str:
         f"Model {s['model_id']} with an untrained LoRA adapter ({s['lora_target_modules']}, r={s['lora_r']}); "
         f"the first {s['questions']} hold-out questions of {Path(s['data_path']).name}"
         f"{' after threads of earlier answers (--long-prompts)' if s.get('long_prompts') else ''}; "
-        f"max_new_tokens {s['max_new_tokens']}, batch size {s['batch_size']}, token budget {report.get('token_budget', '—')}.",
+        f"max_new_tokens {s['max_new_tokens']}, batch size {s['batch_size']}, token budget {report.get('token_budget', '—')}; "
+        f"greedy, no_repeat_ngram_size {s.get('no_repeat_ngram_size', 0)}, repetition_penalty {s.get('repetition_penalty', 1.0)}.",
         f"Load average (1/5/15 min) at start {report['load_average_start']}, at end {report['load_average_end']}.",
         f"philo_dataflow: commit {report['library']['commit']}"
         f"{' with uncommitted changes' if report['library']['uncommitted_changes'] else ''}, "
@@ -331,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=None, help="settings, results and logs (default: a temporary directory)")
     parser.add_argument("--json-out", default=None, help="also write every result to this JSON file")
     parser.add_argument("--modes", default=None, help=f"comma-separated modes among {', '.join(MODES)} (default: all; --smoke: all but llama_cpp)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="generation setting of the transformers modes (default: 0, off; llama.cpp has no such sampler, so its mode is left out)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="generation setting of every mode (default: 1.0, off)")
     parser.add_argument("--long-prompts", action="store_true", help="prompts after threads of earlier answers, up to ~2,800 tokens (module docstring)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random 2-layer Llama, 4 questions, 8 new tokens")
     return parser
@@ -366,6 +389,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> GenerationS
         max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=lora_target_modules,
         seed=args.seed, work_dir=str(work_dir), long_prompts=args.long_prompts,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -406,7 +430,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     modes = _modes(args)
     refused = []
     if "llama_cpp" in modes:
-        settings.gguf_path, why = _gguf_copy(settings)
+        settings.gguf_path, why = (None, "llama.cpp has no no-repeat-n-gram sampler (--no-repeat-ngram-size)") \
+            if settings.no_repeat_ngram_size else _gguf_copy(settings)
         if why:
             modes.remove("llama_cpp")
             refused.append({"variant": "llama_cpp", "status": "not run", "message": why})

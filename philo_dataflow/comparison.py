@@ -37,6 +37,7 @@ from .lib.artifacts import (
 )
 from .lib.formatting import fmt, one_line, pct
 from .lib.generation import GREEDY
+from .lib.inputs import DEFAULTS
 from .lib.scores import (
     REPETITION_MEASURES,
     ROUGE_TYPES,
@@ -56,6 +57,9 @@ COMPARISON_FILE = "comparison.json"
 COMPARISON_ANSWERS_FILE = "answers.jsonl"
 COMPARISON_REPORT_FILE = "report.html"
 COMPARISON_FILES = (COMPARISON_FILE, COMPARISON_ANSWERS_FILE, COMPARISON_REPORT_FILE)
+#: How every compared model answers: the run defaults' decoding (greedy, no repeated 4-grams), the same
+#: for all, whatever each run was evaluated with.
+COMPARE_DECODING = {name: DEFAULTS[name] for name in GREEDY}
 #: The key of the base model among the compared models.
 BASE = "base"
 #: The keys of each hold-out question in ``hold_out_predictions.jsonl`` that a comparison reads.
@@ -214,7 +218,7 @@ def predicted_hold_out_set(run: Run, rows: list[dict]) -> Dataset:
 
 def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generation_batch_size: int,
                   with_base: bool) -> dict:
-    """Greedy answers of the run's fine-tuned model (and, with ``with_base``, of its base model) to every
+    """Answers (``COMPARE_DECODING``) of the run's fine-tuned model (and, with ``with_base``, of its base model) to every
     ``hold_out_set`` question, by the presaved dataflow's ``finetuned_model_hold_out_generations`` and
     ``base_model_hold_out_generations`` (``prediction``).
 
@@ -228,7 +232,7 @@ def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generati
     """
     dr = _presaved_driver(run)
     inputs = {"presaved_model_dir": str(run.adapter_dir), "max_new_tokens": max_new_tokens,
-              "generation_batch_size": generation_batch_size}
+              "generation_batch_size": generation_batch_size, **COMPARE_DECODING}
     loaded = dr.execute(["trainable_model", "tokenizer", "prompt_format"], inputs=inputs)
     overrides = {"hold_out_set": hold_out_set, "finetuned_model": ready_for_generation(loaded.pop("trainable_model")),
                  **loaded}
@@ -508,7 +512,7 @@ def compared(runs: list[Run], hold_out_set: Dataset, hold_out_source: str, max_n
                      "split_inputs": {**split_inputs(runs[0]), **({"data_path": data_path} if data_path else {})},
                      "runs_split_otherwise": split_otherwise},
         "generation": {"max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size,
-                       "settings": dict(GREEDY)},
+                       "settings": dict(COMPARE_DECODING)},
         "seed": seed,
         "models": models,
         "pairs": scores["pairs"],

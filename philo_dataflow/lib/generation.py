@@ -10,9 +10,10 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from .inputs import DEFAULTS
 
 #: The settings of ``generation_settings`` (transformers' ``GenerationConfig`` names; the sampling ones
-#: are used only with ``do_sample``) at the inputs table's defaults: greedy decoding.
-GREEDY = {name: DEFAULTS[name] for name in
-          ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")}
+#: are used only with ``do_sample``) of plain greedy decoding: no sampling, no repetition penalty, no
+#: banned n-grams. The run's defaults (``DEFAULTS``) differ in ``no_repeat_ngram_size``.
+GREEDY = {"do_sample": False, "temperature": DEFAULTS["temperature"], "top_p": DEFAULTS["top_p"],
+          "top_k": DEFAULTS["top_k"], "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 #: Most tokens one ``generate`` call holds: rows x (longest prompt + ``max_new_tokens``), the size of its
 #: padded KV cache. Serving engines batch by a token budget the same way (vLLM's ``max_num_batched_tokens``)
 #: so that one long prompt does not pad many short ones; at 32 rows it admits prompts of up to 352 tokens
@@ -42,7 +43,7 @@ def token_budget_batches(lengths: list[int], max_new_tokens: int, batch_size: in
 
 def generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, settings: Optional[dict] = None
                       ) -> GenerationConfig:
-    """The ``GenerationConfig`` of ``settings`` (keys of ``GREEDY``; greedy when None): one beam, stops at
+    """The ``GenerationConfig`` of ``settings`` (keys of ``GREEDY``; plain greedy when None): one beam, stops at
     the tokenizer's EOS, pads with its pad token."""
     settings = {**GREEDY, **(settings or {})}
     sampling = {key: settings[key] for key in ("temperature", "top_p", "top_k")} if settings["do_sample"] else {}
@@ -84,7 +85,7 @@ def generate_answers(
     :param batch_size: most prompts per ``generate`` call.
     :param token_budget: most tokens per ``generate`` call (``token_budget_batches``).
     :param settings: keys of ``GREEDY`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
-        ``repetition_penalty``, ``no_repeat_ngram_size``); None is greedy.
+        ``repetition_penalty``, ``no_repeat_ngram_size``); None is plain greedy (``GREEDY``).
     :return: one dict per prompt: ``text`` (decoded, special tokens dropped), ``token_ids`` (generated
         ids up to and including the EOS), ``ended_on_eos`` (bool).
     """
