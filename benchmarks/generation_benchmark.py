@@ -23,7 +23,7 @@ reported, not required: its kernels round differently, and a greedy near-tie can
 
 ``--long-prompts`` builds prompts like support threads of very different lengths: question ``i`` of
 ``n`` is preceded by ``round(32 * (i / (n - 1)) ** 3)`` earlier answers of the data as the thread so far,
-so most prompts are short and a few reach ~2,800 tokens (``--questions 39 --max-new-tokens 64`` mimics the
+so most prompts are short and a few reach ~2,300 tokens (``--questions 39 --max-new-tokens 64`` mimics the
 Dagster hold-out, where one fixed batch of 32 took 583 s).
 
     python benchmarks/generation_benchmark.py                       # 32 hold-out questions, 160 new tokens
@@ -68,7 +68,7 @@ logger = logging.getLogger("generation_benchmark")
 MODES = ("batched", "fixed_count", "one_at_a_time", "llama_cpp")
 #: The modes whose greedy token ids must be identical (all of them transformers on the same weights).
 EXACT_MODES = ("batched", "fixed_count", "one_at_a_time")
-#: Earlier answers before the last of ``--long-prompts``' questions (the thread's longest).
+#: Earlier answers before the last of ``--long-prompts``' questions (the longest thread).
 LONG_PROMPT_MAX_CONTEXT_ANSWERS = 32
 
 
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=None, help=f"comma-separated modes among {', '.join(MODES)} (default: all; --smoke: all but llama_cpp)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="generation setting of the transformers modes (default: 0, off; llama.cpp has no such sampler, so its mode is left out)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="generation setting of every mode (default: 1.0, off)")
-    parser.add_argument("--long-prompts", action="store_true", help="prompts after threads of earlier answers, up to ~2,800 tokens (module docstring)")
+    parser.add_argument("--long-prompts", action="store_true", help="prompts after threads of earlier answers, up to ~2,300 tokens (module docstring)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random 2-layer Llama, 4 questions, 8 new tokens")
     return parser
 
