@@ -154,32 +154,19 @@ def _prompts(settings: GenerationSettings):
     return model, tokenizer, prompts
 
 
-def _greedy_ids(llm, prompt: list[int], max_new_tokens: int, eos_token_id: int, repeat_penalty: float) -> list[int]:
-    """``lib.gguf_export.greedy_continuation`` with llama.cpp's ``repeat_penalty``."""
-    from philo_dataflow.lib.gguf_export import greedy_continuation
-
-    if repeat_penalty == 1.0:
-        return greedy_continuation(llm, prompt, max_new_tokens, eos_token_id)
-    tokens: list[int] = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=repeat_penalty, reset=True):
-        tokens.append(int(token))
-        if token == eos_token_id or len(tokens) >= max_new_tokens:
-            break
-    return tokens
-
-
 def _llama_cpp_answers(settings: GenerationSettings, prompts: list[list[int]], eos_token_id: int
                        ) -> tuple[list[list[int]], float]:
     """llama.cpp's greedy answers to ``prompts`` over the GGUF copy and their seconds (after a
     two-token warm-up)."""
     import llama_cpp
+    from philo_dataflow.lib.gguf_export import greedy_continuation
 
     llm = llama_cpp.Llama(model_path=settings.gguf_path, n_ctx=max(map(len, prompts)) + settings.max_new_tokens,
                           n_batch=512, n_threads=settings.threads, n_threads_batch=settings.threads, seed=settings.seed,
                           logits_all=False, verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    _greedy_ids(llm, prompts[0], 2, eos_token_id, settings.repetition_penalty)
+    greedy_continuation(llm, prompts[0], 2, eos_token_id, settings.repetition_penalty)
     started = time.perf_counter()
-    answers = [_greedy_ids(llm, prompt, settings.max_new_tokens, eos_token_id, settings.repetition_penalty)
+    answers = [greedy_continuation(llm, prompt, settings.max_new_tokens, eos_token_id, settings.repetition_penalty)
                for prompt in prompts]
     return answers, time.perf_counter() - started
 

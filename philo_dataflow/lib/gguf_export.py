@@ -144,13 +144,15 @@ def load_gguf(path: Path, n_ctx: int, seed: int):
                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
-def greedy_continuation(llm, prompt: list[int], max_new_tokens: int, eos_token_id: Optional[int]) -> list[int]:
+def greedy_continuation(llm, prompt: list[int], max_new_tokens: int, eos_token_id: Optional[int],
+                        repeat_penalty: float = 1.0) -> list[int]:
     """llama.cpp's greedy continuation (temperature 0: its greedy sampler) of the token ids ``prompt``, fed
     as ids (no re-tokenizing), from an empty KV cache; up to and including ``eos_token_id``, at most
-    ``max_new_tokens`` tokens."""
+    ``max_new_tokens`` tokens. ``repeat_penalty`` is llama.cpp's (1.0: off)."""
     llm.reset()
     tokens: list[int] = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=repeat_penalty,
+                              reset=True):
         tokens.append(int(token))
         if token == eos_token_id or len(tokens) >= max_new_tokens:
             break
