@@ -127,8 +127,9 @@ def long_prompt_questions(questions: list[str], answers: list[str], count: int) 
     return result
 
 
-def _prompts(settings: GenerationSettings):
-    """The model, tokenizer and token ids of the prompts (the library's nodes)."""
+def _prompts(settings: GenerationSettings, with_model: bool = True):
+    """The model (None unless ``with_model``: llama.cpp loads its own copy, so its peak RSS is its own),
+    tokenizer and token ids of the prompts (the library's nodes)."""
     import philo_dataflow
     from philo_dataflow.lib.prompts import prompt_token_ids
 
@@ -141,11 +142,11 @@ def _prompts(settings: GenerationSettings):
         "lora_target_modules": settings.lora_target_modules,
         "seed": settings.seed,
     }
-    nodes = philo_dataflow.build_driver({"start": "base"}).execute(
-        ["peft_model", "tokenizer", "prompt_format", "hold_out_set", "train_set"], inputs=inputs
-    )
-    model, tokenizer = nodes["peft_model"], nodes["tokenizer"]
-    model.eval()
+    wanted = ["tokenizer", "prompt_format", "hold_out_set", "train_set"] + (["peft_model"] if with_model else [])
+    nodes = philo_dataflow.build_driver({"start": "base"}).execute(wanted, inputs=inputs)
+    model, tokenizer = nodes.get("peft_model"), nodes["tokenizer"]
+    if model is not None:
+        model.eval()
     questions = list(nodes["hold_out_set"]["input_text"])
     if settings.long_prompts:
         questions = long_prompt_questions(questions, list(nodes["train_set"]["output_text"]), settings.questions)
@@ -175,7 +176,7 @@ def _generate(settings: GenerationSettings, mode: str) -> dict:
     """Greedy answers to the prompts in ``mode``, timed after a two-token warm-up call."""
     from philo_dataflow.lib.generation import TOKEN_BUDGET, generate_answers, token_budget_batches
 
-    model, tokenizer, prompts = _prompts(settings)
+    model, tokenizer, prompts = _prompts(settings, with_model=mode != "llama_cpp")
     batch_size = 1 if mode == "one_at_a_time" else settings.batch_size
     # fixed_count: a budget no batch reaches, so batches are formed by count alone.
     token_budget = TOKEN_BUDGET if mode != "fixed_count" else 2 ** 62

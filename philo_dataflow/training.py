@@ -49,7 +49,7 @@ def training_args(
     bf16_autocast: bool,
     output_dir: str = "outputs",
     learning_rate: float = 5e-4,
-    num_train_epochs: Union[int, float] = 3,
+    num_train_epochs: Union[int, float] = 1.5,
     max_steps: int = -1,
     per_device_train_batch_size: int = 8,
     per_device_eval_batch_size: int = 16,
@@ -69,8 +69,8 @@ def training_args(
 
     :param output_dir: run directory; checkpoints go to ``<output_dir>/checkpoints``.
     :param learning_rate: peak AdamW learning rate.
-    :param num_train_epochs: passes over ``train_set`` (upper bound: early stopping may end sooner;
-        the default 3: ``benchmarks/README.md``).
+    :param num_train_epochs: passes over ``train_set``, fractions allowed (upper bound: early stopping
+        may end sooner; the default 1.5 and its measurements: ``docs/defaults_sweep.md``).
     :param max_steps: optimizer steps to stop after; -1 means use ``num_train_epochs``.
     :param per_device_train_batch_size: examples per forward pass in training.
     :param per_device_eval_batch_size: examples per forward pass in evaluation.

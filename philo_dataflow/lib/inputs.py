@@ -144,7 +144,8 @@ INPUTS = (
     Input("tracking_dir", str, None, "directory of the TensorBoard event files (report_to tensorboard)",
           "training", Rule(str, optional=True), shown_default="<output_dir>/runs"),
     Input("learning_rate", float, 5e-4, "peak AdamW learning rate", "training", Rule(float, 0, low_open=True)),
-    Input("num_train_epochs", float, 3, "passes over the train split (early stopping may end sooner)", "training",
+    Input("num_train_epochs", float, 1.5, "passes over the train split, fractions allowed (early stopping may "
+          "end sooner)", "training",
           Rule(float, 0, low_open=True)),
     Input("max_steps", int, -1, "optimizer steps to stop after; -1 uses num_train_epochs", "training"),
     Input("per_device_train_batch_size", int, 8, "examples per training forward pass", "training", Rule(int, 1)),
