@@ -54,8 +54,6 @@ CONFIGS = {
     # Less training work for the 10-minute main job on a CPU without bf16 (fp32 training).
     "1.5ep": ["--num-train-epochs", "1.5"],  # the default since 2026-12-03
     "3ep": ["--num-train-epochs", "3"],  # the default before
-    "2ep_top22": ["--num-train-epochs", "2", "--lora-layers-to-transform", "top:22"],
-    "fp32_2ep_now": ["--no-bf16", "--num-train-epochs", "2"],
 }
 
 

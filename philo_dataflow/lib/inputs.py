@@ -145,8 +145,7 @@ INPUTS = (
           "training", Rule(str, optional=True), shown_default="<output_dir>/runs"),
     Input("learning_rate", float, 5e-4, "peak AdamW learning rate", "training", Rule(float, 0, low_open=True)),
     Input("num_train_epochs", float, 1.5, "passes over the train split, fractions allowed (early stopping may "
-          "end sooner)", "training",
-          Rule(float, 0, low_open=True)),
+          "end sooner)", "training", Rule(float, 0, low_open=True)),
     Input("max_steps", int, -1, "optimizer steps to stop after; -1 uses num_train_epochs", "training"),
     Input("per_device_train_batch_size", int, 8, "examples per training forward pass", "training", Rule(int, 1)),
     Input("per_device_eval_batch_size", int, 16, "examples per evaluation forward pass", "training", Rule(int, 1)),

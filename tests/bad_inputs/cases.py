@@ -375,8 +375,7 @@ CASES = (
     Case("learning_rate_zero", _good(learning_rate=0.0), ("learning_rate=0.0",), graph=TRAINER),
     Case("learning_rate_negative", _good(learning_rate=-0.001),
          ("learning_rate=-0.001 (--learning-rate): must be a number > 0; the default is 0.0005",), graph=TRAINER),
-    # run.py reads --num-train-epochs 0 as 0.0 (a float input), the library keeps the 0 it was given.
-    Case("epochs_zero", _good(num_train_epochs=0), (("num_train_epochs=0", "(--num-train-epochs): must be a number > 0"),),
+    Case("epochs_zero", _good(num_train_epochs=0.0), ("num_train_epochs=0.0 (--num-train-epochs): must be a number > 0",),
          graph=TRAINER),
     Case("epochs_negative", _good(num_train_epochs=-2), ("num_train_epochs=-2",)),
     Case("max_steps_zero", _good(max_steps=0), ("max_steps=0 (--max-steps): must be -1 (train num_train_epochs epochs) or",),
