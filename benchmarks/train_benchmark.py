@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 
 logger = logging.getLogger("train_benchmark")
 
-VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "ours_gradient_checkpointing_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: ``eval_steps`` given to the library so that no evaluation falls inside the measured steps.
 NO_EVAL_STEPS = 10**9
 #: Logged training losses averaged into "loss after the steps".
@@ -430,6 +430,8 @@ _RUNNERS: dict[str, Callable[..., dict]] = {
     "ours": _ours,
     "ours_gradient_checkpointing": lambda settings, output_dir: _ours(settings, output_dir, gradient_checkpointing=True),
     "ours_uncompiled": lambda settings, output_dir: _ours(settings, output_dir, torch_compile=False),
+    "ours_gradient_checkpointing_uncompiled": lambda settings, output_dir: _ours(
+        settings, output_dir, gradient_checkpointing=True, torch_compile=False),
     "trl_default": _trl,
     "trl_padding_free": lambda settings, output_dir: _trl(settings, output_dir, padding_free=True),
     "trl_packing": lambda settings, output_dir: _trl(settings, output_dir, packing=True),

@@ -14,7 +14,7 @@ import pytest
 from philo_dataflow.lib import gguf_export
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
+TRAIN_VARIANTS = ("ours", "ours_gradient_checkpointing", "ours_uncompiled", "ours_gradient_checkpointing_uncompiled", "trl_default", "trl_padding_free", "trl_packing", "pad_to_max_length")
 #: Seconds either smoke run may take before the test fails (each takes well under a minute on a quiet
 #: two-core machine).
 TIMEOUT_S = 300
@@ -57,6 +57,7 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
     assert results["ours"]["settings"]["compiled_decoder_layers"] is compile_decoder_layers(torch.device("cpu"))
     assert results["ours_uncompiled"]["settings"]["compiled_decoder_layers"] is False
     assert results["ours_uncompiled"]["settings"]["attn_implementation_in_training"] == "sdpa"
+    assert results["ours_gradient_checkpointing_uncompiled"]["settings"]["compiled_decoder_layers"] is False
     # The smoke records are short: compiled training switches to eager attention for them.
     expected = "eager" if results["ours"]["settings"]["compiled_decoder_layers"] else "sdpa"
     assert results["ours"]["settings"]["attn_implementation_in_training"] == expected
