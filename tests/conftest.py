@@ -2,18 +2,22 @@
 built in seconds, so every stage is tested on CPU without a download."""
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Tests never reach a hub. Set before anything imports huggingface_hub, which reads it once at import: set
+# later, the hub client still tried the network, and each lookup of a model not in the cache spent ~45 s in
+# connection retries before failing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from philo_dataflow.testing import EXAMPLE_DATA, example_subset  # noqa: F401 (EXAMPLE_DATA: for the test modules)
-from philo_dataflow.testing import tiny_model_dir as tiny_model_dir_with
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from philo_dataflow.testing import EXAMPLE_DATA, example_subset  # noqa: E402,F401 (EXAMPLE_DATA: for the test modules)
+from philo_dataflow.testing import tiny_model_dir as tiny_model_dir_with  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "phillm" / "main_data.json"
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 
 def _session_package_cache() -> str:
@@ -116,7 +120,20 @@ FAST_INPUTS = {
     "max_seq_length": 256,
     "hold_out_fraction": 0.2,
     "validation_fraction": 0.2,
+    # Eager training: compiling the layers costs ~10 s per process and recompiles as tests switch models and
+    # settings (the suite took minutes longer with it). The compiled path, CPU's default, is tested by the
+    # embedded model's run.py test, the determinism test and tests/test_training.py's compile tests.
+    "torch_compile": False,
 }
+
+
+def cli_flags(settings: dict) -> list[str]:
+    """``settings`` (input name: value) as run.py's flags; a bool as ``--name`` or ``--no-name``."""
+    flags = []
+    for name, value in settings.items():
+        flag = name.replace("_", "-")
+        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return flags
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_INPUTS
+from conftest import FAST_INPUTS, cli_flags
 from hamilton.caching.adapter import CachingEventType
 from safetensors.torch import load_file
 
@@ -144,7 +144,7 @@ def test_models_trainers_and_tokenizers_are_fingerprinted_but_never_stored(tmp_p
 def test_run_py_reuses_the_cache_by_default_and_no_cache_turns_it_off(tmp_path, tiny_model_dir, capsys):
     data = example_subset(tmp_path / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
     flags = ["--data-path", data, "--model-id", tiny_model_dir, "--no-graph", "--cache-dir", str(tmp_path / "cache")]
-    flags += [f"--{key.replace('_', '-')}={value}" for key, value in FAST_INPUTS.items()]
+    flags += cli_flags(FAST_INPUTS)
     assert run.main([*flags, "--output-dir", str(tmp_path / "a")]) == 0
     assert "training ran" in capsys.readouterr().out
     assert run.main([*flags, "--output-dir", str(tmp_path / "b"), "--max-new-tokens", "12"]) == 0
@@ -159,7 +159,7 @@ def test_a_second_process_with_another_string_hash_seed_reuses_the_training(tmp_
     data = example_subset(tmp_path / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
     flags = ["--data-path", data, "--model-id", tiny_model_dir, "--no-graph", "--cache-dir", str(tmp_path / "cache"),
              "--lora-target-modules", "all-linear"]
-    flags += [f"--{key.replace('_', '-')}={value}" for key, value in FAST_INPUTS.items()]
+    flags += cli_flags(FAST_INPUTS)
     outputs = []
     for name, hash_seed, extra in (("a", "1", []), ("b", "2", ["--no-repeat-ngram-size", "3"])):
         process = subprocess.run([sys.executable, "run.py", *flags, "--output-dir", str(tmp_path / name), *extra],

@@ -326,7 +326,7 @@ def llama_server(tmp_path_factory):
         server.stop()
 
 
-LLAMA_ROWS = 20
+LLAMA_ROWS = 8  # two per school of four: every call kind and the per-school table, in under a minute
 #: Small enough for the 135M model to answer quickly (short rationales, few tokens).
 LLAMA_SETTINGS = {"judge_model": "smollm2-135m", "judge_max_tokens": 96, "judge_rationale_max_chars": 32,
                   "judge_max_concurrency": 2, "judge_malformed_retries": 1, "judge_response_format": "auto",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_INPUTS, REPO
+from conftest import FAST_INPUTS, REPO, cli_flags
 
 import philo_dataflow
 import run
@@ -223,7 +223,7 @@ def config_runs(tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("config-runs")
     data = example_subset(work / "data.jsonl", 6, ("Stoicism", "Taoism", "Hedonism"))
     settings = {**FAST_INPUTS, "data_path": data, "model_id": tiny_model_dir}
-    flags = [item for name, value in settings.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    flags = cli_flags(settings)
     assert run.main([*flags, "--output-dir", str(work / "flags"), "--no-graph"]) == 0
     (work / "run.yaml").write_text(yaml.safe_dump(settings))
     assert run.main(["--config", str(work / "run.yaml"), "--output-dir", str(work / "config"), "--no-graph"]) == 0
