@@ -91,6 +91,7 @@ class TrainSettings:
     :param work_dir: where children write checkpoints, results and logs.
     :param load_in_4bit: QLoRA: the library's ``load_in_4bit`` input, so every variant trains the same
         4-bit NF4 base model (``base_model``/``peft_model`` nodes); CUDA with bitsandbytes only.
+    :param bf16: the library's ``bf16`` input (None: its auto); TRL follows it under ``trl_precision`` match.
     """
 
     data_path: str
@@ -112,6 +113,7 @@ class TrainSettings:
     trl_precision: str
     work_dir: str
     load_in_4bit: bool = False
+    bf16: Optional[bool] = None
 
 
 class Refused(Exception):
@@ -268,6 +270,8 @@ def _library_nodes(settings: TrainSettings, names: list[str], output_dir: Path, 
         "seed": settings.seed,
         **extra_inputs,
     }
+    if settings.bf16 is not None:
+        inputs["bf16"] = settings.bf16
     if settings.learning_rate is not None:
         inputs["learning_rate"] = settings.learning_rate
     driver = philo_dataflow.build_driver({"start": "base"})
@@ -539,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed input of the library (default: 42)")
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="QLoRA: every variant trains the library's 4-bit NF4 base model (CUDA with bitsandbytes only)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="the library's bf16 input for every variant: --no-bf16 trains in fp32 where bf16 is native, as a CPU "
+                             "without it does (with benchmarks/avx2_emulation.sh) (default: the library's auto)")
     parser.add_argument("--trl-precision", choices=("match", "trl-default"), default="match",
                         help="match: TRL trains in the library's precision; trl-default: TRL's own (bf16 autocast) (default: match)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -600,7 +607,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
         lora_layers_to_transform=args.lora_layers_to_transform,
         learning_rate=args.learning_rate, seed=args.seed, trl_precision=args.trl_precision, work_dir=str(work_dir),
-        load_in_4bit=args.load_in_4bit,
+        load_in_4bit=args.load_in_4bit, bf16=args.bf16,
     )
 
 

@@ -323,8 +323,12 @@ def from_pretrained(loader, model_id: str, path: str, trust_remote_code: bool = 
 
     Weights load from safetensors only unless the caller asks otherwise (``use_safetensors=True`` for
     models): pickle checkpoints can run code when loaded. Custom model code (a config's ``auto_map``)
-    runs only with ``trust_remote_code``.
+    runs only with ``trust_remote_code``. A model loads without hub kernels (``use_kernels=False``; since
+    transformers 5.25 they are on by default where the ``kernels`` package is installed, fetched from the
+    hub at load time): nothing is downloaded at run time, and no code but the installed packages' runs.
     """
+    if hasattr(loader, "_model_mapping") or (isinstance(loader, type) and issubclass(loader, PreTrainedModel)):
+        kwargs.setdefault("use_kernels", False)
     try:
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as error:

@@ -85,15 +85,35 @@ def _repeated_blocks(model: torch.nn.Module) -> list:
     return []
 
 
+def _kernel_routed_modules(model: torch.nn.Module, layers: list) -> list:
+    """The modules of ``layers`` whose class ``forward`` is the hub-kernel router of the ``kernels`` package
+    (``use_kernelized_func``, on Llama's attention since transformers 5.25): a ``functools.wraps`` wrapper
+    that records the module's kernel functions in a global before calling the class's own ``forward``.
+    Only for a model loaded without hub kernels (``use_kernels`` false), where each of those functions is
+    its plain torch fallback, so calling the own ``forward`` directly computes the same; [] otherwise."""
+    if getattr(unwrapped_causal_lm(model), "use_kernels", False):
+        return []
+    return [module for layer in layers for module in layer.modules()
+            if "_kernel_funcs" in vars(module) and hasattr(type(module).forward, "__wrapped__")]
+
+
 @contextlib.contextmanager
 def _compiled_decoder_layers(model: torch.nn.Module, enabled: bool = True):
     """Within the block, each decoder layer of ``model`` is compiled in place (``nn.Module.compile``,
     dynamic shapes; parameter names and the state dict stay unchanged); on exit the layers run eagerly
     again. A forward pass dynamo fails to trace runs eagerly instead (``suppress_errors``); a missing
     compiler is caught earlier, by ``compiler_problem``. Nested use leaves layers compiled by an outer
-    block to it."""
+    block to it.
+
+    Inside compiled layers, modules behind the ``kernels`` router (``_kernel_routed_modules``) call their
+    own ``forward`` directly: the router writes to a global, which dynamo refuses inside activation
+    checkpointing ("HOP: Unsafe side effect"), so with ``gradient_checkpointing`` each layer broke out of
+    its graph (transformers 5.25: 1.75x slower, +0.24 GB peak; ``benchmarks/README.md``)."""
     layers = [layer for layer in _repeated_blocks(model) if getattr(layer, "_compiled_call_impl", None) is None] if enabled else []
+    routed = _kernel_routed_modules(model, layers) if layers else []
     try:
+        for module in routed:
+            module.forward = type(module).forward.__wrapped__.__get__(module)
         for layer in layers:
             layer.compile(dynamic=True)
         with torch._dynamo.config.patch(suppress_errors=True) if layers else contextlib.nullcontext():
@@ -101,6 +121,8 @@ def _compiled_decoder_layers(model: torch.nn.Module, enabled: bool = True):
     finally:
         for layer in layers:
             layer._compiled_call_impl = None
+        for module in routed:
+            vars(module).pop("forward", None)
 
 
 #: Longest training or validation example, in tokens, up to which compiled training on a CPU uses eager
