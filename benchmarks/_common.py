@@ -95,8 +95,8 @@ def library_state() -> dict:
     and a SHA-256 over its source files (it changes with any edit, committed or not). Read-only git."""
     package = REPO_ROOT / "philo_dataflow"
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):  # lib/ and commands/ too
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
 
     def git(*arguments: str) -> Optional[str]:
         try:
