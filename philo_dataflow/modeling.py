@@ -165,7 +165,8 @@ def base_model(
         model = from_pretrained(model_class, base_model_id, path, dtype=torch.float32, **loading)
         model = model.to(device)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers 5.25 renamed it (the old name warns, and goes in v6); 5.23 and 5.24 have the old one only.
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             # Without this, checkpointed LoRA layers get no gradient (peft#137).
             model.enable_input_require_grads()
     return model

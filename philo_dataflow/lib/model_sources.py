@@ -109,7 +109,8 @@ def _dense_copy_of_gguf(gguf_path: Path) -> Path:
         return target
     logger.info("converting %s to a dense safetensors copy in %s (once)", gguf_path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                 use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     not_dense = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
     if not_dense:
