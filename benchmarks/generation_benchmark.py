@@ -5,8 +5,9 @@ Modes, each in its own child process (so each peak RSS is its own), on the same 
 ``max_new_tokens``:
 
 - ``batched``: ``philo_dataflow.lib.generation.generate_answers`` as the library calls it (prompts sorted
-  by length, batched by count and by the token budget ``TOKEN_BUDGET``, left-padded, KV cache, stop at EOS);
-- ``fixed_count``: the same with no token budget, batches of ``--batch-size`` prompts whatever their
+  by length, batched by count and by the token budgets ``TOKEN_BUDGET`` and ``PROMPT_TOKEN_BUDGET``,
+  left-padded, KV cache, stop at EOS);
+- ``fixed_count``: the same with no token budgets, batches of ``--batch-size`` prompts whatever their
   length (the library's path before the budget);
 - ``one_at_a_time``: the same with batches of one;
 - ``llama_cpp``: llama-cpp-python on the same weights converted to an f32 GGUF file by llama.cpp's own
@@ -93,6 +94,8 @@ class GenerationSettings:
     :param gguf_path: the f32 GGUF copy of the model for ``llama_cpp`` (None: that mode is not run).
     :param no_repeat_ngram_size: generation setting of the transformers modes (0: off, plain greedy).
     :param repetition_penalty: generation setting of every mode (llama.cpp's ``repeat_penalty``; 1.0: off).
+    :param token_budget: most tokens per ``generate`` call of ``batched`` (None: the library's ``TOKEN_BUDGET``).
+    :param prompt_token_budget: most padded prompt tokens per call of ``batched`` (None: ``PROMPT_TOKEN_BUDGET``).
     """
 
     data_path: str
@@ -112,6 +115,8 @@ class GenerationSettings:
     gguf_path: Optional[str] = None
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    token_budget: Optional[int] = None
+    prompt_token_budget: Optional[int] = None
 
 
 def long_prompt_questions(questions: list[str], answers: list[str], count: int) -> list[str]:
@@ -174,13 +179,14 @@ def _llama_cpp_answers(settings: GenerationSettings, prompts: list[list[int]], e
 
 def _generate(settings: GenerationSettings, mode: str) -> dict:
     """Greedy answers to the prompts in ``mode``, timed after a two-token warm-up call."""
-    from philo_dataflow.lib.generation import TOKEN_BUDGET, generate_answers, token_budget_batches
+    from philo_dataflow.lib.generation import PROMPT_TOKEN_BUDGET, TOKEN_BUDGET, generate_answers, token_budget_batches
 
     model, tokenizer, prompts = _prompts(settings, with_model=mode != "llama_cpp")
     batch_size = 1 if mode == "one_at_a_time" else settings.batch_size
-    # fixed_count: a budget no batch reaches, so batches are formed by count alone.
-    token_budget = TOKEN_BUDGET if mode != "fixed_count" else 2 ** 62
-    batches = token_budget_batches([len(p) for p in prompts], settings.max_new_tokens, batch_size, token_budget)
+    # fixed_count: budgets no batch reaches, so batches are formed by count alone.
+    budgets = ((settings.token_budget or TOKEN_BUDGET, settings.prompt_token_budget or PROMPT_TOKEN_BUDGET)
+               if mode != "fixed_count" else (2 ** 62, 2 ** 62))
+    batches = token_budget_batches([len(p) for p in prompts], settings.max_new_tokens, batch_size, *budgets)
     if mode == "llama_cpp":
         token_ids, seconds = _llama_cpp_answers(settings, prompts, tokenizer.eos_token_id)
         ended = [bool(ids) and ids[-1] == tokenizer.eos_token_id for ids in token_ids]
@@ -191,7 +197,8 @@ def _generate(settings: GenerationSettings, mode: str) -> dict:
         decoding = {"no_repeat_ngram_size": settings.no_repeat_ngram_size,
                     "repetition_penalty": settings.repetition_penalty}
         generations = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, batch_size,
-                                       description=mode, settings=decoding, token_budget=token_budget)
+                                       description=mode, settings=decoding, token_budget=budgets[0],
+                                       prompt_token_budget=budgets[1])
         seconds = time.perf_counter() - started
         token_ids, ended = [g["token_ids"] for g in generations], [g["ended_on_eos"] for g in generations]
     new_tokens = sum(len(ids) for ids in token_ids)
@@ -298,7 +305,8 @@ def render_report(report: dict) -> str:
         f"Model {s['model_id']} with an untrained LoRA adapter ({s['lora_target_modules']}, r={s['lora_r']}); "
         f"the first {s['questions']} hold-out questions of {Path(s['data_path']).name}"
         f"{' after threads of earlier answers (--long-prompts)' if s.get('long_prompts') else ''}; "
-        f"max_new_tokens {s['max_new_tokens']}, batch size {s['batch_size']}, token budget {report.get('token_budget', '—')}; "
+        f"max_new_tokens {s['max_new_tokens']}, batch size {s['batch_size']}, token budget {report.get('token_budget', '—')}, "
+        f"prompt token budget {report.get('prompt_token_budget', '—')}; "
         f"greedy, no_repeat_ngram_size {s.get('no_repeat_ngram_size', 0)}, repetition_penalty {s.get('repetition_penalty', 1.0)}.",
         f"Load average (1/5/15 min) at start {report['load_average_start']}, at end {report['load_average_end']}.",
         f"philo_dataflow: commit {report['library']['commit']}"
@@ -342,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=None, help=f"comma-separated modes among {', '.join(MODES)} (default: all; --smoke: all but llama_cpp)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="generation setting of the transformers modes (default: 0, off; llama.cpp has no such sampler, so its mode is left out)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="generation setting of every mode (default: 1.0, off)")
+    parser.add_argument("--token-budget", type=int, default=None, help="most tokens per generate call in the batched mode, counted as rows x (longest prompt + max_new_tokens) (default: the library's TOKEN_BUDGET)")
+    parser.add_argument("--prompt-token-budget", type=int, default=None, help="most padded prompt tokens per generate call in the batched mode, counted as rows x longest prompt (default: the library's PROMPT_TOKEN_BUDGET)")
     parser.add_argument("--long-prompts", action="store_true", help="prompts after threads of earlier answers, up to ~2,300 tokens (module docstring)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random 2-layer Llama, 4 questions, 8 new tokens")
     return parser
@@ -364,8 +374,9 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> GenerationS
     problems = [
         f"{flag}={value}: must be at least 1"
         for flag, value in (("--questions", questions), ("--max-new-tokens", max_new_tokens),
-                            ("--batch-size", batch_size), ("--threads", threads))
-        if value < 1
+                            ("--batch-size", batch_size), ("--threads", threads), ("--token-budget", args.token_budget),
+                            ("--prompt-token-budget", args.prompt_token_budget))
+        if value is not None and value < 1
     ]
     if not data_path.is_file():
         problems.append(f"--data-path: {data_path} does not exist")
@@ -378,6 +389,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> GenerationS
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=lora_target_modules,
         seed=args.seed, work_dir=str(work_dir), long_prompts=args.long_prompts,
         no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty,
+        token_budget=args.token_budget, prompt_token_budget=args.prompt_token_budget,
     )
 
 
@@ -432,9 +444,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ]
     results = run_children(children, child_environment(settings.threads, settings.model_path), jobs, args.child_timeout)
     results += refused
-    from philo_dataflow.lib.generation import TOKEN_BUDGET
+    from philo_dataflow.lib.generation import PROMPT_TOKEN_BUDGET, TOKEN_BUDGET
     report.update(
-        token_budget=TOKEN_BUDGET,
+        token_budget=settings.token_budget or TOKEN_BUDGET,
+        prompt_token_budget=settings.prompt_token_budget or PROMPT_TOKEN_BUDGET,
         modes=results,
         comparison=compare(results),
         load_average_end=load_average(),

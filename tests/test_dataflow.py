@@ -143,6 +143,15 @@ def test_token_budget_batches_keep_long_prompts_from_padding_short_ones():
     assert sorted(sum(token_budget_batches(lengths, 60, 3, 500), [])) == list(range(len(lengths)))
 
 
+def test_prompt_token_budget_bounds_the_padded_prefill_without_splitting_short_prompts():
+    # rows x longest prompt is the test: 2 x 3000 = 6000 fits 6000, a third row of a 3000-token batch does not.
+    assert token_budget_batches([3000, 2900, 2800, 40, 30], 64, 32, token_budget=10**6, prompt_token_budget=6000) \
+        == [[0, 1], [2, 3], [4]]
+    # The defaults keep 32 prompts of up to 256 tokens with 160 new ones in one call, as before the prompt budget.
+    assert token_budget_batches([256] * 32, 160, 32) == [list(range(32))]
+    assert [len(b) for b in token_budget_batches([257] * 32, 160, 32)] == [31, 1]
+
+
 def test_base_answers_come_from_the_same_weights_with_adapter_disabled(base_run, tiny_model_dir):
     logits = logits_against_base(base_run["result"]["finetuned_model"], tiny_model_dir)
     torch.testing.assert_close(logits["adapter_disabled"], logits["base"])

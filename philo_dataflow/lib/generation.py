@@ -19,13 +19,19 @@ GREEDY = {"do_sample": False, "temperature": DEFAULTS["temperature"], "top_p": D
 #: so that one long prompt does not pad many short ones; at 32 rows it admits prompts of up to 352 tokens
 #: with 160 new ones.
 TOKEN_BUDGET = 16384
+#: Most prompt tokens one ``generate`` call prefills: rows x longest prompt, the padded prefill. It bounds
+#: the padding of long prompts, whose prefill dominates, without splitting batches of prompts up to 256
+#: tokens at 32 rows (the long-prompt measurement: ``benchmarks/README.md``).
+PROMPT_TOKEN_BUDGET = 8192
 
 
 def token_budget_batches(lengths: list[int], max_new_tokens: int, batch_size: int,
-                         token_budget: int = TOKEN_BUDGET) -> list[list[int]]:
-    """Batches of prompt indices, longest prompts first: each batch has at most ``batch_size`` prompts and
-    at most ``token_budget`` tokens counted as rows x (its longest prompt + ``max_new_tokens``); a prompt
-    over the budget by itself gets a batch of its own.
+                         token_budget: int = TOKEN_BUDGET,
+                         prompt_token_budget: int = PROMPT_TOKEN_BUDGET) -> list[list[int]]:
+    """Batches of prompt indices, longest prompts first: each batch has at most ``batch_size`` prompts, at
+    most ``token_budget`` tokens counted as rows x (its longest prompt + ``max_new_tokens``) and at most
+    ``prompt_token_budget`` counted as rows x its longest prompt; a prompt over a budget by itself gets a
+    batch of its own.
 
     :param lengths: token count of each prompt.
     :return: lists of indices into ``lengths``, every index once.
@@ -33,9 +39,11 @@ def token_budget_batches(lengths: list[int], max_new_tokens: int, batch_size: in
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        if batches and len(batches[-1]) < batch_size and \
-                (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + max_new_tokens) <= token_budget:
-            batches[-1].append(i)  # sorted longest first: the batch's first prompt is its longest
+        rows, longest = (len(batches[-1]) + 1, lengths[batches[-1][0]]) if batches else (0, 0)
+        # Sorted longest first: the batch's first prompt is its longest.
+        if batches and rows <= batch_size and rows * (longest + max_new_tokens) <= token_budget \
+                and rows * longest <= prompt_token_budget:
+            batches[-1].append(i)
         else:
             batches.append([i])
     return batches
@@ -70,6 +78,7 @@ def generate_answers(
     settings: Optional[dict] = None,
     seed: int = 42,
     token_budget: int = TOKEN_BUDGET,
+    prompt_token_budget: int = PROMPT_TOKEN_BUDGET,
 ) -> list[dict]:
     """Continuations of tokenized prompts, in the order given: greedy, or sampled with ``settings``.
 
@@ -84,6 +93,7 @@ def generate_answers(
     :param max_new_tokens: cap on generated tokens per prompt.
     :param batch_size: most prompts per ``generate`` call.
     :param token_budget: most tokens per ``generate`` call (``token_budget_batches``).
+    :param prompt_token_budget: most padded prompt tokens per ``generate`` call (``token_budget_batches``).
     :param settings: keys of ``GREEDY`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
         ``repetition_penalty``, ``no_repeat_ngram_size``); None is plain greedy (``GREEDY``).
     :return: one dict per prompt: ``text`` (decoded, special tokens dropped), ``token_ids`` (generated
@@ -94,7 +104,8 @@ def generate_answers(
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     results: list[dict] = [{}] * len(prompts)
     device = next(model.parameters()).device
-    batches = token_budget_batches([len(p) for p in prompts], max_new_tokens, batch_size, token_budget)
+    batches = token_budget_batches([len(p) for p in prompts], max_new_tokens, batch_size, token_budget,
+                                   prompt_token_budget)
     if config.do_sample:
         torch.manual_seed(seed)
     with torch.inference_mode():
