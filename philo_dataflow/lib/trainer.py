@@ -107,8 +107,8 @@ def _compiled_decoder_layers(model: torch.nn.Module, enabled: bool = True):
 
     Inside compiled layers, modules behind the ``kernels`` router (``_kernel_routed_modules``) call their
     own ``forward`` directly: the router writes to a global, which dynamo refuses inside activation
-    checkpointing ("HOP: Unsafe side effect"), so with ``gradient_checkpointing`` each layer broke out of
-    its graph (transformers 5.25: 1.75x slower, +0.24 GB peak; ``benchmarks/README.md``)."""
+    checkpointing ("HOP: Unsafe side effect"), so with ``gradient_checkpointing`` each layer would break
+    out of its graph (the cost, measured under transformers 5.25: ``benchmarks/README.md``)."""
     layers = [layer for layer in _repeated_blocks(model) if getattr(layer, "_compiled_call_impl", None) is None] if enabled else []
     routed = _kernel_routed_modules(model, layers) if layers else []
     try:
