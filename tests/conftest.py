@@ -128,11 +128,16 @@ FAST_INPUTS = {
 
 
 def cli_flags(settings: dict) -> list[str]:
-    """``settings`` (input name: value) as run.py's flags; a bool as ``--name`` or ``--no-name``."""
+    """``settings`` (input name: value) as run.py's flags (``lib.problems.flag``); a bool as ``--name`` or
+    ``--no-name``."""
+    from philo_dataflow.lib.problems import flag
+
     flags = []
     for name, value in settings.items():
-        flag = name.replace("_", "-")
-        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+        if isinstance(value, bool):
+            flags.append(flag(name) if value else "--no-" + flag(name).removeprefix("--"))
+        else:
+            flags += [flag(name), str(value)]
     return flags
 
 

@@ -39,13 +39,13 @@ def token_budget_batches(lengths: list[int], max_new_tokens: int, batch_size: in
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        rows, longest = (len(batches[-1]) + 1, lengths[batches[-1][0]]) if batches else (0, 0)
-        # Sorted longest first: the batch's first prompt is its longest.
-        if batches and rows <= batch_size and rows * (longest + max_new_tokens) <= token_budget \
-                and rows * longest <= prompt_token_budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        if batches:
+            rows, longest = len(batches[-1]) + 1, lengths[batches[-1][0]]  # sorted: the first is the longest
+            if rows <= batch_size and rows * (longest + max_new_tokens) <= token_budget \
+                    and rows * longest <= prompt_token_budget:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
     return batches
 
 
