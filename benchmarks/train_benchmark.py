@@ -234,8 +234,8 @@ def _splits(settings: TrainSettings) -> tuple:
     ``splitting.SPLIT_COLUMNS``), from the first ``records`` (+ ``validation_records``) pairs."""
     from datasets import Dataset
 
-    from philo_dataflow.loading import instruction_records, raw_records
-    from philo_dataflow.splitting import SPLIT_COLUMNS
+    from philo_dataflow.stages.loading import instruction_records, raw_records
+    from philo_dataflow.stages.splitting import SPLIT_COLUMNS
 
     pairs = instruction_records(raw_records(settings.data_path), settings.data_path, None)
     end = settings.records + settings.validation_records
@@ -505,7 +505,7 @@ def matmul_peak_gflops(dtype_name: str, size: int, repeats: int, threads: int, d
 
 
 def _matmul_device() -> str:
-    from philo_dataflow.modeling import device
+    from philo_dataflow.stages.modeling import device
 
     return str(device())
 
@@ -562,7 +562,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
     """The shared settings, after checking every flag (all problems reported at once)."""
     from philo_dataflow.lib.inputs import EMBEDDED_MODEL_ID
     from philo_dataflow.lib.model_sources import resolve_model_path
-    from philo_dataflow.loading import instruction_records, raw_records
+    from philo_dataflow.stages.loading import instruction_records, raw_records
     from philo_dataflow.testing import tiny_model_dir
 
     smoke = args.smoke
@@ -591,7 +591,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
             problems.append(f"--records {records} + --validation-records {args.validation_records}: {data_path} has only {pairs} pairs")
     if args.load_in_4bit:
         from philo_dataflow.lib.model_sources import quantization_problems
-        from philo_dataflow.modeling import device
+        from philo_dataflow.stages.modeling import device
 
         problems += [f"--load-in-4bit: {line}" for line in quantization_problems(True, device())]
     if problems:

@@ -1,4 +1,4 @@
-"""The chat page of a finished run (``run.py chat``): one question answered by the base and the fine-tuned
+"""The chat page of a finished run (``philo-dataflow chat``): one question answered by the base and the fine-tuned
 model side by side, streamed token by token, with the run's generation settings adjustable and, where
 the run's hold-out predictions sit beside its adapter, the hold-out questions of each category offered as
 examples with their reference answers.
@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
     TextIteratorStreamer,
 )
 
-from . import build_driver  # noqa: E402
+from .dataflow import build_driver  # noqa: E402
 from .lib.artifacts import PREDICTIONS_JSONL_FILE  # noqa: E402
 from .lib.generation import GREEDY, generation_config  # noqa: E402
 from .lib.inputs import BY_NAME, DEFAULTS, hyperparameter_problems  # noqa: E402

@@ -1,10 +1,10 @@
 """Comparison of several runs on one hold-out set: the base model and each run's saved adapter (or fully
 fine-tuned model) answer the same questions greedily, and are scored with ROUGE, EOS-stop rate, answer
 length and the repetition measures of ``lib.scores``, with a paired bootstrap CI of every pair's
-difference. What ``run.py compare`` (``commands.compare``) runs.
+difference. What ``philo-dataflow compare`` (``commands.compare``) runs.
 
 Loading and generation go through the library's own ``presaved`` dataflow (``build_driver``), as
-``run.py --start presaved`` would load the adapter and answer; the hold-out set of a data file is the
+``philo-dataflow --start presaved`` would load the adapter and answer; the hold-out set of a data file is the
 dataflow's ``hold_out_set`` under the first run's manifest split inputs. Library code, not a stage
 module: the driver is never given it.
 """
@@ -25,10 +25,13 @@ import plotly.graph_objects as go
 import torch
 from datasets import Dataset
 
-from . import build_driver
+from .dataflow import build_driver
 from .lib import html_report
 from .lib.artifacts import (
     ADAPTER_DIR,
+    COMPARISON_ANSWERS_FILE,
+    COMPARISON_FILE,
+    COMPARISON_REPORT_FILE,
     MANIFEST_FILE,
     MANIFEST_INPUTS,
     PREDICTIONS_JSONL_FILE,
@@ -52,11 +55,6 @@ from .lib.trainer import ready_for_generation
 
 logger = logging.getLogger(__name__)
 
-#: Files a comparison writes to its output directory; ``COMPARISON_FILE`` marks a finished comparison.
-COMPARISON_FILE = "comparison.json"
-COMPARISON_ANSWERS_FILE = "answers.jsonl"
-COMPARISON_REPORT_FILE = "report.html"
-COMPARISON_FILES = (COMPARISON_FILE, COMPARISON_ANSWERS_FILE, COMPARISON_REPORT_FILE)
 #: How every compared model answers: the run defaults' decoding (greedy, no repeated 4-grams), the same
 #: for all, whatever each run was evaluated with.
 COMPARE_DECODING = {name: DEFAULTS[name] for name in GREEDY}

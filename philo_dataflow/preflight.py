@@ -3,7 +3,7 @@ problems reported at once.
 
 ``check_run_inputs(inputs, start)`` returns the problems; ``preflight(inputs, start)`` raises them as one
 ``InputProblems`` (a ``ValueError``) whose message has one line per problem, each naming the file,
-record, key or input (with its ``run.py`` flag) and what to do. ``run.py`` calls it before it writes
+record, key or input (with its ``philo-dataflow`` flag) and what to do. ``philo-dataflow`` calls it before it writes
 anything; library users call it before ``dr.execute``::
 
     from philo_dataflow import preflight
@@ -48,7 +48,7 @@ from typing import Any, Optional
 
 import openai
 
-from . import loading, modeling, splitting, tokenization
+from .stages import loading, modeling, splitting, tokenization
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
 from .lib.distributed import launched_processes
 from .lib.inputs import (
@@ -324,7 +324,7 @@ def judge_problems(values: dict) -> list:
     if launched_processes() > 1:
         return [Problem("judge_model", f"judge_model={values['judge_model']!r} ({flag('judge_model')}): the LLM judge "
                                        f"runs in one process, not under torchrun or accelerate launch ({launched_processes()} "
-                                       "processes); train without it, then judge in one process: python run.py --start "
+                                       "processes); train without it, then judge in one process: philo-dataflow --start "
                                        "presaved --presaved-model-dir OUTPUT_DIR/adapter --judge-model NAME.")]
     try:
         judge = make_judge_client(**_arguments(make_judge_client, values))
@@ -383,18 +383,34 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
         return [Problem("start", f"start={start!r} ({flag('start')}): use one of {list(START_MODES)}.")]
     values = {**DEFAULTS, **inputs}
     problems = hyperparameter_problems(values)
-    bad_inputs = {problem.input for problem in problems}
     resuming = start == "base" and values.get("resume_from_checkpoint") is not None
     problems += output_dir_problems(values.get("output_dir"), overwrite or resuming,
                                     values.get("presaved_model_dir") if start == "presaved" else None)
-    found_problems, found = data_problems(values, bad_inputs, start)
-    problems += found_problems
-    problems += model_problems(values, start, found, bad_inputs)
+    problems += _data_and_model_problems(values, start, {problem.input for problem in problems})
     if resuming:
         problems += resume_problems(values)
     problems += judge_problems(values)
     logger.info("preflight: %d problem(s)", len(problems))
     return problems
+
+
+def _data_and_model_problems(values: dict, start: str, bad_inputs: set) -> list:
+    found_problems, found = data_problems(values, bad_inputs, start)
+    return found_problems + model_problems(values, start, found, bad_inputs)
+
+
+def check_data_and_model(inputs: dict, start: str = "base") -> list:
+    """The checks 1, 3 and 4 of ``check_run_inputs``: the inputs in range, the data and the model, without
+    the output directory, a checkpoint to resume or the judge (what ``philo-dataflow preview`` needs).
+    Reads, never writes; loads no model weights.
+
+    :return: list of ``Problem``, empty when the data and the model look right.
+    """
+    if start not in START_MODES:
+        return [Problem("start", f"start={start!r} ({flag('start')}): use one of {list(START_MODES)}.")]
+    values = {**DEFAULTS, **inputs}
+    problems = hyperparameter_problems(values)
+    return problems + _data_and_model_problems(values, start, {problem.input for problem in problems})
 
 
 def preflight(inputs: dict, start: str = "base", overwrite: bool = False) -> None:

@@ -10,7 +10,7 @@ from .lib.inputs import EMBEDDED_MODEL_ID, EXAMPLE_DATA_PATH
 from .lib.model_sources import resolve_model_path
 
 #: The repository's example data (306 alpaca records, 34 per school), when run from a checkout.
-EXAMPLE_DATA = Path(__file__).resolve().parent.parent / EXAMPLE_DATA_PATH
+EXAMPLE_DATA = Path(EXAMPLE_DATA_PATH)
 
 
 def tiny_model_dir(directory: Path, tokenizer: Any = None) -> str:

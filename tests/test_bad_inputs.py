@@ -15,7 +15,8 @@ from bad_inputs.commands import COMMAND_CASES
 from judge_servers import FaultyJudgeServer, free_port
 
 import philo_dataflow
-import run
+from philo_dataflow import cli
+from philo_dataflow.cli import job as run
 from philo_dataflow import preflight
 from philo_dataflow.lib.artifacts import MANIFEST_FILE
 from philo_dataflow.testing import tree
@@ -114,7 +115,7 @@ def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path
             preflight.preflight(inputs, case.start, case.overwrite)
         assert isinstance(raised.value, preflight.InputProblems) and str(raised.value).splitlines() == messages
 
-    assert run.main(_argv(case, inputs)) == 2
+    assert cli.main(_argv(case, inputs)) == 2
     stderr = capsys.readouterr().err
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("error: ") for line in lines), stderr
@@ -139,7 +140,7 @@ def test_odd_but_right_input_passes_the_preflight(case, env, tmp_path):
 def test_bom_and_duplicates_load_as_the_plain_file():
     from bad_inputs.cases import data
 
-    from philo_dataflow.loading import instruction_records, raw_records
+    from philo_dataflow.stages.loading import instruction_records, raw_records
 
     plain = instruction_records(raw_records(GOOD), GOOD, None)
     assert instruction_records(raw_records(data("bom.jsonl")), "x", None) == plain
@@ -182,7 +183,7 @@ def test_generation_nodes_raise_the_preflights_lines_before_generating(output):
 def test_bad_subcommand_input_is_one_line_per_problem_and_writes_nothing(case, env, tmp_path, capsys):
     argv = case.argv(env, tmp_path)
     before, adapter_before = tree(tmp_path), tree(Path(env.adapter))
-    assert run.main(argv) == 2
+    assert cli.main(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines and all(line.startswith("error: ") for line in lines), lines
     _assert_matches([line[len("error: "):] for line in lines], case.expected)

@@ -52,7 +52,7 @@ def test_train_and_generation_benchmarks_smoke(tmp_path):
     assert results["ours"]["status"] == "ok"
     import torch
 
-    from philo_dataflow.training import compile_decoder_layers
+    from philo_dataflow.stages.training import compile_decoder_layers
 
     assert results["ours"]["settings"]["compiled_decoder_layers"] is compile_decoder_layers(torch.device("cpu"))
     assert results["ours_uncompiled"]["settings"]["compiled_decoder_layers"] is False

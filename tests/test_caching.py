@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_INPUTS, cli_flags
+from conftest import FAST_INPUTS, REPO, cli_flags
 from hamilton.caching.adapter import CachingEventType
 from safetensors.torch import load_file
 
 import philo_dataflow
-import run
+from philo_dataflow import cli
+from philo_dataflow.cli import job as run
 from philo_dataflow.lib import caching
 from philo_dataflow.lib.artifacts import ADAPTER_DIR, PREDICTIONS_JSONL_FILE
 from philo_dataflow.testing import example_subset, tiny_model_dir
@@ -145,11 +146,11 @@ def test_run_py_reuses_the_cache_by_default_and_no_cache_turns_it_off(tmp_path, 
     data = example_subset(tmp_path / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
     flags = ["--data-path", data, "--model-id", tiny_model_dir, "--no-graph", "--cache-dir", str(tmp_path / "cache")]
     flags += cli_flags(FAST_INPUTS)
-    assert run.main([*flags, "--output-dir", str(tmp_path / "a")]) == 0
+    assert cli.main([*flags, "--output-dir", str(tmp_path / "a")]) == 0
     assert "training ran" in capsys.readouterr().out
-    assert run.main([*flags, "--output-dir", str(tmp_path / "b"), "--max-new-tokens", "12"]) == 0
+    assert cli.main([*flags, "--output-dir", str(tmp_path / "b"), "--max-new-tokens", "12"]) == 0
     assert "the trained weights came from it" in capsys.readouterr().out
-    assert run.main([*flags, "--output-dir", str(tmp_path / "c"), "--no-cache"]) == 0
+    assert cli.main([*flags, "--output-dir", str(tmp_path / "c"), "--no-cache"]) == 0
     assert "results reused" not in capsys.readouterr().out
 
 
@@ -163,7 +164,7 @@ def test_a_second_process_with_another_string_hash_seed_reuses_the_training(tmp_
     outputs = []
     for name, hash_seed, extra in (("a", "1", []), ("b", "2", ["--no-repeat-ngram-size", "3"])):
         process = subprocess.run([sys.executable, "run.py", *flags, "--output-dir", str(tmp_path / name), *extra],
-                                 cwd=Path(run.__file__).parent, capture_output=True, text=True, timeout=600,
+                                 cwd=REPO, capture_output=True, text=True, timeout=600,
                                  env={**os.environ, "PYTHONHASHSEED": hash_seed})
         assert process.returncode == 0, process.stderr[-3000:]
         outputs.append(process.stdout)

@@ -28,7 +28,7 @@ SETTINGS = {"no_repeat_ngram_size": 1}
 
 def _serve(model_dir: str, port: int, log_path: Path) -> subprocess.Popen:
     """``run.py chat``'s entry point in a subprocess, as a user starts it."""
-    command = [sys.executable, "-c", "import sys; from philo_dataflow.commands import chat; sys.exit(chat.main(sys.argv[1:]))",
+    command = [sys.executable, "-c", "import sys; from philo_dataflow.cli import chat; sys.exit(chat.main(sys.argv[1:]))",
                "--model-dir", model_dir, "--port", str(port)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(log_path, "wb") as log:
@@ -215,7 +215,7 @@ def test_prompt_template_fields_round_trip():
 def test_bad_input_is_one_error_line(case, tiny_run_dir, tmp_path, capsys):
     import socket
 
-    from philo_dataflow.commands import chat
+    from philo_dataflow.cli import chat
 
     model_dir, flag = {"missing directory": (tmp_path / "nowhere", "--model-dir"),
                        "directory without manifest": (tmp_path, "--model-dir"),

@@ -14,7 +14,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import philo_dataflow
 from philo_dataflow import comparison
-from philo_dataflow.commands import compare
+from philo_dataflow.cli import compare
 from philo_dataflow.lib.artifacts import ADAPTER_DIR, MANIFEST_FILE, PREDICTIONS_JSONL_FILE, read_manifest
 
 FIGURES = ("rouge-l-figure", "rouge-l-difference-figure", "loop-rate-figure")

@@ -11,6 +11,7 @@ under ``HF_DATASETS_CACHE/namespace___name/<config>/<version>/<hash>/`` (``<name
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,17 +24,18 @@ import pytest
 from conftest import REPO
 
 import philo_dataflow
-import run
+from philo_dataflow import cli
+from philo_dataflow.cli import job as run
 from philo_dataflow import preflight
 from philo_dataflow.lib.artifacts import MANIFEST_FILE
 from philo_dataflow.lib.records import detected_format
-from philo_dataflow.loading import (
+from philo_dataflow.stages.loading import (
     instruction_records,
     prompt_template_in_use__base,
     prompt_template_in_use__presaved,
     raw_records,
 )
-from philo_dataflow.splitting import data_splits
+from philo_dataflow.stages.splitting import data_splits
 
 DATA = Path(__file__).resolve().parent / "data_formats"
 MESSAGES, SHAREGPT, OASST = DATA / "messages.jsonl", DATA / "sharegpt.json", DATA / "oasst.trees.jsonl"
@@ -527,16 +529,31 @@ def test_run_py_checks_and_splits_each_format(case, tmp_path, tiny_model_dir, ca
     make, flags = CLI_CASES[case]
     argv = ["--data-path", make(tmp_path), *flags, "--model-id", tiny_model_dir, "--output-dir", str(tmp_path / "out"),
             "--outputs", "split_summary", "--no-graph"]
-    assert run.main(argv) == 0, capsys.readouterr().err
+    assert cli.main(argv) == 0, capsys.readouterr().err
     assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_preview_shows_each_format_with_every_answer_ending_on_eos(case, tmp_path, tiny_model_dir, capsys):
+    """``philo-dataflow preview`` on every format: each shown example's answer turns (one per turn of a
+    conversation) are marked, and each ends on the EOS token; nothing is refused."""
+    make, flags = CLI_CASES[case]
+    argv = ["preview", "--data-path", make(tmp_path), *flags, "--model-id", tiny_model_dir, "--examples", "3"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    examples = out.split("\n--- ")[1:]
+    train_examples = int(re.search(r"train\s+(\d+) examples", out).group(1))
+    assert len(examples) == min(3, train_examples), out[-2000:]
+    for example in examples:
+        assert example.count("[[") >= 1 and example.count("[[") == example.count("<|im_end|>]]"), example
 
 
 def test_run_py_reads_a_cached_hub_dataset(hub_cache, tmp_path, tiny_model_dir, capsys):
     argv = ["--data-path", PREPARED_ID, "--model-id", tiny_model_dir, "--output-dir", str(tmp_path / "out"),
             "--outputs", "split_summary", "--no-graph"]
-    assert run.main(argv) == 0, capsys.readouterr().err
+    assert cli.main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
-    assert run.main([*argv[:1], "philo-tests/never_downloaded", *argv[2:]]) == 2
+    assert cli.main([*argv[:1], "philo-tests/never_downloaded", *argv[2:]]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: philo-tests/never_downloaded: no such local file")
 

@@ -129,7 +129,7 @@ SHARDED_GENERATION = textwrap.dedent("""
     from philo_dataflow.lib.distributed import is_main_process, num_processes, process_state, sharded_map
     from philo_dataflow.lib.generation import generate_answers
     from philo_dataflow.lib.prompts import question_prompt_ids
-    from philo_dataflow.prediction import _generations
+    from philo_dataflow.stages.prediction import _generations
 
     rank = process_state().process_index
     assert num_processes() == 2

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import philo_dataflow
-from philo_dataflow import saving
-from philo_dataflow.commands import export
+from philo_dataflow.stages import saving
+from philo_dataflow.cli import export
 from philo_dataflow.lib import gguf_export
 from philo_dataflow.lib.generation import generate_answers
 from philo_dataflow.lib.prompts import prompt_token_ids

@@ -17,11 +17,11 @@ from conftest import REPO
 from judge_servers import JudgeServerProcess
 
 import philo_dataflow
-from philo_dataflow import saving
+from philo_dataflow.stages import saving
 from philo_dataflow.lib import artifacts
 from philo_dataflow.lib.judge_protocol import PAIR_ORDERS
 from philo_dataflow.testing import tree
-from philo_dataflow.training import resume_checkpoint_dir
+from philo_dataflow.stages.training import resume_checkpoint_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,8 +50,9 @@ def recorded_train(self, resume_from_checkpoint=None, **kwargs):
     return train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 Trainer._save_rng_state, Trainer.train = save_rng_state_or_hang, recorded_train
-import run
-sys.exit(run.main(sys.argv[1:]))
+from philo_dataflow import cli
+from philo_dataflow.cli import job as run
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 #: Largest accepted difference between the final validation loss (and every logged loss) of the resumed
@@ -230,7 +231,7 @@ class _HalfWritingStream:
 
 
 class _FaultyOs:
-    """Stands in for the ``os`` module of ``philo_dataflow.saving``: files opened through ``fdopen``
+    """Stands in for the ``os`` module of ``philo_dataflow.stages.saving``: files opened through ``fdopen``
     fill the disk half way through (``full_disk``), or renames of a directory named like ``rename_of``
     fail (``os.replace``); anything else is the real ``os``."""
 

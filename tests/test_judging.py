@@ -12,7 +12,7 @@ from conftest import EXAMPLE_DATA
 from judge_servers import FaultyJudgeServer, LlamaCppServer
 
 import philo_dataflow
-from philo_dataflow import judging
+from philo_dataflow.stages import judging
 from philo_dataflow.lib import judge_client, judge_protocol
 from philo_dataflow.lib.generation import GREEDY
 from philo_dataflow.lib.scores import MODELS
@@ -159,23 +159,23 @@ def test_judge_outputs_resolve_under_both_configs_only_with_a_judge_model():
 
 
 def test_run_py_judges_when_asked_and_says_so_when_not(tmp_path, tiny_model_dir, small_jsonl, monkeypatch, capsys):
-    import run
-
+    from philo_dataflow import cli
+    from philo_dataflow.cli import job as run
     monkeypatch.delenv(KEY_ENV, raising=False)
     fast = ["--max-steps", "2", "--eval-steps", "1", "--max-new-tokens", "8", "--max-seq-length", "256",
             "--hold-out-fraction", "0.2", "--validation-fraction", "0.2", "--no-graph"]
     base_run = ["--model-id", tiny_model_dir, "--data-path", small_jsonl, *fast]
     judged_dir, plain_dir = tmp_path / "judged", tmp_path / "plain"
 
-    assert run.main([*base_run, "--output-dir", str(judged_dir), "--judge-model", "gpt-4.1",
+    assert cli.main([*base_run, "--output-dir", str(judged_dir), "--judge-model", "gpt-4.1",
                      "--judge-api-key-env", KEY_ENV]) == 2
     assert f"environment variable {KEY_ENV} is unset" in capsys.readouterr().err
     assert not judged_dir.exists(), "a missing key must fail before training"
-    assert run.main([*base_run, "--output-dir", str(judged_dir), "--judge-max-tokens", "64"]) == 2
+    assert cli.main([*base_run, "--output-dir", str(judged_dir), "--judge-max-tokens", "64"]) == 2
     assert "add --judge-model" in capsys.readouterr().err
 
     with FaultyJudgeServer() as server:
-        assert run.main([*base_run, "--output-dir", str(judged_dir), "--judge-model", "ok",
+        assert cli.main([*base_run, "--output-dir", str(judged_dir), "--judge-model", "ok",
                          "--judge-base-url", server.base_url, "--judge-api-key-env", KEY_ENV]) == 0
     out = capsys.readouterr().out
     assert "LLM judge ok (philo-judge-1)" in out and "fine-tuned wins 0%, ties 100%, loses 0%" in out
@@ -185,7 +185,7 @@ def test_run_py_judges_when_asked_and_says_so_when_not(tmp_path, tiny_model_dir,
     assert "## LLM judge" in (judged_dir / "report.md").read_text()
     assert "school alignment" in (judged_dir / "report.html").read_text() and (judged_dir / "judge_cache").is_dir()
 
-    assert run.main(["--start", "presaved", "--presaved-model-dir", str(judged_dir / "adapter"),
+    assert cli.main(["--start", "presaved", "--presaved-model-dir", str(judged_dir / "adapter"),
                      "--output-dir", str(plain_dir), *fast]) == 0
     assert "LLM judge: not run (no judge endpoint configured; pass --judge-model" in capsys.readouterr().out
     assert "judge" not in json.loads((plain_dir / "metrics.json").read_text())

@@ -5,8 +5,8 @@ import pytest
 from conftest import EXAMPLE_DATA, SHARED_DATA
 
 from philo_dataflow.lib.records import SCHOOLS_OF_THOUGHT
-from philo_dataflow.loading import instruction_records, raw_records
-from philo_dataflow.splitting import data_splits
+from philo_dataflow.stages.loading import instruction_records, raw_records
+from philo_dataflow.stages.splitting import data_splits
 
 
 def _load(path, **keys):

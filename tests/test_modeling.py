@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from philo_dataflow.modeling import (
+from philo_dataflow.stages.modeling import (
     base_model,
     lora_config,
     model_summary,

@@ -20,8 +20,8 @@ from philo_dataflow.lib.near_duplicates import (
     near_duplicate_groups,
 )
 from philo_dataflow.lib.records import normalised_pairs, read_records
-from philo_dataflow.report import _near_duplicate_lines
-from philo_dataflow.splitting import SPLIT_NAMES, data_splits, split_summary
+from philo_dataflow.stages.report import _near_duplicate_lines
+from philo_dataflow.stages.splitting import SPLIT_NAMES, data_splits, split_summary
 
 #: Thirty questions of this test's own (four or more content words each, none containing "explain"),
 #: with short answers, by school.

@@ -1,7 +1,7 @@
 """The report states what issue 6 asks of it: ROUGE-L with the CI, EOS rates, lengths, the kept
 checkpoint's validation loss, and the balance of the categories per split with per-category ROUGE-L."""
 
-from philo_dataflow.report import report_markdown
+from philo_dataflow.stages.report import report_markdown
 
 
 def _summary(rouge_l: float, eos: float, words: float, count: int) -> dict:

@@ -12,7 +12,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from test_report import fake_run_metrics
 
-from philo_dataflow import plots, report
+from philo_dataflow.stages import plots, report
 from philo_dataflow.lib import html_report
 from philo_dataflow.lib.artifacts import PREDICTIONS_JSONL_FILE, REPORT_HTML_FILE
 from philo_dataflow.lib.judge_protocol import CRITERIA

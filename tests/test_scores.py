@@ -13,7 +13,7 @@ from philo_dataflow.lib.scores import (
     wilson_interval,
     words,
 )
-from philo_dataflow.metrics import hold_out_set_metrics
+from philo_dataflow.stages.metrics import hold_out_set_metrics
 
 #: The issue's example of a tuned answer that loops, once more round: "is the source of" occurs three times.
 LOOPING = ("The mother is the source of the universe, and the universe is the source of the mother, and the "

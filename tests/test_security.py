@@ -17,10 +17,10 @@ from judge_servers import FaultyJudgeServer
 from transformers import AutoModelForCausalLM
 
 import philo_dataflow
-from philo_dataflow import modeling
+from philo_dataflow.stages import modeling
 from philo_dataflow.lib import model_sources
 from philo_dataflow.lib.artifacts import MANIFEST_FILE
-from philo_dataflow.modeling import base_model, tokenizer__base
+from philo_dataflow.stages.modeling import base_model, tokenizer__base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -78,8 +78,9 @@ def test_cli_re_evaluates_a_pickle_adapter_only_with_allow_pickle(tmp_path, tiny
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    import run
+    from philo_dataflow import cli
 
+    from philo_dataflow.cli import job as run
     adapter_dir = tmp_path / "adapter"
     trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                              LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
@@ -92,9 +93,9 @@ def test_cli_re_evaluates_a_pickle_adapter_only_with_allow_pickle(tmp_path, tiny
     argv = ["--start", "presaved", "--presaved-model-dir", str(adapter_dir), "--output-dir", str(tmp_path / "out"),
             "--outputs", "hold_out_set_predictions", "--no-graph", "--max-new-tokens", "2"]
 
-    assert run.main(argv) == 2
+    assert cli.main(argv) == 2
     assert "adapter_model.bin: it is a pickle file" in capsys.readouterr().err
-    assert run.main([*argv, "--allow-pickle"]) == 0, capsys.readouterr().err
+    assert cli.main([*argv, "--allow-pickle"]) == 0, capsys.readouterr().err
 
 
 # --- custom model code -----------------------------------------------------------------------------
@@ -147,8 +148,8 @@ def test_trust_remote_code_is_off_unless_asked_and_passed_through_when_asked(tin
 
 
 def test_cli_flags_for_pickle_and_remote_code_are_off_unless_given():
-    import run
-
+    from philo_dataflow import cli
+    from philo_dataflow.cli import job as run
     parser = run.build_parser()
     unset = run.run_inputs("base", run.resolved_settings(parser.parse_args([]))["given"])
     assert unset.keys().isdisjoint({"allow_pickle", "trust_remote_code"})

@@ -12,7 +12,8 @@ import yaml
 from conftest import FAST_INPUTS, REPO, cli_flags
 
 import philo_dataflow
-import run
+from philo_dataflow import cli
+from philo_dataflow.cli import job as run
 from philo_dataflow.lib.inputs import BY_NAME, INPUTS, REQUIRED, markdown_table
 
 #: Every node of ``build_driver({"start": "base"})``: a helper that turns into a node shows up here.
@@ -137,9 +138,9 @@ def test_help_shows_every_input_with_its_default():
         assert f"{' '.join(spec.help.split())} (default: {spec.shown()})" in text, spec.name
 
 
-def test_readme_inputs_table_is_the_tables():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme
+def test_guide_inputs_table_is_the_tables():
+    guide = (REPO / "docs" / "guide.md").read_text(encoding="utf-8")
+    assert markdown_table() in guide
 
 
 def test_output_lists_come_from_the_tags():
@@ -197,7 +198,7 @@ def test_cpu_demo_config_is_the_defaults():
     plain = run.resolved_settings(run.build_parser().parse_args([]))
     demo = run.resolved_settings(run.build_parser().parse_args(["--config", str(REPO / "configs" / "cpu_demo.yaml")]))
     assert demo["start"] == plain["start"] == "base"
-    resolved = {**{s.name: s.default for s in INPUTS if s.default is not REQUIRED}, "data_path": "example_data/philosophy_qa.jsonl"}
+    resolved = {**{s.name: s.default for s in INPUTS if s.default is not REQUIRED}, "data_path": philo_dataflow.EXAMPLE_DATA_PATH}
     assert all(resolved[name] == value and type(resolved[name]) is type(value) for name, value in demo["given"].items())
 
 
@@ -224,10 +225,10 @@ def config_runs(tmp_path_factory, tiny_model_dir):
     data = example_subset(work / "data.jsonl", 6, ("Stoicism", "Taoism", "Hedonism"))
     settings = {**FAST_INPUTS, "data_path": data, "model_id": tiny_model_dir}
     flags = cli_flags(settings)
-    assert run.main([*flags, "--output-dir", str(work / "flags"), "--no-graph"]) == 0
+    assert cli.main([*flags, "--output-dir", str(work / "flags"), "--no-graph"]) == 0
     (work / "run.yaml").write_text(yaml.safe_dump(settings))
-    assert run.main(["--config", str(work / "run.yaml"), "--output-dir", str(work / "config"), "--no-graph"]) == 0
-    assert run.main(["--config", str(work / "flags" / "config.yaml"), "--output-dir", str(work / "again"),
+    assert cli.main(["--config", str(work / "run.yaml"), "--output-dir", str(work / "config"), "--no-graph"]) == 0
+    assert cli.main(["--config", str(work / "flags" / "config.yaml"), "--output-dir", str(work / "again"),
                      "--no-graph"]) == 0
     return work
 
@@ -246,3 +247,45 @@ def test_a_runs_config_yaml_reproduces_it(config_runs):
     assert {**again, "output_dir": None} == {**written, "output_dir": None}
     metrics = json.loads((config_runs / "again" / "metrics.json").read_text())
     assert metrics["validation"]["global_step"] == 2
+
+
+def test_the_stage_modules_are_the_stages_package():
+    """``stages/`` holds the modules given to the driver, and only those; nothing else is a stage."""
+    import pkgutil
+
+    from philo_dataflow import stages
+
+    in_package = {f"philo_dataflow.stages.{info.name}" for info in pkgutil.iter_modules(stages.__path__)}
+    assert {module.__name__ for module in philo_dataflow.MODULES} == in_package
+
+
+def test_trackers_and_schedulers_are_the_installed_transformers():
+    """The inputs table writes them out so that ``--help`` needs no transformers import."""
+    from transformers import SchedulerType
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from philo_dataflow.lib.inputs import SCHEDULERS, TRACKERS
+
+    assert TRACKERS == tuple(INTEGRATION_TO_CALLBACK)
+    assert SCHEDULERS == tuple(scheduler.value for scheduler in SchedulerType)
+
+
+#: What ``--help`` must not import: it would take seconds of CPU.
+HEAVY_MODULES = ("torch", "transformers", "datasets", "hamilton", "peft", "gradio", "accelerate")
+
+
+@pytest.mark.parametrize("command", [[], ["preview"], ["chat"], ["export"], ["compare"]], ids=lambda c: c[0] if c else "main")
+def test_help_imports_no_ml_library(command):
+    probe = ("import sys\nfrom philo_dataflow.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print('IMPORTED', sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))")
+    process = subprocess.run([sys.executable, "-c", probe, *command, "--help"], capture_output=True, text=True,
+                             timeout=60, cwd=REPO)
+    assert process.returncode == 0, process.stderr
+    assert "usage: philo-dataflow" in process.stdout
+    assert process.stdout.strip().endswith("IMPORTED []"), process.stdout[-300:]
+
+
+def test_python_m_and_run_py_are_the_command():
+    outputs = [subprocess.run([sys.executable, *how, "--help"], capture_output=True, text=True, timeout=60,
+                              cwd=REPO).stdout for how in (["-m", "philo_dataflow"], ["run.py"])]
+    assert outputs[0] == outputs[1] and "commands (each with its own --help" in outputs[0]

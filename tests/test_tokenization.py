@@ -16,9 +16,9 @@ from philo_dataflow.lib.prompts import (
     render_prompt,
     tokenize_example,
 )
-from philo_dataflow.tokenization import overlong_records
-from philo_dataflow.tokenization import tokenized_split__causal as tokenized_split
-from philo_dataflow.training import data_collator
+from philo_dataflow.stages.tokenization import overlong_records
+from philo_dataflow.stages.tokenization import tokenized_split__causal as tokenized_split
+from philo_dataflow.stages.training import data_collator
 
 QUESTION = "How would a Stoic respond to an insult?"
 ANSWER = "Epictetus says it is not the insult that harms us but our judgment about it."

@@ -16,7 +16,7 @@ import philo_dataflow
 from philo_dataflow.lib.artifacts import ADAPTER_DIR, CHECKPOINTS_DIR, LOG_HISTORY_FILE, METRICS_FILE
 from philo_dataflow.lib.judge_protocol import CRITERIA
 from philo_dataflow.lib.trackers import RUNS_DIR, TENSORBOARD_DIR_VARIABLE, final_metrics
-from philo_dataflow.tracking import tracked_final_metrics
+from philo_dataflow.stages.tracking import tracked_final_metrics
 
 
 def _scalars(directory: Path) -> dict:

@@ -9,7 +9,7 @@ from philo_dataflow.lib import cross_entropy
 from philo_dataflow.lib.cross_entropy import supervised_causal_lm_loss
 from philo_dataflow.lib.prompts import tokenize_example
 from philo_dataflow.lib.trainer import SupervisedTokensTrainer
-from philo_dataflow.training import bf16_autocast, data_collator, training_args
+from philo_dataflow.stages.training import bf16_autocast, data_collator, training_args
 
 QUESTIONS = [
     ("What is the Stoic dichotomy of control?", "Some things are up to us, others are not."),
@@ -78,7 +78,7 @@ def test_fused_loss_keeps_no_logits_for_the_backward_pass(batch_and_model):
     batch, model, _ = batch_and_model
     from peft import get_peft_model
 
-    from philo_dataflow.modeling import lora_config
+    from philo_dataflow.stages.modeling import lora_config
 
     peft_model = get_peft_model(model, lora_config(model))
     assert cross_entropy.fusable_parts(peft_model) is not None
@@ -203,7 +203,7 @@ def _logged_losses(tiny_model_dir, output_dir, trainer_class=SupervisedTokensTra
     from datasets import Dataset
     from peft import get_peft_model
 
-    from philo_dataflow.modeling import lora_config
+    from philo_dataflow.stages.modeling import lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     dataset = Dataset.from_list(_features(tokenizer, QUESTIONS * 2))
@@ -330,7 +330,7 @@ def test_the_compiler_probe_finds_a_broken_toolchain():
     import torch._dynamo
     import torch._inductor.config
 
-    from philo_dataflow import training
+    from philo_dataflow.stages import training
     from philo_dataflow.lib import trainer
 
     trainer.compiler_problem.cache_clear()
@@ -360,7 +360,7 @@ def test_the_compiler_probe_finds_a_broken_toolchain():
     ("cuda", None, False),
 ])
 def test_torch_compile_is_on_by_default_only_on_a_cpu_where_it_can_build_code(monkeypatch, device_type, problem, expected):
-    from philo_dataflow import training
+    from philo_dataflow.stages import training
     from philo_dataflow.lib import trainer
 
     for module in (training, trainer):
@@ -383,7 +383,7 @@ def test_compiled_cpu_training_uses_eager_attention_only_for_short_examples(tiny
         EAGER_ATTENTION_MAX_TOKENS,
         _training_attention,
     )
-    from philo_dataflow.modeling import lora_config
+    from philo_dataflow.stages.modeling import lora_config
 
     assert EAGER_ATTENTION_MAX_TOKENS == 256
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

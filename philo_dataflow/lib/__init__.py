@@ -2,6 +2,6 @@
 
 Imports go one way: ``problems`` and ``distributed`` import nothing of the package, ``artifacts`` only
 ``distributed``, ``inputs`` only ``problems``; the other helpers import those and each other, never a
-stage; the stage modules import helpers; ``preflight`` imports stages and helpers; ``run.py`` imports
+stage; the stage modules import helpers; ``preflight`` imports stages and helpers; ``philo-dataflow`` imports
 ``preflight``.
 """

@@ -23,17 +23,30 @@ REPORT_HTML_FILE = "report.html"
 JUDGMENTS_FILE = "judgments.jsonl"
 JUDGE_CACHE_DIR = "judge_cache"
 DATAFLOW_FILE = "dataflow.png"
-#: The resolved configuration of a ``run.py`` run; ``run.py --config`` takes it back.
+#: The resolved configuration of a ``philo-dataflow`` run; ``philo-dataflow --config`` takes it back.
 CONFIG_FILE = "config.yaml"
 #: Files that mark an output directory as holding a finished run.
 PREVIOUS_RUN_FILES = (ADAPTER_DIR, METRICS_FILE, PREDICTIONS_JSONL_FILE)
-#: What ``run.py export`` writes: the merged model (a plain transformers directory), and beside its weights
+#: What ``philo-dataflow export`` writes: the merged model (a plain transformers directory), and beside its weights
 #: the GGUF copy, its Ollama Modelfile and the report of both checks.
 MERGED_DIR = "merged"
 GGUF_FILE = "model.gguf"
 MODELFILE_FILE = "Modelfile"
 EXPORT_REPORT_FILE = "export_report.json"
 EXPORT_REPORT_MARKDOWN_FILE = "export_report.md"
+#: GGUF tensor type of the export. f32: the merged model is fp32, so the GGUF holds the very same weights
+#: and any disagreement measured against it is the conversion's or llama.cpp's, not rounding's (an f16
+#: copy is half the size, 270 MB instead of 540 MB for SmolLM2-135M, and can flip near-tied greedy
+#: tokens). Quantise the f32 file afterwards (``ollama create --quantize q4_K_M``, ``llama-quantize``).
+GGUF_OUTTYPE = "f32"
+#: Hold-out questions the GGUF copy re-answers by default (``philo-dataflow export --gguf-questions``).
+GGUF_CHECKED_QUESTIONS = 5
+#: Files ``philo-dataflow compare`` writes to its output directory; ``COMPARISON_FILE`` marks a finished
+#: comparison.
+COMPARISON_FILE = "comparison.json"
+COMPARISON_ANSWERS_FILE = "answers.jsonl"
+COMPARISON_REPORT_FILE = "report.html"
+COMPARISON_FILES = (COMPARISON_FILE, COMPARISON_ANSWERS_FILE, COMPARISON_REPORT_FILE)
 
 # Files in an adapter directory (``<output_dir>/adapter``).
 #: Records how the adapter was made (``saving.run_manifest``).

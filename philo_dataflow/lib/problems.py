@@ -11,7 +11,7 @@ MAX_LISTED_RECORDS = 10
 
 
 def flag(name: str) -> str:
-    """The ``run.py`` flag of an input: ``learning_rate`` -> ``--learning-rate``."""
+    """The ``philo-dataflow`` flag of an input: ``learning_rate`` -> ``--learning-rate``."""
     return "--" + name.replace("_", "-")
 
 

@@ -558,6 +558,13 @@ def _question_answer_pairs(raw_records: list, data_path: str, result: Normalised
     alpaca = result.data_format == "alpaca" and prompt_template is None
     question_key = "instruction" if input_text_key is None else input_text_key
     answer_key = "output" if output_text_key is None else output_text_key
+    if prompt_template is not None and answer_key in fields:
+        result.problems.append(
+            f"{data_path}: prompt_template={prompt_template!r} ({flag('prompt_template')}) puts the answer key "
+            f"{{{answer_key}}} in the prompt, so the model would be shown the answer it is trained to write; render "
+            f"the question only (the answer follows the prompt) and name the answer's key with output_text_key "
+            f"({flag('output_text_key')}).")
+        return
     needed = tuple(dict.fromkeys((*fields, answer_key))) if prompt_template is not None else (question_key, answer_key)
     text_keys = (question_key, "input", answer_key) if alpaca else needed
     missing, not_text = _Grouped(), _Grouped()

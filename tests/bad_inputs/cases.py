@@ -317,6 +317,12 @@ CASES = (
          _with("question_answer_keys.jsonl", prompt_template="Answer this:", output_text_key="answer"),
          ("prompt_template='Answer this:' (--prompt-template) names no record key; put the key of the question in "
           "braces",)),
+    Case("prompt_template_shows_the_answer",
+         _with("question_answer_keys.jsonl", prompt_template="### Question:\n{question}\n\n### Answer:\n{answer}",
+               output_text_key="answer"),
+         (("prompt_template='### Question:\\n{question}\\n\\n### Answer:\\n{answer}' (--prompt-template) puts the "
+           "answer key {answer} in the prompt", "name the answer's key with output_text_key (--output-text-key)"),),
+         graph=("train_set",)),
     Case("prompt_template_for_chat_records", _formats("messages.jsonl", prompt_template=QUESTION_TEMPLATE),
          ("prompt_template (--prompt-template) renders question/answer records, but it holds messages records",)),
     Case("lang_for_alpaca_records", _good(lang="en"),

@@ -1,4 +1,4 @@
-"""The bad-input corpus of ``run.py``'s subcommands (``chat``, ``export``, ``compare``): each case is a
+"""The bad-input corpus of ``philo-dataflow``'s subcommands (``preview``, ``chat``, ``export``, ``compare``): each case is a
 command line built in the case's own temporary directory ``work`` and the problems it must report, one
 entry per ``error:`` line (a substring or a tuple of substrings). Run by ``tests/test_bad_inputs.py``
 through ``run.main``: exit code 2, nothing written. Mistakes that need finished runs (hold-out sets or
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cases import Env
+from .cases import GOOD_ROWS, Env, _write_jsonl, data
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,27 @@ def _broken_manifest(work: Path) -> str:
     return str(work / "broken")
 
 
+def _one_long_answer(work: Path) -> str:
+    """The good records and one more whose answer (~400 tokens) cannot fit ``--max-seq-length 128``."""
+    long_answer = {"instruction": "Why does Seneca write letters?", "output": "Because. " * 200, "school": "Stoicism"}
+    return _write_jsonl(work / "one_long_answer.jsonl", GOOD_ROWS + [long_answer])
+
+
 COMMAND_CASES = (
+    CommandCase("preview_template_shows_the_answer", lambda env, work: [
+        "preview", "--data-path", data("question_answer_keys.jsonl"), "--model-id", env.tiny_model,
+        "--prompt-template", "### Question:\n{question}\n\n### Answer:\n{answer}", "--output-text-key", "answer"],
+                (("(--prompt-template) puts the answer key {answer} in the prompt",
+                  "name the answer's key with output_text_key (--output-text-key)"),)),
+    CommandCase("preview_answer_cut_before_eos", lambda env, work: [
+        "preview", "--data-path", _one_long_answer(work), "--model-id", env.tiny_model, "--max-seq-length", "128"],
+                (("record", "does not end on the EOS token '<|im_end|>'", "raise --max-seq-length"),)),
+    CommandCase("preview_negative_examples", lambda env, work: [
+        "preview", "--data-path", data("good.jsonl"), "--model-id", env.tiny_model, "--examples", "-1"],
+                ("--examples must be 0 or more",)),
+    CommandCase("preview_bad_data_file", lambda env, work: [
+        "preview", "--data-path", data("bad_jsonl_line.jsonl"), "--model-id", env.tiny_model],
+                ("bad_jsonl_line.jsonl: line 4 is not valid JSON",)),
     CommandCase("chat_missing_dir", lambda env, work: ["chat", "--model-dir", str(work / "missing")],
                 (("--model-dir", "missing: no such directory", "<output_dir>/adapter"),)),
     CommandCase("chat_dir_without_manifest", lambda env, work: ["chat", "--model-dir", _empty(work)],

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 from hamilton.function_modifiers import config, tag
 from plotly.subplots import make_subplots
 
-from .lib.judge_protocol import CRITERIA
+from ..lib.judge_protocol import CRITERIA
 
 
 @tag(output="final")

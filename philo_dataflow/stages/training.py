@@ -25,12 +25,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from .lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE
-from .lib.cross_entropy import LOSS_CHUNK_TOKENS
-from .lib.inputs import raise_hyperparameter_problems
-from .lib.prompts import IGNORE_INDEX
-from .lib.trackers import direct_tensorboard_to, reported_trackers, tensorboard_dir
-from .lib.trainer import (
+from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE
+from ..lib.cross_entropy import LOSS_CHUNK_TOKENS
+from ..lib.inputs import raise_hyperparameter_problems
+from ..lib.prompts import IGNORE_INDEX
+from ..lib.trackers import direct_tensorboard_to, reported_trackers, tensorboard_dir
+from ..lib.trainer import (
     MEMORY_SAVING_LOSS_CHUNK_TOKENS,
     ReturnFreedMemory,
     SupervisedTokensTrainer,

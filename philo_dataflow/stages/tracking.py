@@ -8,8 +8,8 @@ from typing import Optional
 from hamilton.function_modifiers import tag
 from transformers import TrainingArguments
 
-from .lib.distributed import is_main_process
-from .lib.trackers import FINAL_METRICS_TRACKERS, final_metrics, final_step, log_final_metrics, tensorboard_dir
+from ..lib.distributed import is_main_process
+from ..lib.trackers import FINAL_METRICS_TRACKERS, final_metrics, final_step, log_final_metrics, tensorboard_dir
 
 logger = logging.getLogger(__name__)
 

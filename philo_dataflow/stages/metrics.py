@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from hamilton.function_modifiers import tag
 
-from .lib.scores import (
+from ..lib.scores import (
     MODELS,
     ROUGE_TYPES,
     answer_summary,

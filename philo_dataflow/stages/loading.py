@@ -13,9 +13,9 @@ from typing import Optional
 
 from hamilton.function_modifiers import cache, config
 
-from .lib.inputs import raise_hyperparameter_problems
-from .lib.problems import flag
-from .lib.records import normalised_pairs, read_records
+from ..lib.inputs import raise_hyperparameter_problems
+from ..lib.problems import flag
+from ..lib.records import normalised_pairs, read_records
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from hamilton.function_modifiers import (
 )
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
-from .lib.inputs import raise_hyperparameter_problems
-from .lib.problems import capped_lines, listed
-from .lib.prompts import (
+from ..lib.inputs import raise_hyperparameter_problems
+from ..lib.problems import capped_lines, listed
+from ..lib.prompts import (
     ALPACA,
     CHAT_TEMPLATE,
     IGNORE_INDEX,

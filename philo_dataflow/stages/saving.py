@@ -18,7 +18,7 @@ import yaml
 from hamilton.function_modifiers import cache, config, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from .lib.artifacts import (
+from ..lib.artifacts import (
     ADAPTER_DIR,
     CONFIG_FILE,
     EXPORT_REPORT_FILE,
@@ -39,9 +39,9 @@ from .lib.artifacts import (
     sha256_of_file,
     write_text_atomically,
 )
-from .lib.distributed import is_main_process, wait_for_everyone
-from .lib.generation import generation_config
-from .lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
+from ..lib.distributed import is_main_process, wait_for_everyone
+from ..lib.generation import generation_config
+from ..lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,10 @@ def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict]
 @tag(output="run")
 def saved_run_config(run_config: dict, output_dir: str = "outputs") -> str:
     """Writes the resolved configuration of a run (every input, with defaults filled in, and the
-    ``start`` and ``judge`` config) to ``<output_dir>/config.yaml``, which ``run.py --config`` takes back to
+    ``start`` and ``judge`` config) to ``<output_dir>/config.yaml``, which ``philo-dataflow --config`` takes back to
     reproduce the run.
 
-    :param run_config: input and config names -> values (``run.py`` passes it).
+    :param run_config: input and config names -> values (``philo-dataflow`` passes it).
     :return: the path.
     """
     text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True, default_flow_style=False)

@@ -25,10 +25,10 @@ from hamilton.function_modifiers import (
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .lib.distributed import sharded_map
-from .lib.generation import generate_answers
-from .lib.inputs import raise_hyperparameter_problems
-from .lib.prompts import question_prompt_ids
+from ..lib.distributed import sharded_map
+from ..lib.generation import generate_answers
+from ..lib.inputs import raise_hyperparameter_problems
+from ..lib.prompts import question_prompt_ids
 
 
 def _generations(

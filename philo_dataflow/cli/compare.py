@@ -1,9 +1,9 @@
-"""``run.py compare RUN_DIR RUN_DIR ...``: several runs' fine-tuned models and their base model scored on
+"""``philo-dataflow compare RUN_DIR RUN_DIR ...``: several runs' fine-tuned models and their base model scored on
 one hold-out set (``philo_dataflow.comparison``), written to ``--output-dir`` as ``comparison.json``,
 ``answers.jsonl`` and ``report.html``.
 
-    python run.py compare outputs/lr-2e-4 outputs/lr-1e-3                 # the first run's hold-out set
-    python run.py compare outputs/a outputs/b --data-path data/new.jsonl   # that file's hold-out split
+    philo-dataflow compare outputs/lr-2e-4 outputs/lr-1e-3                 # the first run's hold-out set
+    philo-dataflow compare outputs/a outputs/b --data-path data/new.jsonl   # that file's hold-out split
 
 The hold-out set is the first run's (its ``hold_out_predictions.jsonl``), and every run must have
 answered the same one; ``--data-path`` scores every run on that file's hold-out split instead, made with
@@ -18,11 +18,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .. import comparison
-from ..lib.artifacts import PREDICTIONS_JSONL_FILE, write_text_atomically
+from ..lib.artifacts import (
+    COMPARISON_ANSWERS_FILE,
+    COMPARISON_FILE,
+    COMPARISON_FILES,
+    COMPARISON_REPORT_FILE,
+    PREDICTIONS_JSONL_FILE,
+    write_text_atomically,
+)
 from ..lib.inputs import BY_NAME, hyperparameter_problems
 from ..lib.problems import InputProblems, Problem
-from . import configure_logging
+from .common import configure_logging
 
 #: Where the comparison is written unless ``--output-dir`` says otherwise.
 DEFAULT_OUTPUT_DIR = "comparison"
@@ -32,7 +38,7 @@ DEFAULT_SEED = 42
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run.py compare",
+        prog="philo-dataflow compare",
         description="Score several runs' fine-tuned models and their base model on one hold-out set.",
         epilog="\n\n".join(__doc__.split("\n\n")[1:3]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -42,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score every run on this data file's hold-out split (made with the first run's split "
                              "inputs) instead of the first run's hold-out set; needed when the runs' hold-out sets differ")
     parser.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
-                        help=f"where to write {', '.join(comparison.COMPARISON_FILES)} (default: {DEFAULT_OUTPUT_DIR})")
+                        help=f"where to write {', '.join(COMPARISON_FILES)} (default: {DEFAULT_OUTPUT_DIR})")
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=None,
                         help="cap on generated tokens per answer (default: the first run's max_new_tokens)")
     parser.add_argument("--generation-batch-size", metavar="N", type=int, default=BY_NAME["generation_batch_size"].default,
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_dir_problems(output_dir: str, overwrite: bool) -> list:
     """Why ``output_dir`` cannot take a comparison: a file, not creatable or not writable, or non-empty
-    without a previous comparison (``comparison.COMPARISON_FILE``) and without ``overwrite``."""
+    without a previous comparison (``COMPARISON_FILE``) and without ``overwrite``."""
     path = Path(output_dir)
     where = f"--output-dir {output_dir}"
     if path.exists() and not path.is_dir():
@@ -69,8 +75,8 @@ def output_dir_problems(output_dir: str, overwrite: bool) -> list:
         return [Problem("output_dir", f"{where}: cannot be created, {existing} is a file; give another directory.")]
     if not os.access(existing, os.W_OK | os.X_OK):
         return [Problem("output_dir", f"{where}: {existing} is not writable; give a directory you can write to.")]
-    if path.is_dir() and any(path.iterdir()) and not (path / comparison.COMPARISON_FILE).is_file() and not overwrite:
-        return [Problem("output_dir", f"{where}: holds other files and no previous {comparison.COMPARISON_FILE}; "
+    if path.is_dir() and any(path.iterdir()) and not (path / COMPARISON_FILE).is_file() and not overwrite:
+        return [Problem("output_dir", f"{where}: holds other files and no previous {COMPARISON_FILE}; "
                                       "give an empty or new directory, or pass --overwrite.")]
     return []
 
@@ -81,6 +87,8 @@ def checked_runs(paths: list[str], data_path: Optional[str]) -> tuple[list, list
 
     :return: ``(runs, hold_out_rows, problems)``; ``hold_out_rows`` is empty with ``data_path``.
     """
+    from .. import comparison  # torch, transformers and the models: only when run
+
     problems, runs = [], []
     if len(paths) < 2:
         problems.append(Problem("runs", f"compare needs at least two run directories, got {len(paths)}; "
@@ -123,21 +131,24 @@ def checked_runs(paths: list[str], data_path: Optional[str]) -> tuple[list, list
 
 
 def _written(output_dir: str, result: dict, rows: list[dict]) -> list[str]:
+    from .. import comparison  # torch, transformers and the models: only when run
+
     out = Path(output_dir)
     answers = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
     # comparison.json last: it marks the directory as holding a finished comparison.
     return [
-        write_text_atomically(out / comparison.COMPARISON_ANSWERS_FILE, answers),
-        write_text_atomically(out / comparison.COMPARISON_REPORT_FILE, comparison.report_html(result, rows)),
-        write_text_atomically(out / comparison.COMPARISON_FILE, json.dumps(result, indent=2, allow_nan=False)),
+        write_text_atomically(out / COMPARISON_ANSWERS_FILE, answers),
+        write_text_atomically(out / COMPARISON_REPORT_FILE, comparison.report_html(result, rows)),
+        write_text_atomically(out / COMPARISON_FILE, json.dumps(result, indent=2, allow_nan=False)),
     ]
 
 
 def main(argv: list[str]) -> int:
-    """``run.py compare``; returns the exit status (0, or 2 for a problem with the command line or the
+    """``philo-dataflow compare``; returns the exit status (0, or 2 for a problem with the command line or the
     runs, one ``error:`` line each on stderr and nothing written)."""
     args = build_parser().parse_intermixed_args(argv)
     configure_logging(args.debug)
+    from .. import comparison  # torch, transformers and the models: only when run
     try:
         runs, rows, problems = checked_runs(args.runs, args.data_path)
         settings = {"generation_batch_size": args.generation_batch_size, "seed": args.seed}

@@ -11,8 +11,8 @@ from typing import Optional
 
 from hamilton.function_modifiers import cache, config
 
-from .lib.artifacts import JUDGE_CACHE_DIR
-from .lib.judge_client import (
+from ..lib.artifacts import JUDGE_CACHE_DIR
+from ..lib.judge_client import (
     JudgeCache,
     JudgeClient,
     JudgeRequest,
@@ -20,7 +20,7 @@ from .lib.judge_client import (
     detect_response_format,
     make_judge_client,
 )
-from .lib.judge_protocol import (
+from ..lib.judge_protocol import (
     CRITERIA,
     JUDGE_TEMPERATURE,
     PAIR_ORDERS,
@@ -39,7 +39,7 @@ from .lib.judge_protocol import (
     shown_answer,
     word_count,
 )
-from .lib.scores import MODELS, mean
+from ..lib.scores import MODELS, mean
 
 logger = logging.getLogger(__name__)
 

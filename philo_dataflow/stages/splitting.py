@@ -14,8 +14,8 @@ from collections import defaultdict
 from datasets import Dataset
 from hamilton.function_modifiers import extract_fields, tag
 
-from .lib.inputs import raise_hyperparameter_problems
-from .lib.near_duplicates import groups_of, leaked_questions, near_duplicate_pairs
+from ..lib.inputs import raise_hyperparameter_problems
+from ..lib.near_duplicates import groups_of, leaked_questions, near_duplicate_pairs
 
 logger = logging.getLogger(__name__)
 

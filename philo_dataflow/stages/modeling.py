@@ -26,10 +26,10 @@ from transformers import (
     set_seed,
 )
 
-from .lib.artifacts import read_manifest
-from .lib.distributed import launched_local_rank, launched_processes
-from .lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
-from .lib.model_sources import (
+from ..lib.artifacts import read_manifest
+from ..lib.distributed import launched_local_rank, launched_processes
+from ..lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
+from ..lib.model_sources import (
     adapter_files,
     adapter_fit_problems,
     decoder_layer,

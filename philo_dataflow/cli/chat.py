@@ -1,4 +1,4 @@
-"""``run.py chat --model-dir <output_dir>/adapter``: a local page that answers one question with the base
+"""``philo-dataflow chat --model-dir <output_dir>/adapter``: a local page that answers one question with the base
 and the fine-tuned model side by side (``philo_dataflow.chat``). Bad input (a missing directory, one
 without a run's manifest, a port in use) is one ``error:`` line on stderr and exit code 2."""
 
@@ -19,7 +19,7 @@ DEFAULT_PORT = 7860
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run.py chat",
+        prog="philo-dataflow chat",
         description="Serve a local page that answers a question with the base and the fine-tuned model side by "
                     "side, streamed, with the run's generation settings.",
     )

@@ -1,6 +1,6 @@
 """Exporting: the fine-tuned model as one plain model (the LoRA adapter merged into its base weights) and
 as a GGUF file for llama.cpp and Ollama, each checked against the model it came from on the hold-out
-questions. Not part of ``DEFAULT_OUTPUTS``: ``run.py export`` asks for ``EXPORT_OUTPUTS`` of a presaved run.
+questions. Not part of ``DEFAULT_OUTPUTS``: ``philo-dataflow export`` asks for ``EXPORT_OUTPUTS`` of a presaved run.
 
 The checks: the share of hold-out questions whose answers have identical token ids, where the first
 differing token sits, and the largest absolute logit difference over prompt and answer tokens (one fp32
@@ -19,9 +19,9 @@ from hamilton.function_modifiers import config, tag
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .lib.artifacts import GGUF_FILE, library_versions
-from .lib.generation import GREEDY, generate_answers
-from .lib.gguf_export import (
+from ..lib.artifacts import GGUF_FILE, library_versions
+from ..lib.generation import GREEDY, generate_answers
+from ..lib.gguf_export import (
     GGUF_CHECKED_QUESTIONS,
     gguf_logits,
     greedy_continuation,
@@ -30,8 +30,8 @@ from .lib.gguf_export import (
     load_gguf,
     modelfile_text,
 )
-from .lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
-from .lib.prompts import question_prompt_ids
+from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
+from ..lib.prompts import question_prompt_ids
 
 
 @config.when(finetuning_method="lora")
@@ -175,7 +175,7 @@ def ollama_modelfile(
 
 def gguf_checked_questions(hold_out_set: Dataset) -> list[int]:
     """Positions in ``hold_out_set`` of the questions the GGUF copy re-answers: the first
-    ``GGUF_CHECKED_QUESTIONS`` (5); ``run.py export --gguf-questions N`` overrides this node with the
+    ``GGUF_CHECKED_QUESTIONS`` (5); ``philo-dataflow export --gguf-questions N`` overrides this node with the
     first N."""
     return list(range(min(GGUF_CHECKED_QUESTIONS, len(hold_out_set))))
 
@@ -200,7 +200,7 @@ def gguf_agreement(
     and the logits over prompt + merged answer. The merged model's answers are its hold-out generations
     when those were plain greedy, else its plain greedy answers to these questions.
 
-    ``run.py export --no-gguf`` overrides this node with ``{"status": "skipped", ...}``, so no conversion runs.
+    ``philo-dataflow export --no-gguf`` overrides this node with ``{"status": "skipped", ...}``, so no conversion runs.
 
     :return: ``saved_gguf_model``'s fields (``status``, ``gguf``, ``outtype``...) and, when ``status`` is
         ``"ok"``: ``questions``, ``identical_token_ids``, ``identical_share``, ``first_divergences``,

@@ -1,9 +1,9 @@
-"""``run.py export``: the merged model (LoRA merged into fp32 base weights) and its GGUF copy with an Ollama
+"""``philo-dataflow export``: the merged model (LoRA merged into fp32 base weights) and its GGUF copy with an Ollama
 Modelfile, written to ``<output_dir>/merged`` and checked against the adapter and each other on the run's
 hold-out questions.
 
-    python run.py export --model-dir outputs/adapter                  # writes outputs/merged/
-    python run.py export --model-dir outputs/adapter --output-dir exports/stoic --no-gguf
+    philo-dataflow export --model-dir outputs/adapter                  # writes outputs/merged/
+    philo-dataflow export --model-dir outputs/adapter --output-dir exports/stoic --no-gguf
 
 The run is the presaved driver (``start="presaved"``) over the adapter directory, with the inputs its
 manifest recorded (data file, split, prompt and generation settings), asked for ``EXPORT_OUTPUTS``.
@@ -15,11 +15,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..lib.artifacts import ADAPTER_DIR, MANIFEST_FILE, MANIFEST_INPUTS, read_manifest
-from ..lib.gguf_export import GGUF_CHECKED_QUESTIONS, GGUF_OUTTYPE
-from . import configure_logging
+from ..lib.artifacts import (
+    ADAPTER_DIR,
+    GGUF_CHECKED_QUESTIONS,
+    GGUF_OUTTYPE,
+    MANIFEST_FILE,
+    MANIFEST_INPUTS,
+    read_manifest,
+)
+from .common import configure_logging
 
-#: Exit status of a bad command line or bad input files (as ``run.py``'s).
+#: Exit status of a bad command line or bad input files (as ``philo-dataflow``'s).
 USAGE_ERROR = 2
 
 
@@ -29,7 +35,7 @@ class _Refused(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run.py export", description="Merge a run's LoRA adapter into its base model (fp32), convert the "
+        prog="philo-dataflow export", description="Merge a run's LoRA adapter into its base model (fp32), convert the "
         "merged model to GGUF with llama.cpp's converter, write an Ollama Modelfile, and check both copies "
         "against the adapter on the run's hold-out questions.")
     parser.add_argument("--model-dir", required=True, help="the 'adapter' directory a run wrote (<output_dir>/adapter)")
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _inputs(model_dir: str, output_dir: Optional[str]) -> dict:
     """The presaved run's inputs: the adapter directory, the output directory, and the manifest's values of
-    ``MANIFEST_INPUTS`` (as ``run.py`` fills a presaved run's)."""
+    ``MANIFEST_INPUTS`` (as ``philo-dataflow`` fills a presaved run's)."""
     directory = Path(model_dir)
     if not directory.is_dir():
         raise _Refused(f"--model-dir {model_dir}: no such directory; give the '{ADAPTER_DIR}' directory a run wrote "
@@ -106,18 +112,18 @@ def _print_summary(result: dict, seconds: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``run.py export``: see the module docstring and ``--help``.
+    """``philo-dataflow export``: see the module docstring and ``--help``.
 
     :return: 0 when the export was written (the GGUF step may be skipped, its line says why), 1 when the
         GGUF conversion failed (the merged model is written), 2 for a bad command line or input (one
         ``error:`` line each on stderr, nothing written).
     """
-    from hamilton.plugins import h_tqdm
+    args = build_parser().parse_args(argv)
+    configure_logging(args.debug)
+    from hamilton.plugins import h_tqdm  # Hamilton, torch and the models: only once the flags are parsed
 
     import philo_dataflow
 
-    args = build_parser().parse_args(argv)
-    configure_logging(args.debug)
     try:
         if args.gguf_questions < 1:
             raise _Refused(f"--gguf-questions {args.gguf_questions}: give at least 1 (default "
