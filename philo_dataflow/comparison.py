@@ -29,9 +29,6 @@ from .dataflow import build_driver
 from .lib import html_report
 from .lib.artifacts import (
     ADAPTER_DIR,
-    COMPARISON_ANSWERS_FILE,
-    COMPARISON_FILE,
-    COMPARISON_REPORT_FILE,
     MANIFEST_FILE,
     MANIFEST_INPUTS,
     PREDICTIONS_JSONL_FILE,

@@ -40,6 +40,7 @@ from .lib.artifacts import read_manifest
 from .lib.caching import DataResultStore, cache_path
 from .lib.inputs import ARCHITECTURES, EMBEDDED_MODEL_ID, FINETUNING_METHODS, START_MODES
 from .lib.model_sources import is_encoder_decoder
+from .lib.switches import SWITCH_DEFAULTS
 
 #: The stage modules, in the order the data flows through them.
 MODULES = (
@@ -93,21 +94,21 @@ def resolved_config(config: Optional[dict] = None) -> dict:
     :raises ValueError: a config value not among its choices; a named model whose config cannot be read.
     """
     config = dict(config or {})
-    config.setdefault("start", "base")
-    config.setdefault("judge", False)
+    config.setdefault("start", SWITCH_DEFAULTS["start"])
+    config.setdefault("judge", SWITCH_DEFAULTS["judge"])
     if config["start"] not in START_MODES:
         raise ValueError(f"config start={config['start']!r}: use one of {START_MODES}.")
     if not isinstance(config["judge"], bool):
         raise ValueError(f"config judge={config['judge']!r}: use True or False.")
     if config["start"] == "presaved" and isinstance(config.get("presaved_model_dir"), str):
         manifest = read_manifest(config["presaved_model_dir"])
-        config.setdefault("finetuning_method", manifest.get("finetuning_method", "lora"))
-        config.setdefault("architecture", manifest.get("architecture", "causal"))
+        config.setdefault("finetuning_method", manifest.get("finetuning_method", SWITCH_DEFAULTS["finetuning_method"]))
+        config.setdefault("architecture", manifest.get("architecture", SWITCH_DEFAULTS["architecture"]))
     if "architecture" not in config and isinstance(config.get("model_id"), str):
         encoder_decoder = is_encoder_decoder(config["model_id"], bool(config.get("trust_remote_code")))
         config["architecture"] = "seq2seq" if encoder_decoder else "causal"
-    config.setdefault("finetuning_method", "lora")
-    config.setdefault("architecture", "causal")
+    config.setdefault("finetuning_method", SWITCH_DEFAULTS["finetuning_method"])
+    config.setdefault("architecture", SWITCH_DEFAULTS["architecture"])
     for key, choices in (("finetuning_method", FINETUNING_METHODS), ("architecture", ARCHITECTURES)):
         if config[key] not in choices:
             raise ValueError(f"config {key}={config[key]!r}: use one of {choices}.")

@@ -15,9 +15,7 @@ from bad_inputs.commands import COMMAND_CASES
 from judge_servers import FaultyJudgeServer, free_port
 
 import philo_dataflow
-from philo_dataflow import cli
-from philo_dataflow.cli import job as run
-from philo_dataflow import preflight
+from philo_dataflow import cli, preflight
 from philo_dataflow.lib.artifacts import MANIFEST_FILE
 from philo_dataflow.testing import tree
 

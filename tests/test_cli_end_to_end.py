@@ -115,7 +115,6 @@ def test_help_documents_every_hyperparameter():
 def test_a_presaved_run_decodes_as_its_base_run_did(tmp_path):
     """The generation settings are manifest inputs: re-evaluating a sampled run samples the same way (and,
     seeded, gives its answers again), unless a flag says otherwise."""
-    from philo_dataflow import cli
     from philo_dataflow.cli import job as run
     from philo_dataflow.lib.artifacts import MANIFEST_FILE
     from philo_dataflow.lib.generation import GREEDY

@@ -14,6 +14,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import philo_dataflow
 from philo_dataflow import comparison
+from philo_dataflow.lib.artifacts import COMPARISON_ANSWERS_FILE, COMPARISON_FILE, COMPARISON_REPORT_FILE
 from philo_dataflow.cli import compare
 from philo_dataflow.lib.artifacts import ADAPTER_DIR, MANIFEST_FILE, PREDICTIONS_JSONL_FILE, read_manifest
 
@@ -60,8 +61,8 @@ def _inside(difference: dict) -> bool:
 
 
 def test_two_runs_are_scored_with_their_own_answers(compared_dir, tiny_run_dir, second_run_dir):
-    result = json.loads((compared_dir / comparison.COMPARISON_FILE).read_text())
-    rows = [json.loads(line) for line in (compared_dir / comparison.COMPARISON_ANSWERS_FILE).read_text().splitlines()]
+    result = json.loads((compared_dir / COMPARISON_FILE).read_text())
+    rows = [json.loads(line) for line in (compared_dir / COMPARISON_ANSWERS_FILE).read_text().splitlines()]
     first, second = _predictions(tiny_run_dir), _predictions(second_run_dir)
     names = list(result["models"])
     assert len(names) == 3 and names[0] == comparison.BASE
@@ -88,7 +89,7 @@ def test_two_runs_are_scored_with_their_own_answers(compared_dir, tiny_run_dir, 
 
 def test_report_page_draws_every_figure_offline(compared_dir):
     with headless_chromium() as browser:
-        browser.get((compared_dir / comparison.COMPARISON_REPORT_FILE).resolve().as_uri())
+        browser.get((compared_dir / COMPARISON_REPORT_FILE).resolve().as_uri())
         WebDriverWait(browser, 30).until(lambda b: b.execute_script(_ALL_DRAWN))
         for div_id in FIGURES:
             assert browser.find_element(By.CSS_SELECTOR, f"#{div_id} .main-svg"), div_id
@@ -116,8 +117,8 @@ def test_differing_hold_out_sets_are_refused_unless_data_path(tiny_run_dir, othe
     assert compare.main([tiny_run_dir, other_split_run_dir, "--data-path", data_path, "--output-dir", str(out),
                          "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
-    result = json.loads((out / comparison.COMPARISON_FILE).read_text())
-    rows = [json.loads(line) for line in (out / comparison.COMPARISON_ANSWERS_FILE).read_text().splitlines()]
+    result = json.loads((out / COMPARISON_FILE).read_text())
+    rows = [json.loads(line) for line in (out / COMPARISON_ANSWERS_FILE).read_text().splitlines()]
     # The first run's data file and split inputs make the first run's own hold-out set again.
     first = _predictions(tiny_run_dir)
     assert [r["question"] for r in rows] == [p["question"] for p in first]

@@ -25,7 +25,6 @@ from conftest import REPO
 
 import philo_dataflow
 from philo_dataflow import cli
-from philo_dataflow.cli import job as run
 from philo_dataflow import preflight
 from philo_dataflow.lib.artifacts import MANIFEST_FILE
 from philo_dataflow.lib.records import detected_format

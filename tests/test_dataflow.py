@@ -30,6 +30,36 @@ def test_contrib_example_call_resolves_under_both_configs():
         final_vars, inputs={**inputs, "presaved_model_dir": "adapter"})
 
 
+@pytest.mark.parametrize("start", ["base", "presaved"])
+def test_a_driver_built_the_hamilton_way_resolves_every_final_variable(start):
+    """``driver.Builder()`` with ``{"start": ...}`` and the stage modules alone: every switch left out takes
+    its default inside the modules (``lib.switches``)."""
+    from hamilton import driver
+
+    dr = driver.Builder().with_config({"start": start}).with_modules(*philo_dataflow.MODULES).build()
+    inputs = {"data_path": "d.jsonl", "presaved_model_dir": "adapter"}
+    dr.validate_execution(list(philo_dataflow.FINAL_VARIABLES), inputs=inputs)
+    from philo_dataflow.lib.switches import SWITCH_DEFAULTS
+
+    nodes = {v.name for v in dr.list_available_variables()} - set(SWITCH_DEFAULTS)
+    built = {v.name for v in philo_dataflow.build_driver({"start": start}).list_available_variables()}
+    assert nodes == built - set(SWITCH_DEFAULTS)
+
+
+def test_switch_parameters_default_to_the_switch_defaults():
+    """A node that takes a switch's value as a parameter defaults it as the config does."""
+    from philo_dataflow.lib.switches import SWITCH_DEFAULTS
+
+    found = 0
+    for module in philo_dataflow.MODULES:
+        for _, fn in inspect.getmembers(module, inspect.isfunction):
+            for name, parameter in inspect.signature(fn).parameters.items():
+                if name in SWITCH_DEFAULTS and fn.__module__ == module.__name__:
+                    assert parameter.default == SWITCH_DEFAULTS[name], f"{fn.__name__}({name})"
+                    found += 1
+    assert found >= 4
+
+
 def test_unknown_start_mode():
     with pytest.raises(ValueError, match="start='train'"):
         philo_dataflow.build_driver({"start": "train"})
@@ -64,6 +94,15 @@ def base_run(tmp_path_factory, tiny_model_dir):
     before = {n: p.detach().clone() for n, p in dr.execute(["peft_model"], inputs=inputs)["peft_model"].named_parameters()
               if "lora_B" in n}
     return {"inputs": inputs, "result": dr.execute(outputs, inputs=inputs), "lora_B_before": before, "work": work}
+
+
+def test_the_hamilton_way_driver_gives_the_same_predictions(base_run, tmp_path):
+    from hamilton import driver
+
+    dr = driver.Builder().with_config({"start": "base"}).with_modules(*philo_dataflow.MODULES).build()
+    inputs = {**base_run["inputs"], "output_dir": str(tmp_path / "out")}
+    predictions = dr.execute(["hold_out_set_predictions"], inputs=inputs)["hold_out_set_predictions"]
+    assert predictions == base_run["result"]["hold_out_set_predictions"]
 
 
 def test_base_run_writes_every_output(base_run):

@@ -51,7 +51,6 @@ def recorded_train(self, resume_from_checkpoint=None, **kwargs):
 
 Trainer._save_rng_state, Trainer.train = save_rng_state_or_hang, recorded_train
 from philo_dataflow import cli
-from philo_dataflow.cli import job as run
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -160,7 +160,7 @@ def test_judge_outputs_resolve_under_both_configs_only_with_a_judge_model():
 
 def test_run_py_judges_when_asked_and_says_so_when_not(tmp_path, tiny_model_dir, small_jsonl, monkeypatch, capsys):
     from philo_dataflow import cli
-    from philo_dataflow.cli import job as run
+
     monkeypatch.delenv(KEY_ENV, raising=False)
     fast = ["--max-steps", "2", "--eval-steps", "1", "--max-new-tokens", "8", "--max-seq-length", "256",
             "--hold-out-fraction", "0.2", "--validation-fraction", "0.2", "--no-graph"]

@@ -80,7 +80,6 @@ def test_cli_re_evaluates_a_pickle_adapter_only_with_allow_pickle(tmp_path, tiny
 
     from philo_dataflow import cli
 
-    from philo_dataflow.cli import job as run
     adapter_dir = tmp_path / "adapter"
     trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                              LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
@@ -148,8 +147,8 @@ def test_trust_remote_code_is_off_unless_asked_and_passed_through_when_asked(tin
 
 
 def test_cli_flags_for_pickle_and_remote_code_are_off_unless_given():
-    from philo_dataflow import cli
     from philo_dataflow.cli import job as run
+
     parser = run.build_parser()
     unset = run.run_inputs("base", run.resolved_settings(parser.parse_args([]))["given"])
     assert unset.keys().isdisjoint({"allow_pickle", "trust_remote_code"})

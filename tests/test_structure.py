@@ -108,11 +108,15 @@ def test_every_signature_default_is_the_tables_default():
 
 
 def test_every_defaulted_node_parameter_is_in_the_table():
-    """A parameter with a default is an input (no default hides a helper's argument)."""
+    """A parameter with a default is an input, or a config switch defaulted as ``lib.switches`` says (no
+    default hides a helper's argument)."""
+    from philo_dataflow.lib.switches import SWITCH_DEFAULTS
+
     for module, name, function in _node_functions():
         for parameter in inspect.signature(function).parameters.values():
             if parameter.default is not inspect.Parameter.empty:
-                assert parameter.name in BY_NAME, f"{module.__name__}.{name}: {parameter.name} is not in lib.inputs.INPUTS"
+                assert parameter.name in BY_NAME or parameter.name in SWITCH_DEFAULTS, (
+                    f"{module.__name__}.{name}: {parameter.name} is not in lib.inputs.INPUTS")
 
 
 def test_stage_modules_define_no_helpers_but_private_ones():

@@ -42,7 +42,6 @@ from ..lib.inputs import (
     JUDGE_INPUTS,
     RESPONSE_FORMATS,
     FINETUNING_METHODS,
-    RESPONSE_FORMATS,
     START_MODES,
     coerced,
     type_problem,

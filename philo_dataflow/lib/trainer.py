@@ -49,8 +49,7 @@ def has_fast_bf16(device: torch.device) -> bool:
 @functools.cache
 def compiler_problem(device_type: str) -> Optional[str]:
     """Why ``torch.compile`` cannot build and run a small forward and backward graph on ``device_type``
-    (inductor's C++ backend on a CPU, triton on CUDA), or None. Probed once per process (about 2 s the
-    first time, well under 1 s once inductor's on-disk cache holds the probe)."""
+    (inductor's C++ backend on a CPU, triton on CUDA), or None. Probed once per process."""
 
     def probe(x):
         return torch.nn.functional.silu(x) * x + 1.0

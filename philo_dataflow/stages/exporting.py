@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 from datasets import Dataset
-from hamilton.function_modifiers import config, tag
+from hamilton.function_modifiers import tag
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..lib.switches import when
 from ..lib.artifacts import GGUF_FILE, library_versions
 from ..lib.generation import GREEDY, generate_answers
 from ..lib.gguf_export import (
@@ -34,7 +35,7 @@ from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_
 from ..lib.prompts import question_prompt_ids
 
 
-@config.when(finetuning_method="lora")
+@when(finetuning_method="lora")
 def merged_model__lora(
     finetuned_model: PreTrainedModel,
     base_model_id: str,
@@ -69,7 +70,7 @@ def merged_model__lora(
     return wrapped.merge_and_unload(safe_merge=True).to(device).eval()
 
 
-@config.when(finetuning_method="full")
+@when(finetuning_method="full")
 def merged_model__full(finetuned_model: PreTrainedModel) -> PreTrainedModel:
     """The fully fine-tuned model itself: it has no adapter to merge."""
     return finetuned_model
@@ -237,7 +238,7 @@ def gguf_agreement(
 
 @tag(output="export")
 def export_report(
-    merged_model_agreement: dict, gguf_agreement: dict, base_model_id: str, finetuning_method: str,
+    merged_model_agreement: dict, gguf_agreement: dict, base_model_id: str, finetuning_method: str = "lora",
 ) -> dict:
     """What ``export_report.json`` records: the base model, how the merged model was made, its agreement
     with the adapter (``merged_model_agreement``), the GGUF file's with the merged model

@@ -9,8 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from hamilton.function_modifiers import cache, config
+from hamilton.function_modifiers import cache
 
+from ..lib.switches import when
 from ..lib.artifacts import JUDGE_CACHE_DIR
 from ..lib.judge_client import (
     JudgeCache,
@@ -44,7 +45,7 @@ from ..lib.scores import MODELS, mean
 logger = logging.getLogger(__name__)
 
 
-@config.when(judge=True)
+@when(judge=True)
 def judge_client(
     judge_model: str,
     judge_base_url: str = "https://api.openai.com/v1",
@@ -57,7 +58,7 @@ def judge_client(
     return make_judge_client(judge_model, judge_base_url, judge_api_key_env, judge_timeout, judge_max_retries)
 
 
-@config.when(judge=True)
+@when(judge=True)
 @cache(behavior="recompute")
 def judge_cache(output_dir: str = "outputs", judge_cache_dir: Optional[str] = None) -> JudgeCache:
     """The on-disk cache of judge replies: ``judge_cache_dir``, or ``<output_dir>/judge_cache``.
@@ -67,7 +68,7 @@ def judge_cache(output_dir: str = "outputs", judge_cache_dir: Optional[str] = No
     return JudgeCache(judge_cache_dir or str(Path(output_dir) / JUDGE_CACHE_DIR))
 
 
-@config.when(judge=True)
+@when(judge=True)
 def resolved_judge_response_format(
     judge_client: JudgeClient, judge_cache: JudgeCache, judge_response_format: str = "auto"
 ) -> str:
@@ -79,7 +80,7 @@ def resolved_judge_response_format(
     return detect_response_format(judge_client, judge_cache, judge_response_format)
 
 
-@config.when(judge=True)
+@when(judge=True)
 def judge_request(
     judge_client: JudgeClient,
     judge_cache: JudgeCache,
@@ -104,7 +105,7 @@ def judge_request(
                         judge_max_tokens, judge_malformed_retries, judge_rationale_max_chars)
 
 
-@config.when(judge=True)
+@when(judge=True)
 @cache(behavior="recompute")
 def rubric_judgments(hold_out_set_predictions: list[dict], judge_request: JudgeRequest) -> list[dict]:
     """Rubric grades of every hold-out answer of the base and the fine-tuned model, each answer graded
@@ -139,7 +140,7 @@ def rubric_judgments(hold_out_set_predictions: list[dict], judge_request: JudgeR
     return records
 
 
-@config.when(judge=True)
+@when(judge=True)
 @cache(behavior="recompute")
 def pairwise_judgments(hold_out_set_predictions: list[dict], judge_request: JudgeRequest) -> list[dict]:
     """Pairwise verdicts base vs fine-tuned on every hold-out question, asked in both orders (answer A
@@ -255,7 +256,7 @@ def _pairwise_metrics(records: list[dict]) -> dict:
     return result
 
 
-@config.when(judge=True)
+@when(judge=True)
 def judge_settings(judge_request: JudgeRequest) -> dict:
     """What the judge was asked and how, recorded with every judged result: model, endpoint (without
     credentials), temperature, max tokens, response format, prompt version, rubric, system prompts and
@@ -293,7 +294,7 @@ def _call_counts(rubric_judgments: list[dict], pairwise_judgments: list[dict]) -
     }
 
 
-@config.when(judge=True)
+@when(judge=True)
 def judge_metrics(rubric_judgments: list[dict], pairwise_judgments: list[dict], judge_settings: dict) -> dict:
     """Judged comparison of base vs fine-tuned hold-out answers; joins ``metrics.json`` as ``"judge"``.
 
@@ -318,13 +319,13 @@ def judge_metrics(rubric_judgments: list[dict], pairwise_judgments: list[dict], 
     }
 
 
-@config.when(judge=True)
+@when(judge=True)
 def judge_results__judged(judge_metrics: dict) -> Optional[dict]:
     """The judged comparison that joins ``run_metrics`` (``metrics.json``) and the report as ``"judge"``."""
     return judge_metrics
 
 
-@config.when_not(judge=True)
+@when(judge=False)
 def judge_results__not_judged() -> Optional[dict]:
     """None: a run without the judge (config ``judge`` unset or False) reports ROUGE alone."""
     return None

@@ -11,8 +11,9 @@ empty pairs dropped, duplicate prompts kept once). Every bad record is reported,
 import logging
 from typing import Optional
 
-from hamilton.function_modifiers import cache, config
+from hamilton.function_modifiers import cache
 
+from ..lib.switches import when
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import flag
 from ..lib.records import normalised_pairs, read_records
@@ -34,13 +35,13 @@ def raw_records(data_path: str) -> list[dict]:
     return read_records(data_path)
 
 
-@config.when(start="base")
+@when(start="base")
 def prompt_template_in_use__base(prompt_template: Optional[str] = None) -> Optional[str]:
     """The ``prompt_template`` the records are rendered with (None: none; the prompt format decides)."""
     return prompt_template
 
 
-@config.when(start="presaved")
+@when(start="presaved")
 def prompt_template_in_use__presaved(presaved_manifest: dict, prompt_template: Optional[str] = None) -> Optional[str]:
     """The template the presaved adapter was trained with (its manifest's ``prompt_template``): an adapter
     answers the prompts it learnt.

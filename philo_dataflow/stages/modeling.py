@@ -9,7 +9,7 @@ import logging
 from typing import Union
 
 import torch
-from hamilton.function_modifiers import cache, config, tag
+from hamilton.function_modifiers import cache, tag
 from peft import (
     LoraConfig,
     PeftModel,
@@ -26,6 +26,7 @@ from transformers import (
     set_seed,
 )
 
+from ..lib.switches import when
 from ..lib.artifacts import read_manifest
 from ..lib.distributed import launched_local_rank, launched_processes
 from ..lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
@@ -55,7 +56,7 @@ def device() -> torch.device:
     return torch.device("cuda", launched_local_rank()) if launched_processes() > 1 else torch.device("cuda")
 
 
-@config.when(start="presaved")
+@when(start="presaved")
 @cache(behavior="recompute")
 def presaved_manifest__presaved(presaved_model_dir: str) -> dict:
     """The manifest the base run saved beside the presaved adapter (``lib.artifacts.MANIFEST_FILE``): the
@@ -66,19 +67,19 @@ def presaved_manifest__presaved(presaved_model_dir: str) -> dict:
     return read_manifest(presaved_model_dir)
 
 
-@config.when(start="base")
+@when(start="base")
 def base_model_id__base(model_id: str = EMBEDDED_MODEL_ID) -> str:
     """The id of the model to fine-tune (see the module docstring for what ``model_id`` may be)."""
     return model_id
 
 
-@config.when(start="presaved")
+@when(start="presaved")
 def base_model_id__presaved(presaved_manifest: dict) -> str:
     """The id of the model the presaved adapter was trained on, read from its manifest."""
     return presaved_manifest["inputs"]["model_id"]
 
 
-@config.when(start="base")
+@when(start="base")
 def tokenizer__base(base_model_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The base model's tokenizer. When it has no pad token, the EOS token pads (padding is masked by
     position in the labels and attention mask, never by token id).
@@ -94,19 +95,19 @@ def tokenizer__base(base_model_id: str, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
-@config.when(start="presaved")
+@when(start="presaved")
 def tokenizer__presaved(presaved_model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside the presaved adapter (custom tokenizer code only with ``trust_remote_code``)."""
     return AutoTokenizer.from_pretrained(presaved_model_dir, trust_remote_code=trust_remote_code)
 
 
-@config.when_not(architecture="seq2seq")
+@when(architecture="causal")
 def model_class__causal() -> type:
     """The transformers auto class the base model loads with: ``AutoModelForCausalLM``."""
     return AutoModelForCausalLM
 
 
-@config.when(architecture="seq2seq")
+@when(architecture="seq2seq")
 def model_class__seq2seq() -> type:
     """The transformers auto class the base model loads with: ``AutoModelForSeq2SeqLM`` (T5, FLAN-T5, BART)."""
     return AutoModelForSeq2SeqLM
@@ -172,7 +173,7 @@ def base_model(
     return model
 
 
-@config.when_not(finetuning_method="full")
+@when(finetuning_method="lora")
 def lora_config(
     base_model: PreTrainedModel,
     lora_r: int = 16,
@@ -224,7 +225,7 @@ def lora_config(
     )
 
 
-@config.when(start="base", finetuning_method="lora")
+@when(start="base", finetuning_method="lora")
 def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig, seed: int = 42) -> PeftModel:
     """The base model wrapped with a fresh, trainable LoRA adapter (not yet trained).
 
@@ -237,7 +238,7 @@ def peft_model__base(base_model: PreTrainedModel, lora_config: LoraConfig, seed:
     return get_peft_model(base_model, lora_config)
 
 
-@config.when(start="presaved", finetuning_method="lora")
+@when(start="presaved", finetuning_method="lora")
 def peft_model__presaved(
     base_model: PreTrainedModel, base_model_id: str, presaved_model_dir: str, device: torch.device,
     allow_pickle: bool = False,
@@ -267,13 +268,13 @@ def peft_model__presaved(
     return model.to(device)
 
 
-@config.when(finetuning_method="lora")
+@when(finetuning_method="lora")
 def trainable_model__lora(peft_model: PeftModel) -> PreTrainedModel:
     """The model the Trainer updates: the base model with its LoRA adapter (only the adapter trains)."""
     return peft_model
 
 
-@config.when(start="base", finetuning_method="full")
+@when(start="base", finetuning_method="full")
 def trainable_model__full(base_model: PreTrainedModel, seed: int = 42) -> PreTrainedModel:
     """A copy of the base model with every weight trainable (full fine-tuning); ``base_model`` itself stays
     untouched for the base answers, so the process holds the weights twice.
@@ -286,7 +287,7 @@ def trainable_model__full(base_model: PreTrainedModel, seed: int = 42) -> PreTra
     return model
 
 
-@config.when(start="presaved", finetuning_method="full")
+@when(start="presaved", finetuning_method="full")
 def trainable_model__full_presaved(
     presaved_model_dir: str, model_class: type, device: torch.device, trust_remote_code: bool = False,
 ) -> PreTrainedModel:
@@ -300,14 +301,14 @@ def trainable_model__full_presaved(
     return model.to(device)
 
 
-@config.when(finetuning_method="lora")
+@when(finetuning_method="lora")
 def base_answer_model__lora(finetuned_model: PreTrainedModel) -> PreTrainedModel:
     """The model of the base answers: the fine-tuned model itself, generating with its adapter disabled
     (``PeftModel.disable_adapter()``), so no second copy of the weights is held."""
     return finetuned_model
 
 
-@config.when(finetuning_method="full")
+@when(finetuning_method="full")
 def base_answer_model__full(base_model: PreTrainedModel) -> PreTrainedModel:
     """The model of the base answers: the untouched base weights (full fine-tuning trained a copy)."""
     return base_model.eval()

@@ -4,9 +4,10 @@ the run's HTML report."""
 import math
 
 import plotly.graph_objects as go
-from hamilton.function_modifiers import config, tag
+from hamilton.function_modifiers import tag
 from plotly.subplots import make_subplots
 
+from ..lib.switches import when
 from ..lib.judge_protocol import CRITERIA
 
 
@@ -79,7 +80,7 @@ def rouge_comparison_figure(hold_out_set_metrics: dict) -> go.Figure:
     return figure
 
 
-@config.when(judge=True)
+@when(judge=True)
 def judge_comparison_figure(judge_metrics: dict) -> go.Figure:
     """Judge results: mean rubric score (1–5) of base vs fine-tuned per criterion, overall and per
     school (one panel per criterion, grouped bars), and the fine-tuned model's pairwise win / tie / loss

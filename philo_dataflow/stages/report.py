@@ -9,9 +9,10 @@ import math
 from typing import Optional
 
 import plotly.graph_objects as go
-from hamilton.function_modifiers import config, tag
+from hamilton.function_modifiers import tag
 
 from ..lib import html_report
+from ..lib.switches import when
 from ..lib.formatting import fmt, one_line, pct
 from ..lib.judge_protocol import CRITERIA
 from ..lib.scores import LOOP_MIN_COUNT, LOOP_NGRAM, REPETITION_MEASURES, ROUGE_TYPES
@@ -402,7 +403,7 @@ def _report_page(
     return html_report.page(title, body)
 
 
-@config.when(judge=True)
+@when(judge=True)
 @tag(output="final")
 def report_html__judged(
     run_metrics: dict,
@@ -424,7 +425,7 @@ def report_html__judged(
     return _report_page(run_metrics, hold_out_set_predictions, run_manifest, figures, judge_comparison_figure)
 
 
-@config.when_not(judge=True)
+@when(judge=False)
 @tag(output="final")
 def report_html__not_judged(
     run_metrics: dict,

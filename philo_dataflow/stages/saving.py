@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from hamilton.function_modifiers import cache, config, tag
+from hamilton.function_modifiers import cache, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
+from ..lib.switches import when
 from ..lib.artifacts import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -52,8 +53,6 @@ def run_manifest(
     data_path: str,
     prompt_format: str,
     trainable_model: PreTrainedModel,
-    finetuning_method: str,
-    architecture: str,
     training_args: TrainingArguments,
     split_summary: dict,
     fit_trainer_eval_metrics: dict,
@@ -71,6 +70,8 @@ def run_manifest(
     category_key: str = "school",
     data_format: str = "auto",
     lang: Optional[str] = None,
+    finetuning_method: str = "lora",
+    architecture: str = "causal",
 ) -> dict:
     """What made the adapter (or the fully fine-tuned model): resolved inputs, the driver's
     ``finetuning_method`` and ``architecture`` config, the prompt format and template, LoRA (None for full
@@ -176,7 +177,7 @@ def saved_report_html(report_html: str, output_dir: str = "outputs") -> str:
     return write_text_atomically(Path(output_dir) / REPORT_HTML_FILE, report_html)
 
 
-@config.when(judge=True)
+@when(judge=True)
 @tag(output="judge")
 def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict], output_dir: str = "outputs") -> str:
     """Writes every judgment, failures with their raw replies included, to ``<output_dir>/judgments.jsonl``:
@@ -269,7 +270,7 @@ def saved_merged_model(
 
 
 @tag(output="export")
-def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architecture: str) -> dict:
+def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architecture: str = "causal") -> dict:
     """Converts the merged model to ``<output_dir>/merged/model.gguf`` with llama.cpp's own converter
     (``lib.gguf_export``; tensors in ``GGUF_OUTTYPE``, f32) and writes the Ollama ``Modelfile`` beside it.
 

@@ -6,7 +6,6 @@ from typing import Optional
 
 from datasets import Dataset
 from hamilton.function_modifiers import (
-    config,
     parameterize,
     source,
     tag,
@@ -15,6 +14,7 @@ from hamilton.function_modifiers import (
 )
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
+from ..lib.switches import when
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import capped_lines, listed
 from ..lib.prompts import (
@@ -31,7 +31,7 @@ from ..lib.prompts import (
 logger = logging.getLogger(__name__)
 
 
-@config.when(start="base")
+@when(start="base")
 def prompt_format__base(tokenizer: PreTrainedTokenizerBase, prompt_template_in_use: Optional[str],
                         model_class: type) -> str:
     """``"template"`` when a ``prompt_template`` renders the prompts, else ``"plain"`` for an
@@ -44,7 +44,7 @@ def prompt_format__base(tokenizer: PreTrainedTokenizerBase, prompt_template_in_u
     return CHAT_TEMPLATE if tokenizer.chat_template else ALPACA
 
 
-@config.when(start="presaved")
+@when(start="presaved")
 def prompt_format__presaved(presaved_manifest: dict) -> str:
     """The prompt format the presaved adapter was trained with, read from its manifest."""
     return presaved_manifest["prompt_format"]
@@ -87,7 +87,7 @@ def _tokenized(examples: Dataset, split_name: str, tokenize, max_seq_length: int
 
 
 
-@config.when_not(architecture="seq2seq")
+@when(architecture="causal")
 @parameterize(
     tokenized_train={"examples": source("train_set"), "split_name": value("train_set")},
     tokenized_validation={"examples": source("validation_set"), "split_name": value("validation_set")},
@@ -127,7 +127,7 @@ def tokenized_split__causal(
     return _tokenized(examples, split_name, tokenize, max_seq_length, overlong_policy)
 
 
-@config.when(architecture="seq2seq")
+@when(architecture="seq2seq")
 @parameterize(
     tokenized_train={"examples": source("train_set"), "split_name": value("train_set")},
     tokenized_validation={"examples": source("validation_set"), "split_name": value("validation_set")},

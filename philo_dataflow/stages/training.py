@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 from datasets import Dataset
-from hamilton.function_modifiers import cache, config, extract_fields, tag_outputs
+from hamilton.function_modifiers import cache, extract_fields, tag_outputs
 from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
@@ -25,6 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from ..lib.switches import when
 from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE
 from ..lib.cross_entropy import LOSS_CHUNK_TOKENS
 from ..lib.inputs import raise_hyperparameter_problems
@@ -194,7 +195,7 @@ def _trainer_arguments(model, training_args, data_collator, tokenized_train: Dat
     }
 
 
-@config.when_not(architecture="seq2seq")
+@when(architecture="causal")
 def trainer__causal(
     trainable_model: PreTrainedModel,
     training_args: TrainingArguments,
@@ -223,7 +224,7 @@ def trainer__causal(
     )
 
 
-@config.when(architecture="seq2seq")
+@when(architecture="seq2seq")
 def trainer__seq2seq(
     trainable_model: PreTrainedModel,
     training_args: TrainingArguments,
@@ -256,7 +257,7 @@ def resume_checkpoint_dir(output_dir: str = "outputs", resume_from_checkpoint: O
     return checked_resume_checkpoint(output_dir, resume_from_checkpoint)
 
 
-@config.when(start="base")
+@when(start="base")
 def trained_parameters__base(resume_checkpoint_dir: Optional[str], trainer: Trainer) -> dict:
     """Trains (the only node that does), restores the best checkpoint, evaluates on ``validation_set``.
 
@@ -297,7 +298,7 @@ _TRAINER_FIELDS = {
 
 @tag_outputs(**{name: {"output": "final"} for name in ("fit_trainer", "fit_trainer_eval_metrics", "finetuned_model")})
 @extract_fields(_TRAINER_FIELDS)
-@config.when(start="base")
+@when(start="base")
 def fitted_and_evaluated_trainer__base(trainer: Trainer, trained_parameters: dict) -> dict:
     """The trainer with the trained parameters in its model: those it was just trained to, or, when
     ``trained_parameters`` came from the cache, loaded into its freshly built model.
@@ -321,7 +322,7 @@ def fitted_and_evaluated_trainer__base(trainer: Trainer, trained_parameters: dic
 
 @tag_outputs(**{name: {"output": "final"} for name in ("fit_trainer", "fit_trainer_eval_metrics", "finetuned_model")})
 @extract_fields(_TRAINER_FIELDS)
-@config.when(start="presaved")
+@when(start="presaved")
 def fitted_and_evaluated_trainer__presaved(trainer: Trainer, presaved_model_dir: str) -> dict:
     """The presaved adapter, evaluated on ``validation_set`` (no training), with its saved log history."""
     eval_metrics = trainer.evaluate()
