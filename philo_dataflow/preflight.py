@@ -14,7 +14,8 @@ safetensors file and, when a judge is configured, the judge endpoint's model lis
 weights and writes nothing. What it checks, in order:
 
 1. inputs in range (the rules of ``lib.inputs.INPUTS``, plus: the two split fractions sum to less than
-   1; ``num_train_epochs`` > 0 unless ``max_steps`` > 0);
+   1; ``num_train_epochs`` > 0 unless ``max_steps`` > 0), and the package of every tracker ``report_to``
+   names installed;
 2. ``output_dir``: a directory, or one that can be created, writable, and not holding another run's
    files unless ``overwrite`` (or a resumed run) asks for it;
 3. the data: readable UTF-8, valid for its suffix, keys present and holding strings (every bad record
@@ -81,6 +82,7 @@ from .lib.problems import (
 )
 from .lib.prompts import no_room_for_an_answer, prompt_token_ids
 from .lib.records import NormalisedPairs, normalised_pairs, read_records
+from .lib.trackers import missing_tracker_problems
 from .lib.trainer import checked_resume_checkpoint, torch_compile_problems
 
 logger = logging.getLogger(__name__)
@@ -386,6 +388,8 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
     resuming = start == "base" and values.get("resume_from_checkpoint") is not None
     problems += output_dir_problems(values.get("output_dir"), overwrite or resuming,
                                     values.get("presaved_model_dir") if start == "presaved" else None)
+    if "report_to" not in {problem.input for problem in problems}:
+        problems += [Problem("report_to", line) for line in missing_tracker_problems(values["report_to"])]
     problems += _data_and_model_problems(values, start, {problem.input for problem in problems})
     if resuming:
         problems += resume_problems(values)

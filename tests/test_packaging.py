@@ -25,10 +25,10 @@ from conftest import REPO
 PROVIDED_BY_DECLARED = {"huggingface_hub", "safetensors", "numpy", "jinja2", "packaging", "tokenizers", "nltk",
                         "psutil", "pyarrow", "fsspec", "filelock", "requests", "httpx"}
 #: Imports that belong to an extra, and the extra; the package imports them only where that extra is used.
-EXTRA_IMPORTS = {"gradio": "chat", "tensorboard": "tensorboard"}
-#: Imported only when the user asks for them (``report_to mlflow`` / ``wandb``, ``load_in_4bit`` on CUDA),
-#: with an error naming what to install when missing: the user's own installs, no extra of ours.
-USER_INSTALLED = {"mlflow", "wandb", "bitsandbytes"}
+EXTRA_IMPORTS = {"gradio": "chat", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+#: Imported only when the user asks for them (``report_to wandb``, ``load_in_4bit`` on CUDA), with an error
+#: naming what to install when missing: the user's own installs, no extra of ours.
+USER_INSTALLED = {"wandb", "bitsandbytes"}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ inputs' names, and flags and --set override them.
 
 import argparse
 import difflib
-import json
 import os
 import shutil
 import sys
@@ -32,7 +31,6 @@ from ..lib.artifacts import (
     CONFIG_FILE,
     DATAFLOW_FILE,
     MANIFEST_INPUTS,
-    METRICS_FILE,
     read_manifest,
 )
 from ..lib.inputs import (
@@ -329,10 +327,9 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
             for path in paths:
                 if isinstance(path, str) and path.startswith(str(Path(output_dir))):
                     print(f"  {path}")
-    metrics_path = Path(output_dir) / METRICS_FILE
-    if not metrics_path.is_file():
+    metrics = result.get("run_metrics")
+    if metrics is None:
         return
-    metrics = json.loads(metrics_path.read_text())
     base, tuned = metrics["hold_out"]["base"], metrics["hold_out"]["finetuned"]
     diff = metrics["hold_out"]["rougeL_difference"]
     print(f"\nHold-out ({base['count']} questions)     base    fine-tuned")
@@ -427,7 +424,9 @@ def main(argv: Optional[list] = None) -> int:
         started = time.time()
         # The data is loaded, checked and split before any model is loaded: a bad file fails in seconds.
         splits = dr.execute(list(DATA_NODES), inputs=inputs)
-        result = dr.execute(outputs, inputs=inputs, overrides=splits)
+        # run_metrics (what metrics.json holds) is asked for too, so the summary is printed from it.
+        summarised = [*outputs, "run_metrics"] if "saved_metrics" in outputs else outputs
+        result = dr.execute(summarised, inputs=inputs, overrides=splits)
     except (UserError, ValueError, FileNotFoundError) as error:
         if args.debug:
             raise

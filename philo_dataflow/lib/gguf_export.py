@@ -67,7 +67,7 @@ def converter_missing() -> Optional[str]:
                 f"(it extracts the converter from the llama-cpp-python sdist on PyPI), or set {CONVERTER_ENV} to a "
                 "llama.cpp checkout.")
     if importlib.util.find_spec("sentencepiece") is None:
-        return f"llama.cpp's {CONVERTER_SCRIPT} needs sentencepiece: pip install sentencepiece (requirements.txt has it)."
+        return f"llama.cpp's {CONVERTER_SCRIPT} needs sentencepiece: pip install sentencepiece (a dependency of philo_dataflow)."
     return None
 
 

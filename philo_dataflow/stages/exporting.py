@@ -19,7 +19,6 @@ from hamilton.function_modifiers import tag
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..lib.switches import when
 from ..lib.artifacts import GGUF_FILE, library_versions
 from ..lib.generation import GREEDY, generate_answers
 from ..lib.gguf_export import (
@@ -33,6 +32,7 @@ from ..lib.gguf_export import (
 )
 from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
 from ..lib.prompts import question_prompt_ids
+from ..lib.switches import when
 
 
 @when(finetuning_method="lora")

@@ -11,7 +11,6 @@ from typing import Optional
 
 from hamilton.function_modifiers import cache
 
-from ..lib.switches import when
 from ..lib.artifacts import JUDGE_CACHE_DIR
 from ..lib.judge_client import (
     JudgeCache,
@@ -41,6 +40,7 @@ from ..lib.judge_protocol import (
     word_count,
 )
 from ..lib.scores import MODELS, mean
+from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Optional
 
 from hamilton.function_modifiers import cache
 
-from ..lib.switches import when
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import flag
 from ..lib.records import normalised_pairs, read_records
+from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
 

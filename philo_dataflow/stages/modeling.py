@@ -26,7 +26,6 @@ from transformers import (
     set_seed,
 )
 
-from ..lib.switches import when
 from ..lib.artifacts import read_manifest
 from ..lib.distributed import launched_local_rank, launched_processes
 from ..lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
@@ -43,6 +42,7 @@ from ..lib.model_sources import (
     is_encoder_decoder,
     resolve_model_path,
 )
+from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
 

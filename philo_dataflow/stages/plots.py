@@ -7,8 +7,8 @@ import plotly.graph_objects as go
 from hamilton.function_modifiers import tag
 from plotly.subplots import make_subplots
 
-from ..lib.switches import when
 from ..lib.judge_protocol import CRITERIA
+from ..lib.switches import when
 
 
 @tag(output="final")

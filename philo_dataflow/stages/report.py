@@ -12,10 +12,10 @@ import plotly.graph_objects as go
 from hamilton.function_modifiers import tag
 
 from ..lib import html_report
-from ..lib.switches import when
 from ..lib.formatting import fmt, one_line, pct
 from ..lib.judge_protocol import CRITERIA
 from ..lib.scores import LOOP_MIN_COUNT, LOOP_NGRAM, REPETITION_MEASURES, ROUGE_TYPES
+from ..lib.switches import when
 
 _MODEL_NAMES = (("base", "base"), ("finetuned", "fine-tuned"))
 _MEASURE_NAMES = {"loop_rate": "loop rate", "distinct_1": "distinct-1", "distinct_2": "distinct-2"}

@@ -18,7 +18,6 @@ import yaml
 from hamilton.function_modifiers import cache, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from ..lib.switches import when
 from ..lib.artifacts import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -43,6 +42,7 @@ from ..lib.artifacts import (
 from ..lib.distributed import is_main_process, wait_for_everyone
 from ..lib.generation import generation_config
 from ..lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
+from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from hamilton.function_modifiers import (
 )
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
-from ..lib.switches import when
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import capped_lines, listed
 from ..lib.prompts import (
@@ -27,6 +26,7 @@ from ..lib.prompts import (
     tokenize_example,
     tokenize_seq2seq_example,
 )
+from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ from transformers import (
     TrainingArguments,
 )
 
-from ..lib.switches import when
 from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE
 from ..lib.cross_entropy import LOSS_CHUNK_TOKENS
+from ..lib.distributed import is_main_process
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.prompts import IGNORE_INDEX
-from ..lib.trackers import direct_tensorboard_to, reported_trackers, tensorboard_dir
+from ..lib.switches import when
+from ..lib.trackers import direct_tensorboard_to, reported_trackers, start_mlflow_run, tensorboard_dir
 from ..lib.trainer import (
     MEMORY_SAVING_LOSS_CHUNK_TOKENS,
     ReturnFreedMemory,
@@ -90,7 +91,9 @@ def training_args(
         installed ones here. ``tracking.tracked_final_metrics`` logs the final metrics to the same trackers.
     :param tracking_dir: directory of the TensorBoard event files; None is ``<output_dir>/runs``. With
         TensorBoard among the trackers it is handed to the Trainer through the process's environment
-        (``lib.trackers.direct_tensorboard_to``), so this node is never taken from Hamilton's cache.
+        (``lib.trackers.direct_tensorboard_to``), so this node is never taken from Hamilton's cache. With
+        MLflow among them, the main process starts the job's one MLflow run here
+        (``lib.trackers.start_mlflow_run``); ``tracking.tracked_final_metrics`` ends it.
     :raises lib.problems.InputProblems: (a ValueError) a hyperparameter out of range or an unknown
         tracker, one line each.
     """
@@ -99,6 +102,8 @@ def training_args(
     trackers = reported_trackers(report_to)
     if "tensorboard" in trackers:
         direct_tensorboard_to(tensorboard_dir(output_dir, tracking_dir))
+    if "mlflow" in trackers and is_main_process():
+        start_mlflow_run()
     return TrainingArguments(
         output_dir=str(Path(output_dir) / CHECKPOINTS_DIR),
         learning_rate=learning_rate,

@@ -409,6 +409,8 @@ CASES = (
     Case("unknown_tracker", _good(report_to="tensorboard,mlfow"),
          (("report_to='tensorboard,mlfow' (--report-to): must be 'none', 'all' or comma-separated names among [",
            "'mlflow'", "'tensorboard'", "'wandb'", "the default is 'none'"),), graph=TRAINER),
+    Case("tracker_not_installed", _good(report_to="tensorboard,wandb"),
+         ("report_to='tensorboard,wandb' (--report-to): wandb is not installed; pip install wandb, or leave wandb out.",)),
     Case("warmup_ratio_above_one", _good(warmup_ratio=1.5), ("warmup_ratio=1.5",), graph=TRAINER),
     Case("early_stopping_patience_zero", _good(early_stopping_patience=0), ("early_stopping_patience=0",)),
     Case("max_new_tokens_zero", _good(max_new_tokens=0), ("max_new_tokens=0 (--max-new-tokens): must be an integer >= 1",)),
