@@ -547,6 +547,13 @@ def test_preview_shows_each_format_with_every_answer_ending_on_eos(case, tmp_pat
         assert example.count("[[") >= 1 and example.count("[[") == example.count("<|im_end|>]]"), example
 
 
+def test_preview_reads_a_cached_hub_dataset(hub_cache, tiny_model_dir, capsys):
+    assert cli.main(["preview", "--data-path", PREPARED_ID, "--model-id", tiny_model_dir, "--examples", "1"]) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith(f"data {PREPARED_ID}: ") and out.count("<|im_end|>]]") == 1
+
+
 def test_run_py_reads_a_cached_hub_dataset(hub_cache, tmp_path, tiny_model_dir, capsys):
     argv = ["--data-path", PREPARED_ID, "--model-id", tiny_model_dir, "--output-dir", str(tmp_path / "out"),
             "--outputs", "split_summary", "--no-graph"]
