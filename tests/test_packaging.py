@@ -19,16 +19,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-#: Distributions the package may import without declaring them: the standard library's, and those that
-#: come with a declared dependency (huggingface_hub and safetensors with transformers, numpy with torch,
-#: jinja2 with torch, yaml as pyyaml, rouge_score, packaging...): their import names map to these.
-PROVIDED_BY_DECLARED = {"huggingface_hub", "safetensors", "numpy", "jinja2", "packaging", "tokenizers", "nltk",
-                        "psutil", "pyarrow", "fsspec", "filelock", "requests", "httpx"}
+#: Modules the package imports without declaring their distribution, each required by a declared one:
+#: huggingface_hub, safetensors and tokenizers by transformers, jinja2 by torch, pyarrow by datasets.
+PROVIDED_BY_DECLARED = {"huggingface_hub", "safetensors", "tokenizers", "jinja2", "pyarrow"}
 #: Imports that belong to an extra, and the extra; the package imports them only where that extra is used.
 EXTRA_IMPORTS = {"gradio": "chat", "tensorboard": "tensorboard", "mlflow": "mlflow"}
-#: Imported only when the user asks for them (``report_to wandb``, ``load_in_4bit`` on CUDA), with an error
-#: naming what to install when missing: the user's own installs, no extra of ours.
-USER_INSTALLED = {"wandb", "bitsandbytes"}
+#: Imported only when the user asks for it (``report_to wandb``; the preflight names the install command when
+#: it is missing): the user's own install, no extra of ours.
+USER_INSTALLED = {"wandb"}
 
 
 @pytest.fixture(scope="module")

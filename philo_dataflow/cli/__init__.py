@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Optional
 
-from .common import PROG, SUBCOMMANDS, configure_logging  # noqa: F401  (the command's vocabulary)
+from .common import SUBCOMMANDS
 
 def main(argv: Optional[list] = None) -> int:
     """``philo-dataflow [COMMAND] [FLAGS]``: a subcommand's ``main`` when the first argument names one,

@@ -123,7 +123,8 @@ def _print_examples(result: dict, split: str, count: int, marks: tuple, seq2seq:
             print(marked_text(decode, row["input_ids"], row["labels"], marks))
 
 
-def _refusals(result: dict) -> list:
+def _refusals(result: dict) -> list[str]:
+    """``lib.supervision.supervision_problems`` of the three tokenized splits, one line each."""
     from ..lib.supervision import supervision_problems
 
     tokenizer = result["tokenizer"]
@@ -132,7 +133,7 @@ def _refusals(result: dict) -> list:
         tokenized = result[tokenized_name]
         lines += supervision_problems(split_name, tokenized["labels"], tokenized["record_index"],
                                       tokenizer.eos_token_id, tokenizer.eos_token)
-    return [Problem("data_path", line) for line in lines]
+    return lines
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -150,7 +151,8 @@ def main(argv: Optional[list] = None) -> int:
         if settings["start"] != "base":
             raise InputProblems([Problem("start", "the preview shows the data a new run trains on; leave out start "
                                                   f"(--config key 'start: {settings['start']}').")])
-        given = {name: value for name, value in settings["given"].items() if name in {s.name for s in PREVIEW_INPUTS}}
+        names = {spec.name for spec in PREVIEW_INPUTS}
+        given = {name: value for name, value in settings["given"].items() if name in names}
         inputs = run_inputs("base", given)
         problems = preflight.check_data_and_model(inputs, "base")
         if problems:
@@ -172,6 +174,6 @@ def main(argv: Optional[list] = None) -> int:
     _print_tokens(result, inputs.get("max_seq_length", BY_NAME["max_seq_length"].default))
     _print_examples(result, args.split, args.examples, _marks(args.color), config["architecture"] == "seq2seq")
     refusals = _refusals(result)
-    for problem in refusals:
-        print(f"error: {problem.message}", file=sys.stderr)
+    for line in refusals:
+        print(f"error: {line}", file=sys.stderr)
     return 2 if refusals else 0

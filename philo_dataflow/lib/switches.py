@@ -27,8 +27,9 @@ def when(**values: Any) -> config:
 
     :raises KeyError: a name that is not a switch (at import of the stage module).
     """
-    for name in values:
-        SWITCH_DEFAULTS[name]  # noqa: B018  (a misspelt switch fails at import, not silently at build)
+    unknown = sorted(set(values) - set(SWITCH_DEFAULTS))
+    if unknown:  # a misspelt switch fails at import, not silently at build
+        raise KeyError(f"not a config switch: {unknown}; the switches are {list(SWITCH_DEFAULTS)}")
 
     def resolves(switches: dict) -> bool:
         return all(switch_value(switches, name) == value for name, value in values.items())

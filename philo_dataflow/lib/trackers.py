@@ -3,6 +3,7 @@ go, a run's final metrics as flat scalars, and the writers that log them to Tens
 (the Trainer logs the training curves there itself). Imports ``inputs``, ``scores`` and ``judge_protocol``.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -42,8 +43,6 @@ def missing_tracker_problems(report_to: str) -> list[str]:
     """One line per tracker ``report_to`` names whose package is not installed (``none`` and ``all``: none),
     naming the flag and the install command.
     """
-    import importlib.util
-
     names = tracker_names(report_to)
     lines = []
     for name in [] if names == ["all"] else names:
@@ -238,9 +237,6 @@ def log_to_wandb(values: dict, step: int, run_name: Optional[str] = None) -> Non
             run.finish()
 
 
-_WRITERS = {"wandb": log_to_wandb}
-
-
 def log_final_metrics(trackers: list, values: dict, step: int, directory: Path,
                       run_name: Optional[str] = None, params: Optional[dict] = None,
                       artifacts: Optional[dict] = None) -> dict:
@@ -257,8 +253,8 @@ def log_final_metrics(trackers: list, values: dict, step: int, directory: Path,
             log_to_tensorboard(directory, values, step)
         elif tracker == "mlflow":
             log_to_mlflow(values, step, run_name, params, artifacts)
-        elif tracker in _WRITERS:
-            _WRITERS[tracker](values, step, run_name)
+        elif tracker == "wandb":
+            log_to_wandb(values, step, run_name)
         else:
             continue
         logged[tracker] = dict(values)
