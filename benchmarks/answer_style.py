@@ -30,9 +30,10 @@ def answer_style(data_path: str, seed: int = 0) -> dict:
     """The figures above for one data file; raises the library's loading errors for a bad file."""
     from rouge_score import rouge_scorer
 
-    from philo_dataflow.stages.loading import instruction_records, raw_records
+    from philo_dataflow.lib.records import read_records
+    from philo_dataflow.stages.loading import instruction_records
 
-    records = instruction_records(raw_records(data_path), data_path, None)
+    records = instruction_records(read_records(data_path), data_path, None)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rng = random.Random(seed)
     by_school: dict = {}

@@ -234,10 +234,11 @@ def _splits(settings: TrainSettings) -> tuple:
     ``splitting.SPLIT_COLUMNS``), from the first ``records`` (+ ``validation_records``) pairs."""
     from datasets import Dataset
 
-    from philo_dataflow.stages.loading import instruction_records, raw_records
+    from philo_dataflow.lib.records import read_records
+    from philo_dataflow.stages.loading import instruction_records
     from philo_dataflow.stages.splitting import SPLIT_COLUMNS
 
-    pairs = instruction_records(raw_records(settings.data_path), settings.data_path, None)
+    pairs = instruction_records(read_records(settings.data_path), settings.data_path, None)
     end = settings.records + settings.validation_records
 
     def as_split(rows: list[dict]) -> Dataset:
@@ -562,7 +563,8 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
     """The shared settings, after checking every flag (all problems reported at once)."""
     from philo_dataflow.lib.inputs import EMBEDDED_MODEL_ID
     from philo_dataflow.lib.model_sources import resolve_model_path
-    from philo_dataflow.stages.loading import instruction_records, raw_records
+    from philo_dataflow.lib.records import read_records
+    from philo_dataflow.stages.loading import instruction_records
     from philo_dataflow.testing import tiny_model_dir
 
     smoke = args.smoke
@@ -586,7 +588,7 @@ def _settings_from_args(args: argparse.Namespace, work_dir: Path) -> TrainSettin
     if not data_path.is_file():
         problems.append(f"--data-path: {data_path} does not exist")
     else:
-        pairs = len(instruction_records(raw_records(str(data_path)), str(data_path), None))
+        pairs = len(instruction_records(read_records(str(data_path)), str(data_path), None))
         if pairs < records + args.validation_records:
             problems.append(f"--records {records} + --validation-records {args.validation_records}: {data_path} has only {pairs} pairs")
     if args.load_in_4bit:

@@ -9,7 +9,8 @@ dataflow, with an honest verdict on whether the fine-tuned model beats its base.
 The package's parts:
 
 - ``stages``: the dataflow's nodes, one module per stage in the order data flows (``MODULES``);
-- ``dataflow``: ``build_driver``, ``resolved_config`` and the output lists read off the nodes' tags;
+- ``dataflow``: ``build_driver``, ``resolved_config`` (the switches read off a model or a presaved run)
+  and the output lists read off the nodes' tags;
 - ``preflight``: the checks made before a model is loaded; ``comparison`` and ``chat``: several runs on one
   hold-out set, and the chat page; ``testing``: fixtures of the test suite and the benchmarks;
 - ``cli``: the ``philo-dataflow`` command (``python -m philo_dataflow``);
@@ -24,7 +25,7 @@ from .lib.inputs import EMBEDDED_MODEL_ID, EXAMPLE_DATA_PATH, START_MODES
 #: Names ``philo_dataflow.dataflow`` provides, imported from there on first use.
 _DATAFLOW_NAMES = (
     "MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "RUN_OUTPUTS", "EXPORT_OUTPUTS",
-    "build_driver", "outputs_tagged", "resolved_config",
+    "build_driver", "checked_config", "outputs_tagged", "resolved_config",
 )
 
 

@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
     TextIteratorStreamer,
 )
 
-from .dataflow import build_driver  # noqa: E402
+from .dataflow import build_driver, resolved_config  # noqa: E402
 from .lib.artifacts import PREDICTIONS_JSONL_FILE  # noqa: E402
 from .lib.generation import GREEDY, generation_config  # noqa: E402
 from .lib.inputs import BY_NAME, DEFAULTS, hyperparameter_problems  # noqa: E402
@@ -104,7 +104,7 @@ def load_chat_models(model_dir: str) -> ChatModels:
         messages, naming ``presaved_model_dir`` and what to do).
     """
     inputs = {"presaved_model_dir": model_dir}
-    driver = build_driver({"start": "presaved", "presaved_model_dir": model_dir})
+    driver = build_driver(resolved_config({"start": "presaved", "presaved_model_dir": model_dir}))
     loaded = driver.execute(
         ["trainable_model", "tokenizer", "prompt_format", "prompt_template_in_use", "presaved_manifest", "device"],
         inputs=inputs,

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 import torch
 from datasets import Dataset
 
-from .dataflow import build_driver
+from .dataflow import build_driver, resolved_config
 from .lib import html_report
 from .lib.artifacts import (
     ADAPTER_DIR,
@@ -151,7 +151,7 @@ def hold_out_difference(a: list[dict], b: list[dict]) -> Optional[str]:
 
 
 def _presaved_driver(run: Run):
-    return build_driver({"start": "presaved", "presaved_model_dir": str(run.adapter_dir)})
+    return build_driver(resolved_config({"start": "presaved", "presaved_model_dir": str(run.adapter_dir)}))
 
 
 def split_inputs(run: Run) -> dict:

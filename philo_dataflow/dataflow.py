@@ -47,7 +47,7 @@ MODULES = (
     loading, splitting, tokenization, modeling, training, prediction, metrics, judging, plots, report, exporting,
     tracking, saving,
 )
-#: Config keys ``build_driver`` reads the switches off, then leaves out of the driver's config.
+#: Config keys ``resolved_config`` reads the switches off (``build_driver`` refuses them: it reads no file).
 MODEL_SOURCE_KEYS = ("model_id", "presaved_model_dir", "trust_remote_code")
 #: The tag key of the nodes the output lists are made of, and its values.
 OUTPUT_TAG = "output"
@@ -56,16 +56,17 @@ OUTPUT_TAG = "output"
 def build_driver(
     config: Optional[dict] = None, adapters: Optional[list[LifecycleAdapter]] = None, cache_dir: Optional[str] = None,
 ) -> driver.Driver:
-    """A Hamilton driver over ``MODULES``.
+    """A Hamilton driver over ``MODULES``: ``driver.Builder().with_config(config).with_modules(*MODULES)``,
+    with the config checked first and, on request, Hamilton's cache and adapters. It reads no file.
 
     :param config: ``{"start": "base" | "presaved", "judge": bool, "finetuning_method": "lora" | "full",
-        "architecture": "causal" | "seq2seq"}``; omitted keys are ``start="base"``, no judge, LoRA, and
-        a decoder-only model. ``architecture`` may instead be read off a model: give ``model_id`` (or,
-        with ``start="presaved"``, ``presaved_model_dir``) in the config too, and the model's config
-        (``is_encoder_decoder``) or the presaved run's manifest decides; ``finetuning_method`` of a
-        presaved run is read from its manifest the same way. Those keys (``MODEL_SOURCE_KEYS``) only
-        choose the switches: give them in ``inputs`` as usual.
-    :param adapters: Hamilton lifecycle adapters, e.g. ``[h_tqdm.ProgressBar("philo_dataflow")]``.
+        "architecture": "causal" | "seq2seq"}``; omitted keys take their defaults inside the stage
+        modules (``lib.switches.SWITCH_DEFAULTS``: ``start="base"``, no judge, LoRA, a decoder-only model),
+        so a driver built with Hamilton's own ``Builder`` on the same config is the same graph. To read
+        ``architecture`` off a model (its ``is_encoder_decoder``) or ``finetuning_method`` and
+        ``architecture`` off a presaved run's manifest, call ``resolved_config`` first and pass its result.
+    :param adapters: Hamilton lifecycle adapters, e.g. ``[h_tqdm.ProgressBar("philo_dataflow")]`` or
+        ``[lib.trackers.hamilton_ui_tracker(...)]`` (the Hamilton UI).
     :param cache_dir: turns on Hamilton's cache (``Builder().with_cache``) in ``<cache_dir>/<code
         fingerprint>`` (``lib.caching``): a node whose code and inputs' fingerprints were seen before returns
         its stored result instead of running, so a re-run that changes only evaluation inputs reuses the
@@ -74,9 +75,10 @@ def build_driver(
         ``"final"``) always run; models, Trainers and tokenizers are never stored, only fingerprinted, and
         are rebuilt. None (the default) runs without a cache. Single-process only: the ranks of a
         multi-process run must all run the same nodes.
-    :raises ValueError: a config value not among its choices.
+    :raises ValueError: a config value not among its choices; a config key that names a model or adapter
+        (``MODEL_SOURCE_KEYS``: pass the config through ``resolved_config``).
     """
-    config = {key: value for key, value in resolved_config(config).items() if key not in MODEL_SOURCE_KEYS}
+    config = checked_config(config)
     builder = driver.Builder().with_config(config).with_modules(*MODULES)
     if cache_dir is not None:
         path = cache_path(cache_dir)
@@ -87,32 +89,55 @@ def build_driver(
     return builder.build()
 
 
-def resolved_config(config: Optional[dict] = None) -> dict:
-    """``config`` with every switch filled in (see ``build_driver``): read off the model or the presaved
-    manifest where the config names one, else the defaults.
+def checked_config(config: Optional[dict] = None) -> dict:
+    """``config`` with every switch filled in from ``SWITCH_DEFAULTS`` and checked; reads no file.
 
-    :raises ValueError: a config value not among its choices; a named model whose config cannot be read.
+    :raises ValueError: a value not among its choices; a key of ``MODEL_SOURCE_KEYS`` (the message says to
+        call ``resolved_config``).
     """
     config = dict(config or {})
-    config.setdefault("start", SWITCH_DEFAULTS["start"])
-    config.setdefault("judge", SWITCH_DEFAULTS["judge"])
+    named = [key for key in MODEL_SOURCE_KEYS if key in config]
+    if named:
+        raise ValueError(f"config key {named[0]!r} names a model: build_driver reads no file; call "
+                         f"philo_dataflow.resolved_config(config) to choose the switches from it, and give "
+                         f"{named[0]} in inputs.")
+    for key, default in SWITCH_DEFAULTS.items():
+        config.setdefault(key, default)
     if config["start"] not in START_MODES:
         raise ValueError(f"config start={config['start']!r}: use one of {START_MODES}.")
     if not isinstance(config["judge"], bool):
         raise ValueError(f"config judge={config['judge']!r}: use True or False.")
-    if config["start"] == "presaved" and isinstance(config.get("presaved_model_dir"), str):
-        manifest = read_manifest(config["presaved_model_dir"])
-        config.setdefault("finetuning_method", manifest.get("finetuning_method", SWITCH_DEFAULTS["finetuning_method"]))
-        config.setdefault("architecture", manifest.get("architecture", SWITCH_DEFAULTS["architecture"]))
-    if "architecture" not in config and isinstance(config.get("model_id"), str):
-        encoder_decoder = is_encoder_decoder(config["model_id"], bool(config.get("trust_remote_code")))
-        config["architecture"] = "seq2seq" if encoder_decoder else "causal"
-    config.setdefault("finetuning_method", SWITCH_DEFAULTS["finetuning_method"])
-    config.setdefault("architecture", SWITCH_DEFAULTS["architecture"])
     for key, choices in (("finetuning_method", FINETUNING_METHODS), ("architecture", ARCHITECTURES)):
         if config[key] not in choices:
             raise ValueError(f"config {key}={config[key]!r}: use one of {choices}.")
     return config
+
+
+def resolved_config(config: Optional[dict] = None) -> dict:
+    """The switches of a driver for a given model or presaved run, read off its files: ``config`` may name
+    ``model_id`` (then ``architecture`` is read off the model's config, ``is_encoder_decoder``, from a
+    local directory or the Hugging Face cache) or, with ``start="presaved"``, ``presaved_model_dir``
+    (``finetuning_method`` and ``architecture`` from its manifest), and ``trust_remote_code``; switches
+    given in ``config`` win. What ``philo-dataflow`` does before it builds its driver::
+
+        config = philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": "outputs/adapter"})
+        dr = philo_dataflow.build_driver(config)
+
+    :return: ``{"start", "judge", "finetuning_method", "architecture"}`` (``MODEL_SOURCE_KEYS`` left out).
+    :raises ValueError: a config value not among its choices; a named model whose config or a presaved
+        run whose manifest cannot be read.
+    """
+    config = dict(config or {})
+    source = {key: config.pop(key) for key in MODEL_SOURCE_KEYS if key in config}
+    start = config.get("start", SWITCH_DEFAULTS["start"])
+    if start == "presaved" and isinstance(source.get("presaved_model_dir"), str):
+        manifest = read_manifest(source["presaved_model_dir"])
+        config.setdefault("finetuning_method", manifest.get("finetuning_method", SWITCH_DEFAULTS["finetuning_method"]))
+        config.setdefault("architecture", manifest.get("architecture", SWITCH_DEFAULTS["architecture"]))
+    if "architecture" not in config and isinstance(source.get("model_id"), str):
+        encoder_decoder = is_encoder_decoder(source["model_id"], bool(source.get("trust_remote_code")))
+        config["architecture"] = "seq2seq" if encoder_decoder else "causal"
+    return checked_config(config)
 
 
 def _definition_order(variable) -> tuple:
@@ -160,5 +185,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODULES", "DEFAULT_OUTPUTS", "FINAL_VARIABLES", "JUDGE_OUTPUTS", "RUN_OUTPUTS", "EXPORT_OUTPUTS", "EMBEDDED_MODEL_ID",
-    "START_MODES", "build_driver", "outputs_tagged", "resolved_config",
+    "START_MODES", "build_driver", "checked_config", "outputs_tagged", "resolved_config",
 ]

@@ -11,7 +11,9 @@ anything; library users call it before ``dr.execute``::
 
 It reads the data file, the tokenizer and the config of the model, the headers of a presaved adapter's
 safetensors file and, when a judge is configured, the judge endpoint's model list; it reads no model
-weights and writes nothing. What it checks, in order:
+weights and writes nothing. What the run derives from its inputs without weights (the prompt format, the
+template in use, a presaved run's manifest and log history) it takes from the dataflow's own nodes, run
+through a driver (``graph_values``), so a new ``@config.when`` variant needs no change here. What it checks, in order:
 
 1. inputs in range (the rules of ``lib.inputs.INPUTS``, plus: the two split fractions sum to less than
    1; ``num_train_epochs`` > 0 unless ``max_steps`` > 0), and the package of every tracker ``report_to``
@@ -29,7 +31,9 @@ weights and writes nothing. What it checks, in order:
    ``max_seq_length`` so that each example keeps at least one supervised answer token;
 5. ``resume_from_checkpoint`` a complete checkpoint;
 6. the LLM judge, when ``judge_model`` is set: one process only (not under torchrun or accelerate
-   launch), settings valid, endpoint reachable (``GET /models``), the model listed there.
+   launch), settings valid, endpoint reachable (``GET /models``), the model listed there;
+7. the Hamilton UI, when ``hamilton_ui_url`` is set: ``hamilton_sdk`` installed, the server answering
+   (``lib.hamilton_ui.server_problems``).
 
 The nodes of ``loading``, ``splitting``, ``tokenization``, ``modeling``, ``training`` and ``prediction``
 raise the same messages for the inputs they take, so ``dr.execute`` without a preflight fails with a
@@ -40,6 +44,7 @@ are checked here only.
 """
 
 import difflib
+import functools
 import inspect
 import logging
 import os
@@ -49,7 +54,8 @@ from typing import Any, Optional
 
 import openai
 
-from .stages import loading, modeling, splitting, tokenization
+from .dataflow import build_driver, resolved_config
+from .stages import modeling, splitting
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
 from .lib.distributed import launched_processes
 from .lib.inputs import (
@@ -60,10 +66,10 @@ from .lib.inputs import (
     out_of_range,
     raise_hyperparameter_problems,
 )
+from .lib.hamilton_ui import server_problems as hamilton_ui_server_problems
 from .lib.judge_client import JudgeClient, is_loopback, make_judge_client
 from .lib.judge_protocol import RESPONSE_FORMATS, check_judge_settings
 from .lib.model_sources import (
-    is_encoder_decoder,
     layer_indices,
     lora_target_problems,
     model_skeleton,
@@ -172,12 +178,12 @@ def data_problems(values: dict, bad_inputs: set, start: str = "base") -> tuple:
     prompt_template = values.get("prompt_template")
     if start == "presaved" and values.get("presaved_model_dir") is not None:
         try:
-            manifest = read_manifest(values["presaved_model_dir"])
+            read_manifest(values["presaved_model_dir"])
         except ValueError:
-            manifest = None  # model_problems reports the adapter directory's problems
-        if manifest is not None:
+            pass  # model_problems reports the adapter directory's problems
+        else:
             try:
-                prompt_template = loading.prompt_template_in_use__presaved(manifest, prompt_template)
+                prompt_template = graph_values(values, start, ("prompt_template_in_use",))["prompt_template_in_use"]
             except ValueError as error:
                 return problems_of("prompt_template", error), None
     found = normalised_pairs(raw_records, data_path, values.get("input_text_key"), values.get("output_text_key"),
@@ -251,8 +257,11 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         problems = [Problem("presaved_model_dir", line) for line in check]
         if problems:
             return problems
-        tokenizer_source, prompt_format = adapter_dir, manifest["prompt_format"]
-        prompt_template = manifest.get("prompt_template")
+        try:
+            graph_values(values, start, ("presaved_log_history",))
+        except ValueError as error:
+            return problems_of("presaved_model_dir", error)
+        tokenizer_source = adapter_dir
     else:
         model_id = values.get("model_id")
         problems = [Problem("model_id", line) for line in model_source_problems(model_id, allow_pickle)]
@@ -263,22 +272,48 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         if problems:
             return problems
         problems += _lora_problems(values, model_id, bad_inputs)
-        tokenizer_source, prompt_format, prompt_template = model_id, None, values.get("prompt_template")
+        tokenizer_source = model_id
     try:
         tokenizer = tokenizer_without_weights(tokenizer_source, trust_remote_code)
     except ValueError as error:
         return problems + problems_of("model_id", error)
     if found is None or bad_inputs & {"max_seq_length", "overlong_policy"}:
         return problems
-    if prompt_format is None:
-        try:
-            seq2seq = is_encoder_decoder(values["model_id"], trust_remote_code)
-        except ValueError as error:
-            return problems + problems_of("model_id", error)
-        model_class = modeling.model_class__seq2seq() if seq2seq else modeling.model_class__causal()
-        prompt_format = tokenization.prompt_format__base(tokenizer, prompt_template, model_class)
-    return problems + _supervision_problems(tokenizer, prompt_format, found, values["data_path"],
-                                            values["max_seq_length"], values["overlong_policy"], prompt_template)
+    try:
+        prompt = graph_values(values, start, ("prompt_format", "prompt_template_in_use"), {"tokenizer": tokenizer})
+    except ValueError as error:
+        return problems + problems_of("model_id", error)
+    return problems + _supervision_problems(tokenizer, prompt["prompt_format"], found, values["data_path"],
+                                            values["max_seq_length"], values["overlong_policy"],
+                                            prompt["prompt_template_in_use"])
+
+
+def graph_values(values: dict, start: str, names: tuple, overrides: Optional[dict] = None) -> dict:
+    """The values of the dataflow's own nodes ``names`` (nodes that load no weights: the prompt format, the
+    template in use, the presaved manifest), computed by a driver built for ``start`` and the run's model
+    or presaved adapter (``dataflow.resolved_config``), so the preflight checks what the run will do.
+
+    :param values: the run's inputs, defaults filled in (None values are left out).
+    :param overrides: values given for nodes instead of computing them (a tokenizer read without weights).
+    :raises ValueError: a node's own message; the model's config or the manifest cannot be read.
+    """
+    source = {"presaved_model_dir": values.get("presaved_model_dir")} if start == "presaved" else {
+        "model_id": values.get("model_id"), "trust_remote_code": bool(values.get("trust_remote_code"))}
+    config = resolved_config({"start": start, **source})
+    inputs = {name: value for name, value in values.items() if value is not None}
+    # A node's error is the preflight's finding, not a crash: no Hamilton traceback banner in the log.
+    hamilton_logger = logging.getLogger("hamilton")
+    level = hamilton_logger.level
+    hamilton_logger.setLevel(logging.CRITICAL)
+    try:
+        return _driver(tuple(sorted(config.items()))).execute(list(names), inputs=inputs, overrides=overrides)
+    finally:
+        hamilton_logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=None)
+def _driver(config: tuple):
+    return build_driver(dict(config))
 
 
 def _lora_problems(values: dict, model_id: str, bad_inputs: set) -> list:
@@ -394,6 +429,8 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
     if resuming:
         problems += resume_problems(values)
     problems += judge_problems(values)
+    if values.get("hamilton_ui_url") is not None and "hamilton_ui_url" not in {problem.input for problem in problems}:
+        problems += [Problem("hamilton_ui_url", line) for line in hamilton_ui_server_problems(values["hamilton_ui_url"])]
     logger.info("preflight: %d problem(s)", len(problems))
     return problems
 

@@ -13,8 +13,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 
 @contextmanager
-def headless_chromium(width: int = 1280, height: int = 1600):
-    """A headless Chromium WebDriver (window ``width`` x ``height`` CSS pixels), quit on exit.
+def headless_chromium(width: int = 1280, height: int = 1600, arguments: tuple = ()):
+    """A headless Chromium WebDriver (window ``width`` x ``height`` CSS pixels, with Chromium's command-line
+    ``arguments`` added), quit on exit.
 
     Skips the test when the browser or its driver is missing, except under ``CI=true``, where the
     README's set-up must have installed them, so there it fails."""
@@ -36,6 +37,8 @@ def headless_chromium(width: int = 1280, height: int = 1600):
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--disable-default-apps", "--disable-domain-reliability", "--no-default-browser-check",
                      "--disable-client-side-phishing-detection", "--metrics-recording-only", "--no-pings"):
+        options.add_argument(argument)
+    for argument in arguments:
         options.add_argument(argument)
     browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:

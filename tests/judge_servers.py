@@ -32,6 +32,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminates a server started by a test, killing it when it does not end within ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class LlamaCppServer:
     """``python -m llama_cpp.server`` on ``127.0.0.1:<free port>``, stdout+stderr to ``log_path``."""
 

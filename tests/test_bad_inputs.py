@@ -140,9 +140,9 @@ def test_bom_and_duplicates_load_as_the_plain_file():
 
     from philo_dataflow.stages.loading import instruction_records, raw_records
 
-    plain = instruction_records(raw_records(GOOD), GOOD, None)
-    assert instruction_records(raw_records(data("bom.jsonl")), "x", None) == plain
-    assert instruction_records(raw_records(data("good_with_duplicates.jsonl")), "x", None) == plain
+    plain = instruction_records(raw_records(GOOD)[0], GOOD, None)
+    assert instruction_records(raw_records(data("bom.jsonl"))[0], "x", None) == plain
+    assert instruction_records(raw_records(data("good_with_duplicates.jsonl"))[0], "x", None) == plain
 
 
 @pytest.mark.parametrize("settings", [{"learning_rate": -1.0}, {"learning_rate": -1.0, "warmup_ratio": 2.0, "max_steps": 0}])

@@ -16,7 +16,7 @@ import pytest
 
 from browser import docs_screenshot, external_requests, headless_chromium, screenshot
 from conftest import REPO
-from judge_servers import free_port
+from judge_servers import free_port, stop_process
 
 #: Bound on every wait for the page (server start, answers).
 WAIT_S = 90
@@ -141,12 +141,7 @@ def test_chat_page_streams_both_answers_and_offers_hold_out_examples(tiny_run_di
             screenshot(browser, tmp_path / "chat.png")
             docs_screenshot(browser, "chat.png")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def test_full_finetuning_run_streams_base_then_finetuned_answer(tiny_run_dir, tiny_model_dir, tmp_path):

@@ -48,7 +48,7 @@ PREPARED_ID, SNAPSHOT_ID = "philo-tests/stoic_qa", "philo-tests/snapshot_qa"
 
 
 def _load(path, prompt_template=None, **inputs) -> list:
-    return instruction_records(raw_records(str(path)), str(path), prompt_template, **inputs)
+    return instruction_records(raw_records(str(path))[0], str(path), prompt_template, **inputs)
 
 
 def _example(question, answer, category="Stoicism", context=(), group="") -> dict:

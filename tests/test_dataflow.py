@@ -135,6 +135,34 @@ def test_lora_weights_moved_and_base_weights_frozen(base_run):
     assert all(not p.requires_grad for n, p in after.items() if "lora_" not in n)
 
 
+def test_reads_and_writes_are_hamilton_loaders_and_savers_with_their_metadata(base_run):
+    """The data file is read by a ``@dataloader`` whose metadata is what the manifest records; every node
+    that writes a file is a ``@datasaver`` reporting the bytes on disk."""
+    import hashlib
+
+    dr = philo_dataflow.build_driver({"start": "base", "judge": True})
+    tags = {variable.name: variable.tags for variable in dr.list_available_variables()}
+    assert tags["raw_records.loader"]["hamilton.data_loader.has_metadata"] is True
+    writers = [name for name, value in philo_dataflow.dataflow._tagged_outputs() if value in ("default", "judge", "run")
+               and name != "tracked_final_metrics"]
+    assert len(writers) == 7 and all(tags[name].get("hamilton.data_saver") is True for name in writers), writers
+
+    result, data = base_run["result"], Path(base_run["inputs"]["data_path"])
+    manifest = json.loads(Path(result["save_best_models"]["adapter_dir"], "philo_dataflow_manifest.json").read_text())
+    assert manifest["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    for name in ("saved_metrics", "saved_report", "saved_report_html"):
+        written = Path(result[name]["path"])
+        assert result[name]["bytes"] == written.stat().st_size > 0
+        assert result[name]["sha256"] == hashlib.sha256(written.read_bytes()).hexdigest()
+    adapter = result["save_best_models"]
+    assert adapter["file_bytes"]["adapter_model.safetensors"] == (
+        Path(adapter["adapter_dir"]) / "adapter_model.safetensors").stat().st_size
+    predictions = result["saved_hold_out_predictions"]
+    assert predictions["rows"] == len(result["hold_out_set_predictions"])
+    assert [entry["bytes"] for entry in predictions["files"]] == [
+        Path(predictions[kind]).stat().st_size for kind in ("jsonl", "csv")]
+
+
 def test_presaved_reproduces_hold_out_predictions(base_run):
     inputs = {**base_run["inputs"], "presaved_model_dir": str(Path(base_run["inputs"]["output_dir"]) / "adapter"),
               "output_dir": str(base_run["work"] / "presaved")}
@@ -146,6 +174,10 @@ def test_presaved_reproduces_hold_out_predictions(base_run):
     loss_then = base_run["result"]["training_and_validation_set_metrics"]["validation"]["eval_loss"]
     assert result["training_and_validation_set_metrics"]["validation"]["eval_loss"] == pytest.approx(loss_then, rel=1e-5)
     assert len(result["loss_curve_figure"].data[0].x) > 0  # history read back from the adapter dir
+    loaded = dr.execute(["presaved_log_history.loader"], inputs=inputs)["presaved_log_history.loader"]
+    history_file = Path(inputs["presaved_model_dir"]) / "training_log_history.json"
+    assert loaded[0] == json.loads(history_file.read_text()) and any("eval_loss" in entry for entry in loaded[0])
+    assert loaded[1]["bytes"] == history_file.stat().st_size
 
 
 def test_validation_generation_and_metrics(base_run):

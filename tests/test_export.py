@@ -76,7 +76,8 @@ def hold_out(strong_run, tmp_path_factory) -> dict:
     """The run's hold-out prompts (token ids), tokenizer and adapter model, made here without the export."""
     adapter = strong_run / "adapter"
     inputs = export._inputs(str(adapter), str(tmp_path_factory.mktemp("unused")))
-    dr = philo_dataflow.build_driver({"start": "presaved", "presaved_model_dir": str(adapter)})
+    dr = philo_dataflow.build_driver(
+        philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": str(adapter)}))
     values = dr.execute(["hold_out_set", "tokenizer", "prompt_format"], inputs=inputs)
     tokenizer = values["tokenizer"]
     prompts = [prompt_token_ids(tokenizer, values["prompt_format"], question)
@@ -135,7 +136,8 @@ def test_merged_model_answers_with_the_adapters_token_ids(lora_export, hold_out)
 def test_merging_leaves_the_adapter_model_and_its_base_weights_untouched(strong_run, tiny_model_dir, tmp_path,
                                                                         one_torch_thread):
     adapter = strong_run / "adapter"
-    dr = philo_dataflow.build_driver({"start": "presaved", "presaved_model_dir": str(adapter)})
+    dr = philo_dataflow.build_driver(
+        philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": str(adapter)}))
     values = dr.execute(["merged_model", "finetuned_model"], inputs=export._inputs(str(adapter), str(tmp_path)))
     tuned, merged = values["finetuned_model"], values["merged_model"]
     lora_layers = [m for m in tuned.modules() if hasattr(m, "lora_A")]

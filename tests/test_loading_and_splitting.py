@@ -10,7 +10,7 @@ from philo_dataflow.stages.splitting import data_splits
 
 
 def _load(path, **keys):
-    return instruction_records(raw_records(str(path)), str(path), None, **keys)
+    return instruction_records(raw_records(str(path))[0], str(path), None, **keys)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_file(), reason="shared phillm data not present")

@@ -35,18 +35,23 @@ def _base_then_presaved(work: Path, model_dir: str, config: dict, extra_inputs: 
     inputs = {"data_path": data, "model_id": model_dir, "output_dir": str(work / "base"), **FAST_INPUTS,
               **(extra_inputs or {})}
     outputs = [*philo_dataflow.DEFAULT_OUTPUTS, *GENERATIONS, "hold_out_set_predictions", "model_summary"]
-    base = philo_dataflow.build_driver({"start": "base", "model_id": model_dir, **config}).execute(outputs, inputs=inputs)
+    base = philo_dataflow.build_driver(
+        philo_dataflow.resolved_config({"start": "base", "model_id": model_dir, **config})).execute(outputs, inputs=inputs)
     adapter = str(work / "base" / "adapter")
     presaved_inputs = {**inputs, "presaved_model_dir": adapter, "output_dir": str(work / "presaved")}
     presaved_inputs.pop("model_id")
-    presaved_dr = philo_dataflow.build_driver({"start": "presaved", "presaved_model_dir": adapter})
+    presaved_dr = philo_dataflow.build_driver(
+        philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": adapter}))
     presaved = presaved_dr.execute([*GENERATIONS, "hold_out_set_predictions"], inputs=presaved_inputs)
     return base, presaved, Path(adapter)
 
 
-def test_build_driver_reads_the_architecture_off_the_model_and_the_method_off_the_manifest(t5_dir, tiny_model_dir):
+def test_resolved_config_reads_the_architecture_off_the_model_and_build_driver_reads_no_file(t5_dir, tiny_model_dir):
     assert philo_dataflow.resolved_config({"model_id": t5_dir})["architecture"] == "seq2seq"
-    assert philo_dataflow.resolved_config({"model_id": tiny_model_dir})["architecture"] == "causal"
+    assert philo_dataflow.resolved_config({"model_id": tiny_model_dir}) == {
+        "start": "base", "judge": False, "finetuning_method": "lora", "architecture": "causal"}
+    with pytest.raises(ValueError, match="config key 'model_id' names a model: build_driver reads no file"):
+        philo_dataflow.build_driver({"model_id": t5_dir})
     with pytest.raises(ValueError, match="config finetuning_method='qlora'"):
         philo_dataflow.build_driver({"finetuning_method": "qlora"})
 

@@ -65,10 +65,10 @@ def test_the_contrib_call_completes_and_counts_what_was_cut(policy, support_thre
         assert len(result["tokenized_train"]) == len(result["train_set"])
     else:
         assert len(result["tokenized_train"]) == len(result["train_set"]) - len(long_in_train)
-    metrics = json.loads(Path(result["saved_metrics"]).read_text())
+    metrics = json.loads(Path(result["saved_metrics"]["path"]).read_text())
     assert metrics["overlong"]["train_set"][key] == long_in_train
     assert metrics["splits"]["train_set"]["overlong"][key] == long_in_train  # split_summary counts them too
-    report = Path(result["saved_report"]).read_text()
+    report = Path(result["saved_report"]["path"]).read_text()
     assert f"overlong_policy '{policy}'" in report
     # the hold-out answers were generated from the whole questions, logs included
     questions = [row["question"] for row in result["hold_out_set_predictions"]]

@@ -23,7 +23,8 @@ from conftest import REPO
 #: huggingface_hub, safetensors and tokenizers by transformers, jinja2 by torch, pyarrow by datasets.
 PROVIDED_BY_DECLARED = {"huggingface_hub", "safetensors", "tokenizers", "jinja2", "pyarrow"}
 #: Imports that belong to an extra, and the extra; the package imports them only where that extra is used.
-EXTRA_IMPORTS = {"gradio": "chat", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+EXTRA_IMPORTS = {"gradio": "chat", "tensorboard": "tensorboard", "mlflow": "mlflow", "hamilton_sdk": "hamilton-ui",
+                 "requests": "hamilton-ui"}
 #: Imported only when the user asks for it (``report_to wandb``; the preflight names the install command when
 #: it is missing): the user's own install, no extra of ours.
 USER_INSTALLED = {"wandb"}

@@ -14,11 +14,11 @@ from conftest import FAST_INPUTS, REPO, cli_flags
 import philo_dataflow
 from philo_dataflow import cli
 from philo_dataflow.cli import job as run
-from philo_dataflow.lib.inputs import BY_NAME, INPUTS, REQUIRED, markdown_table
+from philo_dataflow.lib.inputs import BY_NAME, DRIVER_INPUTS, INPUTS, REQUIRED, markdown_table
 
 #: Every node of ``build_driver({"start": "base"})``: a helper that turns into a node shows up here.
 BASE_NODES = {
-    "raw_records", "prompt_template_in_use", "instruction_records", "data_splits", "train_set", "validation_set",
+    "raw_records", "raw_records.loader", "data_source", "prompt_template_in_use", "instruction_records", "data_splits", "train_set", "validation_set",
     "hold_out_set",
     "near_duplicate_groups", "split_summary", "prompt_format", "tokenized_train", "tokenized_validation",
     "tokenized_hold_out", "tokenization_stats", "device", "base_model_id", "tokenizer", "base_model", "lora_config",
@@ -42,8 +42,8 @@ JUDGE_NODES = {
     "judge_client", "judge_cache", "resolved_judge_response_format", "judge_request", "rubric_judgments", "pairwise_judgments",
     "judge_settings", "judge_metrics", "judge_comparison_figure", "saved_judgments",
 }
-#: The nodes ``start="presaved"`` adds: the one reader of the adapter's manifest.
-PRESAVED_NODES = {"presaved_manifest"}
+#: The nodes ``start="presaved"`` adds: the data loaders of the adapter's manifest and log history.
+PRESAVED_NODES = {"presaved_manifest", "presaved_manifest.loader", "presaved_log_history", "presaved_log_history.loader"}
 #: The nodes only ``start="base"`` has: the one that trains.
 BASE_ONLY_NODES = {"trained_parameters"}
 CONFIG_KEYS = {"start", "judge", "finetuning_method", "architecture"}
@@ -82,9 +82,10 @@ def test_model_kinds_swap_variants_and_drop_only_the_lora_nodes(start, method, a
     assert nodes == (expected - LORA_NODES if method == "full" else expected)
 
 
-def test_every_table_input_is_an_input_of_some_graph():
+def test_every_table_input_is_an_input_of_some_graph_or_of_the_driver():
     used = set().union(*(_graph(start, judge)[1] for start in ("base", "presaved") for judge in (False, True)))
-    assert set(BY_NAME) == used
+    assert set(BY_NAME) - set(DRIVER_INPUTS) == used
+    assert set(DRIVER_INPUTS) == {"hamilton_ui_url", "hamilton_ui_project", "hamilton_ui_user"}
 
 
 def _node_functions():

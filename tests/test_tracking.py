@@ -92,7 +92,8 @@ def test_judge_values_and_custom_directory(tensorboard_run, tmp_path):
     metrics = _judged(json.loads((out / METRICS_FILE).read_text(encoding="utf-8")))
     args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=["tensorboard"], use_cpu=True)
     logged = tracked_final_metrics(metrics, args, [], run_manifest={}, save_best_models={"adapter_dir": str(out)},
-                                   saved_metrics="", saved_report="", saved_report_html="", output_dir=str(tmp_path),
+                                   saved_metrics={"path": ""}, saved_report={"path": ""},
+                                   saved_report_html={"path": ""}, output_dir=str(tmp_path),
                                    tracking_dir=str(tmp_path / "tb"))
     values = logged["tensorboard"]
     assert values[f"final/judge/rubric/finetuned/{CRITERIA[1]}"] == 4.0

@@ -132,8 +132,8 @@ def main(argv: list[str]) -> int:
         problems = _problems(inputs)
         if problems:
             raise _Refused("\n".join(problems))
-        dr = philo_dataflow.build_driver({"start": "presaved", "presaved_model_dir": args.model_dir},
-                                         adapters=[h_tqdm.ProgressBar("philo_dataflow export")])
+        config = philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": args.model_dir})
+        dr = philo_dataflow.build_driver(config, adapters=[h_tqdm.ProgressBar("philo_dataflow export")])
         outputs = list(philo_dataflow.EXPORT_OUTPUTS)
         if args.no_gguf:
             outputs.remove("saved_gguf_model")

@@ -35,6 +35,7 @@ from ..lib.artifacts import (
 )
 from ..lib.inputs import (
     BY_NAME,
+    DRIVER_INPUTS,
     EXAMPLE_DATA_PATH,
     INPUTS,
     JUDGE_INPUTS,
@@ -57,6 +58,7 @@ GROUP_TITLES = {
     "model": "model",
     "lora": "LoRA adapter",
     "training": "training",
+    "hamilton_ui": "Hamilton UI tracking",
     "generation": "generation and report",
     "judge": "LLM judge (runs only with --judge-model; see docs/judge.md)",
 }
@@ -378,6 +380,18 @@ def _print_judge_summary(metrics: dict) -> None:
           f"base {pairwise['mean_answer_words']['base']:.0f}, fine-tuned {pairwise['mean_answer_words']['finetuned']:.0f}")
 
 
+def _hamilton_ui_tracker(driver_inputs: dict, config: dict, inputs: dict):
+    """The Hamilton UI tracker of ``--hamilton-ui-url`` (``lib.hamilton_ui``), tagged with the run's model,
+    data and switches."""
+    import getpass
+
+    from ..lib.hamilton_ui import hamilton_ui_tracker, run_tags
+
+    project = driver_inputs.get("hamilton_ui_project") or BY_NAME["hamilton_ui_project"].default
+    user = driver_inputs.get("hamilton_ui_user") or getpass.getuser()
+    return hamilton_ui_tracker(driver_inputs["hamilton_ui_url"], project, user, tags=run_tags(config, inputs))
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     configure_logging(args.debug)
@@ -397,6 +411,8 @@ def main(argv: Optional[list] = None) -> int:
         if judged:
             outputs += [o for o in philo_dataflow.JUDGE_OUTPUTS if o not in outputs]
         inputs = run_inputs(start, given)
+        # The Hamilton UI's settings configure the driver's tracker, not a node.
+        driver_inputs = {name: inputs.pop(name) for name in DRIVER_INPUTS if name in inputs}
         config = driver_config(start, judged, settings["finetuning_method"], inputs)
         dr = philo_dataflow.build_driver(config, adapters=[h_tqdm.ProgressBar("philo_dataflow")],
                                          cache_dir=run_cache_dir(args.cache_dir, args.no_cache))
@@ -406,10 +422,10 @@ def main(argv: Optional[list] = None) -> int:
             return 0
         if settings["outputs"] is None:
             outputs += list(philo_dataflow.RUN_OUTPUTS)
-            inputs["run_config"] = run_config(start, inputs, config["finetuning_method"])
+            inputs["run_config"] = run_config(start, {**inputs, **driver_inputs}, config["finetuning_method"])
         # Every check that needs no model runs before anything is written, and all its problems are shown.
         problems = _setting_problems(given, outputs, {v.name for v in dr.list_available_variables()})
-        problems += preflight.check_run_inputs(inputs, start, settings["overwrite"])
+        problems += preflight.check_run_inputs({**inputs, **driver_inputs}, start, settings["overwrite"])
         if problems:
             raise InputProblems(problems)
         # With several processes (torchrun, accelerate launch) every one has checked the output directory
@@ -424,6 +440,13 @@ def main(argv: Optional[list] = None) -> int:
         started = time.time()
         # The data is loaded, checked and split before any model is loaded: a bad file fails in seconds.
         splits = dr.execute(list(DATA_NODES), inputs=inputs)
+        if driver_inputs.get("hamilton_ui_url") and is_main_process():
+            # A tracked run is the whole graph, data loader included, in one run of the UI. The tracker sends
+            # node results from a thread every few seconds, and what is left when the process exits.
+            tracker = _hamilton_ui_tracker(driver_inputs, config, inputs)
+            dr = philo_dataflow.build_driver(config, adapters=[h_tqdm.ProgressBar("philo_dataflow"), tracker],
+                                             cache_dir=run_cache_dir(args.cache_dir, args.no_cache))
+            splits = {}
         # run_metrics (what metrics.json holds) is asked for too, so the summary is printed from it.
         summarised = [*outputs, "run_metrics"] if "saved_metrics" in outputs else outputs
         result = dr.execute(summarised, inputs=inputs, overrides=splits)

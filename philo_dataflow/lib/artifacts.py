@@ -92,6 +92,27 @@ def sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def saved_file_metadata(path: str) -> dict:
+    """What a saver reports of a file it wrote, for Hamilton's data-saver metadata (shown by the Hamilton
+    UI): ``{"path", "bytes", "sha256", "file_metadata"}``, the last in Hamilton's own schema
+    (``hamilton.io.utils.get_file_metadata``: size, path, modification time). ``bytes`` and ``sha256`` are
+    None where the file is absent (the other processes of a multi-process run, which write nothing)."""
+    from hamilton.io.utils import get_file_metadata
+
+    present = os.path.isfile(path)
+    return {"path": str(path), "bytes": os.path.getsize(path) if present else None,
+            "sha256": sha256_of_file(path) if present else None, **get_file_metadata(str(path))}
+
+
+def saved_directory_metadata(path: str) -> dict:
+    """What a saver reports of a directory it wrote: ``{"path", "bytes", "file_bytes": {name: bytes}}``
+    (files at its top level; ``bytes`` their sum), ``file_bytes`` empty where it is absent."""
+    directory = Path(path)
+    sizes = {entry.name: entry.stat().st_size for entry in sorted(directory.iterdir()) if entry.is_file()} \
+        if directory.is_dir() else {}
+    return {"path": str(path), "bytes": sum(sizes.values()), "file_bytes": sizes}
+
+
 def write_text_atomically(path: Path, text: str) -> str:
     """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename, so
     ``path`` holds either its previous content or all of ``text``, never part of it (a full disk or a

@@ -57,6 +57,8 @@ class Input:
     :param rule: the values the preflight and the nodes accept; None where a stage checks it itself.
     :param cli: whether ``philo-dataflow`` has a flag for it (``flag(name)``).
     :param shown_default: how ``--help`` shows the default when the value alone would mislead.
+    :param driver: an input of the driver (it configures an adapter ``build_driver`` is given, such as the
+        Hamilton UI's tracker), not of any node: ``philo-dataflow`` keeps it out of ``dr.execute``.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Input:
     rule: Optional[Rule] = None
     cli: bool = True
     shown_default: Optional[str] = None
+    driver: bool = False
 
     @property
     def flag(self) -> str:
@@ -178,6 +181,14 @@ INPUTS = (
           "on for a CPU where a probe compile succeeds", "training", shown_default="auto"),
     Input("resume_from_checkpoint", str, None, "checkpoint directory of an interrupted run to resume, or 'last' "
           "(the newest complete one)", "training"),
+    # Hamilton UI
+    Input("hamilton_ui_url", str, None, "URL of a Hamilton UI server (start one with `hamilton ui`) that tracks "
+          "the run: its graph, node times, inputs and results, what it read and wrote; unset: not tracked",
+          "hamilton_ui", Rule(str, optional=True), driver=True),
+    Input("hamilton_ui_project", str, "philo_dataflow", "Hamilton UI project the run is filed in, created "
+          "when missing", "hamilton_ui", Rule(str), driver=True),
+    Input("hamilton_ui_user", str, None, "user name the run is tracked under in the Hamilton UI", "hamilton_ui",
+          Rule(str, optional=True), shown_default="your login name", driver=True),
     # generation and report
     Input("max_new_tokens", int, 160, "cap on generated tokens per answer", "generation", Rule(int, 1)),
     Input("generation_batch_size", int, 32, "questions per batched generate call", "generation", Rule(int, 1)),
@@ -221,6 +232,8 @@ BY_NAME = {spec.name: spec for spec in INPUTS}
 DEFAULTS = {spec.name: spec.default for spec in INPUTS if not spec.required}
 #: The accepted values of each input with a rule (``max_steps`` is checked in ``hyperparameter_problems``).
 RULES = {spec.name: spec.rule for spec in INPUTS if spec.rule is not None}
+#: Inputs of the driver's adapters, not of any node (``Input.driver``).
+DRIVER_INPUTS = tuple(spec.name for spec in INPUTS if spec.driver)
 #: Inputs that configure the LLM judge.
 JUDGE_INPUTS = tuple(spec.name for spec in INPUTS if spec.group == "judge")
 

@@ -23,6 +23,7 @@ import pyarrow
 import pyarrow.parquet
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
+from .artifacts import sha256_of_file
 from .inputs import DATA_FORMATS
 from .problems import capped_lines, flag, listed
 
@@ -134,6 +135,23 @@ def read_records(data_path: str) -> list[dict]:
     if hub_id is None or hub_id["name"].lower().endswith(_FILE_LIKE_SUFFIXES):
         raise ValueError(f"{data_path}: no such file; check data_path.")
     return _checked_records(_hub_rows(data_path, hub_id["name"], hub_id["split"]), data_path)
+
+
+def source_metadata(data_path: str, records: list) -> dict:
+    """What was read from ``data_path``, as a Hamilton data loader reports it (``stages.loading.raw_records``;
+    the Hamilton UI shows it): ``{"data_path", "source": "file" | "save_to_disk" | "hub", "format"
+    (the file's suffix without its dot, else the source), "records", "sha256" (of a file; None otherwise),
+    "bytes" (of a file; None otherwise)}``, plus Hamilton's ``file_metadata`` for a file."""
+    source, colon, _ = data_path.rpartition(":")
+    if os.path.isfile(data_path):
+        from hamilton.io.utils import get_file_metadata
+
+        return {"data_path": data_path, "source": "file", "format": os.path.splitext(data_path)[1].lower().lstrip("."),
+                "records": len(records), "sha256": sha256_of_file(data_path), "bytes": os.path.getsize(data_path),
+                **get_file_metadata(data_path)}
+    kind = "save_to_disk" if os.path.isdir(data_path) or (colon and os.path.isdir(source)) else "hub"
+    return {"data_path": data_path, "source": kind, "format": kind, "records": len(records), "sha256": None,
+            "bytes": None}
 
 
 def _checked_records(records: list, data_path: str) -> list:

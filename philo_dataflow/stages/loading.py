@@ -1,7 +1,8 @@
 """Loading: question/answer records from a file, a ``save_to_disk`` directory or a Hugging Face hub dataset,
 in one of several record formats.
 
-Nodes: ``raw_records`` (the source's records, untouched), ``prompt_template_in_use`` (the input
+Nodes: ``raw_records`` (the source's records, untouched; a Hamilton data loader, whose metadata is
+``data_source``), ``prompt_template_in_use`` (the input
 ``prompt_template``, or under ``start="presaved"`` the one the adapter was trained with) and
 ``instruction_records`` (normalised ``{"input_text", "output_text", "category", "context", "group"}`` dicts,
 empty pairs dropped, duplicate prompts kept once). Every bad record is reported, not only the first
@@ -11,28 +12,42 @@ empty pairs dropped, duplicate prompts kept once). Every bad record is reported,
 import logging
 from typing import Optional
 
-from hamilton.function_modifiers import cache
+from hamilton.function_modifiers import cache, dataloader, inject, source
 
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import flag
-from ..lib.records import normalised_pairs, read_records
+from ..lib.records import normalised_pairs, read_records, source_metadata
 from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
 
 
 @cache(behavior="recompute")
-def raw_records(data_path: str) -> list[dict]:
-    """The records of ``data_path``, as parsed, in file order (sources: ``lib.records.read_records``).
+@dataloader()
+def raw_records(data_path: str) -> tuple[list[dict], dict]:
+    """The records of ``data_path``, as parsed, in file order (sources: ``lib.records.read_records``), and
+    what was read. A Hamilton data loader: the node ``raw_records`` is the records, ``raw_records.loader``
+    both, and its metadata is also the node ``data_source``.
 
     :param data_path: a .json, .jsonl, .csv or .parquet file, a ``save_to_disk`` directory (``dir`` or
         ``dir:split``), or a hub dataset id (``name`` or ``name:split``).
-    :return: list of dicts, one per record.
+    :return: ``(records, metadata)``: a list of dicts, one per record, and ``lib.records.source_metadata``
+        (path or hub id, source kind, format, record count, a file's SHA-256 and bytes).
     :raises ValueError: the source is missing, unreadable, not UTF-8, empty, not valid for its suffix, holds
         no records or records that are not objects, lacks the split asked for, or is a hub dataset that is
         neither cached nor downloadable; the message names the file or dataset and the records.
     """
-    return read_records(data_path)
+    records = read_records(data_path)
+    return records, source_metadata(data_path, records)
+
+
+# ``@inject`` formats the docstring with str.format: no braces in it.
+@inject(loaded=source("raw_records.loader"))
+def data_source(loaded: tuple) -> dict:
+    """What the data loader read (``raw_records``' metadata, ``lib.records.source_metadata``): a dict of
+    ``data_path``, ``source``, ``format``, ``records``, ``sha256`` and ``bytes``; the manifest records its
+    ``sha256``."""
+    return loaded[1]
 
 
 @when(start="base")

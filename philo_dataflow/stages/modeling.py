@@ -6,10 +6,11 @@ under config ``finetuning_method="full"``, every weight of the model) and its su
 
 import copy
 import logging
+from pathlib import Path
 from typing import Union
 
 import torch
-from hamilton.function_modifiers import cache, tag
+from hamilton.function_modifiers import cache, dataloader, tag
 from peft import (
     LoraConfig,
     PeftModel,
@@ -26,7 +27,7 @@ from transformers import (
     set_seed,
 )
 
-from ..lib.artifacts import read_manifest
+from ..lib.artifacts import MANIFEST_FILE, read_manifest, saved_file_metadata
 from ..lib.distributed import launched_local_rank, launched_processes
 from ..lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
 from ..lib.model_sources import (
@@ -58,13 +59,16 @@ def device() -> torch.device:
 
 @when(start="presaved")
 @cache(behavior="recompute")
-def presaved_manifest__presaved(presaved_model_dir: str) -> dict:
+@dataloader()
+def presaved_manifest__presaved(presaved_model_dir: str) -> tuple[dict, dict]:
     """The manifest the base run saved beside the presaved adapter (``lib.artifacts.MANIFEST_FILE``): the
-    inputs it ran with, its prompt format, LoRA and Trainer settings, library versions and metrics.
+    inputs it ran with, its prompt format, LoRA and Trainer settings, library versions and metrics. A
+    Hamilton data loader; its metadata is the file's ``lib.artifacts.saved_file_metadata``.
 
     :raises ValueError: it is missing, not JSON, or lacks ``inputs.model_id`` or ``prompt_format``.
     """
-    return read_manifest(presaved_model_dir)
+    manifest = read_manifest(presaved_model_dir)
+    return manifest, saved_file_metadata(str(Path(presaved_model_dir) / MANIFEST_FILE))
 
 
 @when(start="base")

@@ -1,5 +1,7 @@
 """Saving: every file a run writes under ``output_dir``, each by one node, once (names in
-``lib.artifacts``). Every file is written to a temporary name and renamed into place, and the adapter
+``lib.artifacts``). Every such node is a Hamilton data saver (``@datasaver``): it returns what it wrote
+(path, bytes, and a file's SHA-256: ``lib.artifacts.saved_file_metadata``), which Hamilton's trackers
+(the Hamilton UI) record as the node's metadata. Every file is written to a temporary name and renamed into place, and the adapter
 directory is built in a temporary directory and swapped in, so a failed run never leaves a half-written
 output or a previous run's files half-overwritten.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from hamilton.function_modifiers import cache, tag
+from hamilton.function_modifiers import cache, datasaver, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from ..lib.artifacts import (
@@ -36,7 +38,8 @@ from ..lib.artifacts import (
     REPORT_HTML_FILE,
     UMASK,
     library_versions,
-    sha256_of_file,
+    saved_directory_metadata,
+    saved_file_metadata,
     write_text_atomically,
 )
 from ..lib.distributed import is_main_process, wait_for_everyone
@@ -51,6 +54,7 @@ logger = logging.getLogger(__name__)
 def run_manifest(
     base_model_id: str,
     data_path: str,
+    data_source: dict,
     prompt_format: str,
     trainable_model: PreTrainedModel,
     training_args: TrainingArguments,
@@ -75,8 +79,9 @@ def run_manifest(
 ) -> dict:
     """What made the adapter (or the fully fine-tuned model): resolved inputs, the driver's
     ``finetuning_method`` and ``architecture`` config, the prompt format and template, LoRA (None for full
-    fine-tuning) and Trainer settings, generation settings, library versions, the data file's SHA-256 (None for a hub dataset or
-    a directory), split sizes and the validation metrics of the kept checkpoint."""
+    fine-tuning) and Trainer settings, generation settings, library versions, the data file's SHA-256 as the
+    data loader read it (``data_source``; None for a hub dataset or a directory), split sizes and the
+    validation metrics of the kept checkpoint."""
     lora_config = getattr(trainable_model, "peft_config", {}).get("default")
     return {
         "inputs": {
@@ -103,13 +108,14 @@ def run_manifest(
         "lora_config": json.loads(json.dumps(lora_config.to_dict(), default=str)) if lora_config else None,
         "training_args": json.loads(training_args.to_json_string()),
         "library_versions": library_versions(),
-        "data_sha256": sha256_of_file(data_path) if os.path.isfile(data_path) else None,
+        "data_sha256": data_source["sha256"],
         "splits": {name: s["total"] for name, s in split_summary.items()},
         "validation_metrics": fit_trainer_eval_metrics,
     }
 
 
 @tag(output="default")
+@datasaver()
 def save_best_models(
     finetuned_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -125,7 +131,8 @@ def save_best_models(
     previous ``adapter`` by two renames (the previous one is restored if the second fails), so an error
     while saving (a full disk, say) leaves the previous adapter as it was and no temporary directory.
 
-    :return: ``{"status": "success", "adapter_dir": path, "files": [...]}``.
+    :return: ``{"status": "success", "adapter_dir": path, "files": [names], "path", "bytes", "file_bytes"}``
+        (``lib.artifacts.saved_directory_metadata``).
     """
     target = Path(output_dir) / ADAPTER_DIR
 
@@ -137,14 +144,16 @@ def save_best_models(
 
     _swap_in_directory(target, build)
     logger.info("saved adapter to %s", target)
-    return {"status": "success", "adapter_dir": str(target), "files": sorted(p.name for p in target.iterdir())}
+    return {"status": "success", "adapter_dir": str(target), "files": sorted(p.name for p in target.iterdir()),
+            **saved_directory_metadata(str(target))}
 
 
 @tag(output="default")
+@datasaver()
 def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir: str = "outputs") -> dict:
     """Writes the side-by-side hold-out predictions as ``hold_out_predictions.jsonl`` and ``.csv``.
 
-    :return: ``{"jsonl": path, "csv": path}``.
+    :return: ``{"jsonl": path, "csv": path, "rows": count, "files": [saved_file_metadata, ...]}``.
     """
     jsonl = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in hold_out_set_predictions)
     buffer = io.StringIO()
@@ -152,51 +161,62 @@ def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir:
     writer.writeheader()
     writer.writerows(hold_out_set_predictions)
     out = Path(output_dir)
-    return {
+    paths = {
         "jsonl": write_text_atomically(out / PREDICTIONS_JSONL_FILE, jsonl),
         "csv": write_text_atomically(out / PREDICTIONS_CSV_FILE, buffer.getvalue()),
     }
+    return {**paths, "rows": len(hold_out_set_predictions),
+            "files": [saved_file_metadata(path) for path in paths.values()]}
 
 
 @tag(output="default")
-def saved_metrics(run_metrics: dict, output_dir: str = "outputs") -> str:
-    """Writes ``run_metrics`` to ``<output_dir>/metrics.json``; returns the path."""
-    return write_text_atomically(Path(output_dir) / METRICS_FILE, json.dumps(run_metrics, indent=2, default=str))
+@datasaver()
+def saved_metrics(run_metrics: dict, output_dir: str = "outputs") -> dict:
+    """Writes ``run_metrics`` to ``<output_dir>/metrics.json``.
+
+    :return: ``lib.artifacts.saved_file_metadata`` of the file (``"path"``, ``"bytes"``, ``"sha256"``)."""
+    return saved_file_metadata(
+        write_text_atomically(Path(output_dir) / METRICS_FILE, json.dumps(run_metrics, indent=2, default=str)))
 
 
 @tag(output="default")
-def saved_report(report_markdown: str, output_dir: str = "outputs") -> str:
-    """Writes the Markdown report to ``<output_dir>/report.md``; returns the path."""
-    return write_text_atomically(Path(output_dir) / REPORT_FILE, report_markdown)
+@datasaver()
+def saved_report(report_markdown: str, output_dir: str = "outputs") -> dict:
+    """Writes the Markdown report to ``<output_dir>/report.md``; returns its ``saved_file_metadata``."""
+    return saved_file_metadata(write_text_atomically(Path(output_dir) / REPORT_FILE, report_markdown))
 
 
 @tag(output="default")
-def saved_report_html(report_html: str, output_dir: str = "outputs") -> str:
+@datasaver()
+def saved_report_html(report_html: str, output_dir: str = "outputs") -> dict:
     """Writes the HTML report (one self-contained page, figures included) to ``<output_dir>/report.html``;
-    returns the path."""
-    return write_text_atomically(Path(output_dir) / REPORT_HTML_FILE, report_html)
+    returns its ``saved_file_metadata``."""
+    return saved_file_metadata(write_text_atomically(Path(output_dir) / REPORT_HTML_FILE, report_html))
 
 
 @when(judge=True)
 @tag(output="judge")
-def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict], output_dir: str = "outputs") -> str:
+@datasaver()
+def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict], output_dir: str = "outputs") -> dict:
     """Writes every judgment, failures with their raw replies included, to ``<output_dir>/judgments.jsonl``:
-    the rubric records, then the pairwise records (see ``rubric_judgments`` / ``pairwise_judgments``)."""
+    the rubric records, then the pairwise records (see ``rubric_judgments`` / ``pairwise_judgments``);
+    returns its ``saved_file_metadata``."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*rubric_judgments, *pairwise_judgments])
-    return write_text_atomically(Path(output_dir) / JUDGMENTS_FILE, text)
+    return saved_file_metadata(write_text_atomically(Path(output_dir) / JUDGMENTS_FILE, text))
 
 
 @tag(output="run")
-def saved_run_config(run_config: dict, output_dir: str = "outputs") -> str:
+@datasaver()
+def saved_run_config(run_config: dict, output_dir: str = "outputs") -> dict:
     """Writes the resolved configuration of a run (every input, with defaults filled in, and the
     ``start`` and ``judge`` config) to ``<output_dir>/config.yaml``, which ``philo-dataflow --config`` takes back to
     reproduce the run.
 
     :param run_config: input and config names -> values (``philo-dataflow`` passes it).
-    :return: the path.
+    :return: the file's ``saved_file_metadata``.
     """
     text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    return write_text_atomically(Path(output_dir) / CONFIG_FILE, text)
+    return saved_file_metadata(write_text_atomically(Path(output_dir) / CONFIG_FILE, text))
 
 
 def _swap_in_directory(target: Path, build) -> None:
@@ -242,6 +262,7 @@ def _build_and_swap_in(target: Path, build) -> None:
 
 
 @tag(output="export")
+@datasaver()
 def saved_merged_model(
     merged_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -256,7 +277,7 @@ def saved_merged_model(
     Built in a temporary directory and swapped in like ``save_best_models``, so a previous export (its
     GGUF file and report too) is replaced whole or left as it was.
 
-    :return: ``{"merged_dir": path, "files": [...]}``.
+    :return: ``{"merged_dir": path, "files": [names], "path", "bytes", "file_bytes"}``.
     """
     def build(staging: Path) -> None:
         merged_model.save_pretrained(staging)
@@ -266,10 +287,12 @@ def saved_merged_model(
     target = Path(output_dir) / MERGED_DIR
     _swap_in_directory(target, build)
     logger.info("saved the merged model to %s", target)
-    return {"merged_dir": str(target), "files": sorted(p.name for p in target.iterdir())}
+    return {"merged_dir": str(target), "files": sorted(p.name for p in target.iterdir()),
+            **saved_directory_metadata(str(target))}
 
 
 @tag(output="export")
+@datasaver()
 def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architecture: str = "causal") -> dict:
     """Converts the merged model to ``<output_dir>/merged/model.gguf`` with llama.cpp's own converter
     (``lib.gguf_export``; tensors in ``GGUF_OUTTYPE``, f32) and writes the Ollama ``Modelfile`` beside it.
@@ -277,8 +300,8 @@ def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architectu
     The converter is a subprocess of this node that writes a temporary file in the merged directory, which
     this node renames into place: the file is still written by ``saving`` alone, once, never half.
 
-    :return: ``{"status": "ok", "gguf": path, "modelfile": path, "outtype", "architecture", "pre_tokenizer",
-        "tensors"}``; writing nothing, ``{"status": "skipped", "reason": line}`` (no converter here, the line
+    :return: ``{"status": "ok", "gguf": path, "modelfile": path, "bytes" (of the GGUF file), "outtype",
+        "architecture", "pre_tokenizer", "tensors"}``; writing nothing, ``{"status": "skipped", "reason": line}`` (no converter here, the line
         says how to get it; an encoder-decoder model) or ``{"status": "failed", "reason": line}`` (the
         converter's last line: an architecture or pre-tokenizer it does not know, say).
     """
@@ -304,19 +327,22 @@ def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architectu
         Path(temporary).unlink(missing_ok=True)
         raise
     modelfile = write_text_atomically(directory / MODELFILE_FILE, ollama_modelfile)
-    return {"status": "ok", "gguf": str(directory / GGUF_FILE), "modelfile": modelfile, "outtype": GGUF_OUTTYPE,
+    return {"status": "ok", "gguf": str(directory / GGUF_FILE), "modelfile": modelfile,
+            "bytes": (directory / GGUF_FILE).stat().st_size, "outtype": GGUF_OUTTYPE,
             **gguf_metadata(directory / GGUF_FILE)}
 
 
 @tag(output="export")
+@datasaver()
 def saved_export_report(export_report: dict, export_report_markdown: str, saved_merged_model: dict) -> dict:
     """Writes ``export_report`` as ``export_report.json`` and ``export_report_markdown`` as ``export_report.md``
     into the merged model's directory.
 
-    :return: ``{"json": path, "markdown": path}``.
+    :return: ``{"json": path, "markdown": path, "files": [saved_file_metadata, ...]}``.
     """
     directory = Path(saved_merged_model["merged_dir"])
-    return {
+    paths = {
         "json": write_text_atomically(directory / EXPORT_REPORT_FILE, json.dumps(export_report, indent=2, default=str)),
         "markdown": write_text_atomically(directory / EXPORT_REPORT_MARKDOWN_FILE, export_report_markdown),
     }
+    return {**paths, "files": [saved_file_metadata(path) for path in paths.values()]}

@@ -29,9 +29,9 @@ def tracked_final_metrics(
     training_log_history: list,
     run_manifest: dict,
     save_best_models: dict,
-    saved_metrics: str,
-    saved_report: str,
-    saved_report_html: str,
+    saved_metrics: dict,
+    saved_report: dict,
+    saved_report_html: dict,
     output_dir: str = "outputs",
     tracking_dir: Optional[str] = None,
 ) -> dict:
@@ -57,7 +57,7 @@ def tracked_final_metrics(
         logger.info("final metrics not logged to %s (only to %s); the Trainer logged the training there",
                     ", ".join(skipped), ", ".join(FINAL_METRICS_TRACKERS))
     step = final_step(run_metrics, training_log_history)
-    artifacts = {saved_metrics: "", saved_report: "", saved_report_html: "",
+    artifacts = {saved_metrics["path"]: "", saved_report["path"]: "", saved_report_html["path"]: "",
                  save_best_models["adapter_dir"]: ADAPTER_DIR}
     return log_final_metrics(trackers, final_metrics(run_metrics), step, tensorboard_dir(output_dir, tracking_dir),
                              training_args.run_name, run_params(run_manifest), artifacts)

@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 from datasets import Dataset
-from hamilton.function_modifiers import cache, extract_fields, tag_outputs
+from hamilton.function_modifiers import cache, dataloader, extract_fields, tag_outputs
 from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
@@ -25,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE
+from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE, saved_file_metadata
 from ..lib.cross_entropy import LOSS_CHUNK_TOKENS
 from ..lib.distributed import is_main_process
 from ..lib.inputs import raise_hyperparameter_problems
@@ -328,14 +328,34 @@ def fitted_and_evaluated_trainer__base(trainer: Trainer, trained_parameters: dic
 @tag_outputs(**{name: {"output": "final"} for name in ("fit_trainer", "fit_trainer_eval_metrics", "finetuned_model")})
 @extract_fields(_TRAINER_FIELDS)
 @when(start="presaved")
-def fitted_and_evaluated_trainer__presaved(trainer: Trainer, presaved_model_dir: str) -> dict:
+def fitted_and_evaluated_trainer__presaved(trainer: Trainer, presaved_log_history: list) -> dict:
     """The presaved adapter, evaluated on ``validation_set`` (no training), with its saved log history."""
-    eval_metrics = trainer.evaluate()
-    history_path = Path(presaved_model_dir) / LOG_HISTORY_FILE
-    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
     return {
         "fit_trainer": trainer,
-        "fit_trainer_eval_metrics": eval_metrics,
+        "fit_trainer_eval_metrics": trainer.evaluate(),
         "finetuned_model": ready_for_generation(trainer.model),
-        "training_log_history": history,
+        "training_log_history": presaved_log_history,
     }
+
+
+@when(start="presaved")
+@cache(behavior="recompute")
+@dataloader()
+def presaved_log_history__presaved(presaved_model_dir: str) -> tuple[list, dict]:
+    """The Trainer's log history the base run saved beside the presaved adapter
+    (``lib.artifacts.LOG_HISTORY_FILE``; an empty list where it is absent). A Hamilton data loader; its
+    metadata is the file's ``lib.artifacts.saved_file_metadata``.
+
+    :raises ValueError: the file is there but not a JSON list.
+    """
+    path = Path(presaved_model_dir) / LOG_HISTORY_FILE
+    if not path.is_file():
+        return [], {"path": str(path), "bytes": None, "sha256": None}
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        history = error
+    if not isinstance(history, list):
+        raise ValueError(f"presaved_model_dir={presaved_model_dir!r}: {LOG_HISTORY_FILE} is not a JSON list of log "
+                         "entries; copy the adapter directory again or delete that file.")
+    return history, saved_file_metadata(str(path))

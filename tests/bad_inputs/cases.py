@@ -448,6 +448,9 @@ CASES = (
          ("adapter_config.json is not valid JSON",), start="presaved"),
     Case("presaved_manifest_not_json", _presaved(_overwrite_with("philo_dataflow_manifest.json", b'{"inputs": ')),
          ("philo_dataflow_manifest.json cannot be read as JSON",), start="presaved", graph=("peft_model",)),
+    Case("presaved_log_history_not_a_list", _presaved(_overwrite_with("training_log_history.json", b'{"loss": 1}')),
+         ("training_log_history.json is not a JSON list of log entries",), start="presaved",
+         graph=("presaved_log_history",)),
     Case("presaved_manifest_missing", _presaved(_unlink("philo_dataflow_manifest.json")),
          ("holds no philo_dataflow_manifest.json; give the 'adapter' directory",), start="presaved"),
     Case("presaved_adapter_of_another_base_model", _presaved(lambda adapter: None, source="other_adapter"),
@@ -462,6 +465,9 @@ CASES = (
     Case("output_dir_under_a_file", _output_dir_under_file, (("cannot be created:", "plain_file is a file"),)),
     Case("output_dir_not_writable", _output_dir_read_only, ("locked is not writable",), needs_non_root=True),
     # -- the LLM judge
+    # -- the Hamilton UI
+    Case("hamilton_ui_unreachable", _judge(hamilton_ui_url=NOTHING_LISTENS),
+         ("(--hamilton-ui-url): no Hamilton UI answers there (",)),
     Case("judge_unreachable", _judge(judge_model="judge-a", judge_base_url=NOTHING_LISTENS),
          ("the judge endpoint cannot be reached (",)),
     Case("judge_model_not_listed", _judge(judge_model="judge-c", judge_base_url=ENDPOINT),
