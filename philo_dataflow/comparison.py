@@ -41,10 +41,13 @@ from .lib.inputs import DEFAULTS
 from .lib.scores import (
     REPETITION_MEASURES,
     ROUGE_TYPES,
+    TIE_TOLERANCE,
     answer_summary,
     bootstrap_mean_difference_ci,
     has_loop,
     mean,
+    most_changed,
+    per_question_outcomes,
     repetition_difference,
     rouge_per_example,
 )
@@ -57,6 +60,8 @@ logger = logging.getLogger(__name__)
 COMPARE_DECODING = {name: DEFAULTS[name] for name in GREEDY}
 #: The key of the base model among the compared models.
 BASE = "base"
+#: Questions each pair lists as won and lost by most (``comparison.json``'s ``most_changed``).
+MOST_CHANGED_QUESTIONS = 3
 #: The keys of each hold-out question in ``hold_out_predictions.jsonl`` that a comparison reads.
 HOLD_OUT_KEYS = ("question", "category", "reference")
 #: Manifest settings shown per run where the runs differ in them (``differing_settings``).
@@ -260,7 +265,11 @@ def comparison_scores(hold_out: list[dict], answers: dict, seed: int) -> dict:
         ``distinct_1``, ``distinct_2`` and ``count``. Each pair ``{"a", "b", "rougeL_difference",
         "loop_rate_difference", "distinct_1_difference", "distinct_2_difference"}`` holds ``b`` minus ``a``
         as ``{"mean", "ci95_low", "ci95_high"}``: the 2,000-sample paired percentile bootstrap of the mean
-        per-question ROUGE-L difference (``bootstrap_mean_difference_ci``) and ``repetition_difference``.
+        per-question ROUGE-L difference (``bootstrap_mean_difference_ci``) and ``repetition_difference``;
+        ``rougeL_outcomes``, the questions ``b`` wins, ties and loses against ``a``, overall and per category
+        (``lib.scores.per_question_outcomes`` with ``TIE_TOLERANCE``), and ``most_changed``, the
+        ``MOST_CHANGED_QUESTIONS`` questions ``b`` won and lost by most, ``{"won": [...], "lost": [...]}``,
+        each ``{"question", "category", "rougeL_a", "rougeL_b", "answer_a", "answer_b"}``.
     """
     references = [row["reference"] for row in hold_out]
     scores = {name: rouge_per_example([g["text"] for g in gens], references) for name, gens in answers.items()}
@@ -272,8 +281,14 @@ def comparison_scores(hold_out: list[dict], answers: dict, seed: int) -> dict:
         differences = [y["rougeL"] - x["rougeL"] for x, y in zip(scores[a], scores[b])]
         low, high = bootstrap_mean_difference_ci(differences, seed)
         repetition = repetition_difference([g["text"] for g in answers[a]], [g["text"] for g in answers[b]], seed)
+        changed = most_changed(differences, MOST_CHANGED_QUESTIONS)
         pairs.append({"a": a, "b": b, "rougeL_difference": {"mean": mean(differences), "ci95_low": low, "ci95_high": high},
-                      **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES}})
+                      **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES},
+                      "rougeL_outcomes": per_question_outcomes(differences, [row["category"] for row in hold_out]),
+                      "most_changed": {kind: [{"question": hold_out[i]["question"], "category": hold_out[i]["category"],
+                                               "rougeL_a": scores[a][i]["rougeL"], "rougeL_b": scores[b][i]["rougeL"],
+                                               "answer_a": answers[a][i]["text"], "answer_b": answers[b][i]["text"]}
+                                              for i in indices] for kind, indices in changed.items()}})
     return {
         "models": {name: _summary(gens, scores[name]) for name, gens in answers.items()},
         "per_category": {
@@ -434,10 +449,11 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
     settings_html = html_report.table(["setting", *settings], [[key, *(json.dumps(settings[n].get(key), default=str)
                                                                        for n in settings)] for key in keys],
                                       table_id="settings") if keys else "<p>The runs' recorded settings agree.</p>\n"
-    pair_rows = [[pair["a"], pair["b"], *(_interval(pair[f"{m}_difference"]) for m in ("rougeL", *REPETITION_MEASURES))]
+    pair_rows = [[pair["a"], pair["b"], *(_interval(pair[f"{m}_difference"]) for m in ("rougeL", *REPETITION_MEASURES)),
+                  "{wins} / {ties} / {losses}".format(**pair["rougeL_outcomes"])]
                  for pair in comparison["pairs"]]
     pairs_table = html_report.table(["a", "b", "ROUGE-L b − a", "loop rate b − a", "distinct-1 b − a",
-                                     "distinct-2 b − a"], pair_rows, table_id="pairs")
+                                     "distinct-2 b − a", "b wins / ties / loses"], pair_rows, table_id="pairs")
     categories = comparison["per_category"]
     category_table = html_report.table(
         ["category", "questions", *names],
@@ -457,7 +473,9 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
             "Pairwise differences",
             html_report.figure_div(rouge_l_difference_figure(comparison), "rouge-l-difference-figure")
             + "<p class=\"muted\">Each difference is b minus a, the mean over the questions with its 95% paired "
-              "percentile bootstrap interval (2,000 resamples of the questions).</p>\n" + pairs_table,
+              "percentile bootstrap interval (2,000 resamples of the questions). Question by question, b wins where "
+              f"its ROUGE-L is more than {TIE_TOLERANCE:g} above a's, loses where it is more than {TIE_TOLERANCE:g} "
+              "below, and ties otherwise.</p>\n" + pairs_table,
             "pairs-section")
         + html_report.section("Loops", html_report.figure_div(loop_rate_figure(comparison), "loop-rate-figure"),
                               "loops-section")
@@ -525,5 +543,8 @@ def summary_lines(comparison: dict) -> list[str]:
         lines.append(f"{one_line(name)[:28]:<28} {fmt(s['rougeL']):>7}  {pct(_value_or_nan(s['loop_rate'])):>9}  "
                      f"{pct(_value_or_nan(s['eos_stop_rate'])):>11}")
     for pair in comparison["pairs"]:
-        lines.append(f"ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}")
+        outcomes = pair["rougeL_outcomes"]
+        lines.append(f"ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}; question by "
+                     f"question {outcomes['wins']} won, {outcomes['ties']} tied, {outcomes['losses']} lost "
+                     f"(±{outcomes['tolerance']:g})")
     return lines

@@ -147,7 +147,12 @@ def test_run_py_reuses_the_cache_by_default_and_no_cache_turns_it_off(tmp_path, 
     flags = ["--data-path", data, "--model-id", tiny_model_dir, "--no-graph", "--cache-dir", str(tmp_path / "cache")]
     flags += cli_flags(FAST_INPUTS)
     assert cli.main([*flags, "--output-dir", str(tmp_path / "a")]) == 0
-    assert "training ran" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training ran" in out
+    # The summary is printed from the run's own results: the counts equal metrics.json's.
+    outcomes = json.loads((tmp_path / "a" / "metrics.json").read_text())["hold_out"]["rougeL_outcomes"]
+    assert (f"question by question: fine-tuned wins {outcomes['wins']}, ties {outcomes['ties']}, loses "
+            f"{outcomes['losses']} (ROUGE-L difference beyond ±0.05)") in out
     assert cli.main([*flags, "--output-dir", str(tmp_path / "b"), "--max-new-tokens", "12"]) == 0
     assert "the trained weights came from it" in capsys.readouterr().out
     assert cli.main([*flags, "--output-dir", str(tmp_path / "c"), "--no-cache"]) == 0

@@ -196,6 +196,14 @@ def test_scores_and_figures_of_hand_made_answers():
     assert scores["models"]["y"]["loop_rate"] == 1.0 and scores["models"]["x"]["loop_rate"] == 0.0
     assert [(p["a"], p["b"]) for p in scores["pairs"]] == [("base", "x"), ("base", "y"), ("x", "y")]
     assert scores["pairs"][2]["loop_rate_difference"] == {"mean": 1.0, "ci95_low": 1.0, "ci95_high": 1.0}
+    # Question by question: x beats the base on all four; y loses all four to x, by as much each time.
+    assert {k: scores["pairs"][0]["rougeL_outcomes"][k] for k in ("wins", "ties", "losses")} == {
+        "wins": 4, "ties": 0, "losses": 0}
+    assert scores["pairs"][2]["rougeL_outcomes"]["per_category"] == {"a": {"wins": 0, "ties": 0, "losses": 2},
+                                                                      "b": {"wins": 0, "ties": 0, "losses": 2}}
+    lost = scores["pairs"][2]["most_changed"]["lost"]
+    assert [row["question"] for row in lost] == ["q0", "q1", "q2"] and not scores["pairs"][2]["most_changed"]["won"]
+    assert {(row["answer_a"], row["answer_b"]) for row in lost} == {("the good life is a calm mind", "calm " * 5 + "calm")}
     assert set(scores["per_category"]) == {"a", "b"}
     result = {"models": {n: {"scores": s} for n, s in scores["models"].items()}, "pairs": scores["pairs"],
               "hold_out": {"questions": 4}}

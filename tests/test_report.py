@@ -23,6 +23,13 @@ def fake_run_metrics() -> dict:
                                       "distinct_2": {"mean": 0.24, "ci95_low": float("nan"), "ci95_high": 0.3}},
             "per_category": {"Stoicism": {"base": _summary(0.15, 0.0, 100, 2), "finetuned": _summary(0.2, 1.0, 60, 2)},
                              "Hedonism": {"base": _summary(0.17, 0.0, 100, 1), "finetuned": _summary(0.25, 1.0, 60, 1)}},
+            "rougeL_outcomes": {"tolerance": 0.05, "wins": 2, "ties": 1, "losses": 0,
+                                "per_category": {"Hedonism": {"wins": 1, "ties": 0, "losses": 0},
+                                                 "Stoicism": {"wins": 1, "ties": 1, "losses": 0}}},
+            "most_changed": {"won": [{"question": "What is apatheia?", "category": "Stoicism", "reference": "Freedom.",
+                                      "base_prediction": "A cheese.", "finetuned_prediction": "Freedom from passion.",
+                                      "base_rougeL": 0.0, "finetuned_rougeL": 0.5, "rougeL_difference": 0.5}],
+                             "lost": []},
         },
         "model_summary": {"trainable_parameters": 10, "total_parameters": 100},
         "splits": {"train_set": {"total": 14, "per_category": {"Stoicism": 9, "Hedonism": 4, "Taoism": 1}},
@@ -47,6 +54,11 @@ def test_report_states_comparison_and_category_balance():
     assert ("Repetition, fine-tuned minus base (paired bootstrap 95% CI): loop rate -0.960 (-1.000 to -0.667), "
             "distinct-1 +0.240 (+0.100 to +0.300), distinct-2 +0.240 (n/a to +0.300).") in text
     assert "some word 4-gram occurs 3 or more times" in text
+    assert ("Question by question (a ROUGE-L difference beyond ±0.05 decides): the fine-tuned answer wins 2, ties 1 "
+            "and loses 0 of 3 questions.") in text
+    assert "## Questions the fine-tuned model won by most" in text and "lost by most" not in text
+    assert "**Q (Stoicism, ROUGE-L 0.000 → 0.500):** What is apatheia?" in text
+    assert "- *fine-tuned:* Freedom from passion." in text
     assert "| category | train_set | validation_set | hold_out_set | base ROUGE-L | fine-tuned ROUGE-L | difference |" in text
     assert "| Hedonism | 4 | 1 | 1 | 0.170 | 0.250 | +0.080 |" in text
     assert "| Stoicism | 9 | 1 | 2 | 0.150 | 0.200 | +0.050 |" in text

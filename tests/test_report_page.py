@@ -59,10 +59,18 @@ def test_report_of_a_tiny_run_draws_every_part_offline(tiny_run_dir, browser, tm
         assert browser.find_element(By.CSS_SELECTOR, f"#{div_id} .main-svg")
         assert _traces(browser, div_id) == traces, div_id
     assert browser.find_elements(By.ID, "judge") == []  # not judged
-    for section in ("training", "hold-out", "lengths-and-repetition", "splits", "model", "configuration",
-                    "hold-out-answers"):
+    for section in ("training", "hold-out", "question-by-question", "lengths-and-repetition", "splits", "model",
+                    "configuration", "hold-out-answers"):
         assert browser.find_element(By.ID, section).is_displayed(), section
     assert len(browser.find_elements(By.CSS_SELECTOR, "#split-counts tbody tr")) == 3
+    # Question by question: one row per category and one for all, each adding up to its questions.
+    outcome_rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+                    for row in browser.find_elements(By.CSS_SELECTOR, "#outcomes tbody tr")]
+    categories = sorted({row["category"] for row in rows})
+    assert [row[0] for row in outcome_rows] == [*categories, "all"]
+    assert sum(map(int, outcome_rows[-1][1:])) == len(rows)
+    assert [sum(map(int, row[1:])) for row in outcome_rows[:-1]] == [
+        sum(r["category"] == category for r in rows) for category in categories]
 
     shown = browser.execute_script(_ROWS_SHOWN)
     assert len(shown) == len(rows) and all(visible for _, visible in shown)

@@ -8,6 +8,8 @@ import pytest
 from philo_dataflow.lib.scores import (
     distinct_n,
     has_loop,
+    most_changed,
+    per_question_outcomes,
     repetition_difference,
     repetition_measures,
     wilson_interval,
@@ -92,3 +94,40 @@ def test_wilson_interval_matches_published_values():
     low, high = wilson_interval(5, 10)
     assert low == pytest.approx(1 - high) and low < 0.5 < high  # symmetric about 1/2
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_per_question_outcomes_count_each_question_once_overall_and_per_category():
+    differences = [0.3, 0.05, -0.05, -0.2, float("nan"), 0.051, 0.0]
+    categories = ["a", "a", "b", "b", "b", "c", "c"]
+    outcomes = per_question_outcomes(differences, categories, tolerance=0.05)
+    assert (outcomes["wins"], outcomes["ties"], outcomes["losses"]) == (2, 4, 1)  # ±0.05 itself and NaN tie
+    assert outcomes["per_category"] == {"a": {"wins": 1, "ties": 1, "losses": 0},
+                                        "b": {"wins": 0, "ties": 2, "losses": 1},
+                                        "c": {"wins": 1, "ties": 1, "losses": 0}}
+    assert per_question_outcomes(differences, categories, tolerance=0.0)["ties"] == 2  # 0.0 and NaN
+
+
+def test_most_changed_lists_the_largest_wins_and_losses_in_order():
+    differences = [0.1, -0.4, 0.4, 0.0, -0.1, 0.4]
+    assert most_changed(differences, 2) == {"won": [2, 5], "lost": [1, 4]}
+    assert most_changed(differences, 10) == {"won": [2, 5, 0], "lost": [1, 4]}
+    assert most_changed([0.0, 0.0], 3) == {"won": [], "lost": []}
+
+
+def test_hold_out_set_metrics_count_questions_won_tied_and_lost():
+    reference = "virtue is the only good and the wise live by it"
+    answers = [("virtue is the only good and the wise live by it", "wealth"),  # fine-tuned wins
+               ("wealth", "virtue is the only good and the wise live by it"),  # fine-tuned loses
+               ("virtue is good", "virtue is good")]  # tie
+    rows = [{"question": f"q{i}", "category": "Stoicism" if i else "Taoism", "reference": reference,
+             "base_prediction": base, "finetuned_prediction": tuned, "base_ended_on_eos": True,
+             "finetuned_ended_on_eos": True, "base_new_tokens": 3, "finetuned_new_tokens": 3}
+            for i, (tuned, base) in enumerate(answers)]
+    metrics = hold_out_set_metrics(rows, seed=42, tie_tolerance=0.05, most_changed_questions=1)
+    outcomes = metrics["rougeL_outcomes"]
+    assert (outcomes["wins"], outcomes["ties"], outcomes["losses"], outcomes["tolerance"]) == (1, 1, 1, 0.05)
+    assert outcomes["per_category"] == {"Stoicism": {"wins": 0, "ties": 1, "losses": 1},
+                                        "Taoism": {"wins": 1, "ties": 0, "losses": 0}}
+    (won,), (lost,) = metrics["most_changed"]["won"], metrics["most_changed"]["lost"]
+    assert (won["question"], won["finetuned_rougeL"], won["base_prediction"]) == ("q0", 1.0, "wealth")
+    assert lost["question"] == "q1" and lost["rougeL_difference"] == -1.0

@@ -341,6 +341,9 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     print(f"  answers that loop            {base['loop_rate']:.0%}    {tuned['loop_rate']:.0%}"
           "   (some 4-word sequence 3+ times)")
     print(f"  ROUGE-L difference {diff['mean']:+.3f}, bootstrap 95% CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]")
+    outcomes = metrics["hold_out"]["rougeL_outcomes"]
+    print(f"  question by question: fine-tuned wins {outcomes['wins']}, ties {outcomes['ties']}, loses "
+          f"{outcomes['losses']} (ROUGE-L difference beyond ±{outcomes['tolerance']:g})")
     print(f"  validation loss of the kept checkpoint: {metrics['validation'].get('eval_loss', float('nan')):.4f}")
     _print_judge_summary(metrics)
 

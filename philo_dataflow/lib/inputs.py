@@ -205,6 +205,10 @@ INPUTS = (
     Input("no_repeat_ngram_size", int, 4, "never repeat an n-gram of this many tokens (prompt included); 0 = off",
           "generation", Rule(int, 0)),
     Input("report_examples", int, 3, "hold-out questions shown with both answers in report.md", "generation"),
+    Input("tie_tolerance", float, 0.05, "ROUGE-L F difference (0-1) within which a hold-out question is a tie "
+          "between base and fine-tuned answers; beyond it, a win or a loss", "generation", Rule(float, 0, 1)),
+    Input("most_changed_questions", int, 3, "hold-out questions the fine-tuned model won and lost by most, shown "
+          "with both answers in the reports and metrics.json", "generation", Rule(int, 0)),
     Input("run_config", dict, None, "the resolved run configuration written as config.yaml (philo-dataflow passes it)",
           "generation", cli=False),
     # the LLM judge; its settings are checked by the judge client, with the judge's own messages

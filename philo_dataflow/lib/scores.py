@@ -163,3 +163,43 @@ def answer_summary(texts: list[str], ended_on_eos: list[bool], new_tokens: list[
         "loop_rate_ci95_high": high,
         "count": len(texts),
     }
+
+
+#: ROUGE-L F-measure difference (0–1) below which a question is a tie between two answers
+#: (``per_question_outcomes``): this project's choice, about one shared word in twenty of a 20-word
+#: reference. The input ``tie_tolerance`` overrides it; every count is reported with the tolerance used.
+TIE_TOLERANCE = 0.05
+
+
+def per_question_outcomes(differences: list[float], categories: list[str], tolerance: float = TIE_TOLERANCE) -> dict:
+    """Question-by-question wins, ties and losses of the second model of a pair over the first, from the
+    per-question ROUGE-L differences (second minus first): a win above ``tolerance``, a loss below
+    ``-tolerance``, a tie otherwise (a NaN difference is a tie).
+
+    :param differences: one per question.
+    :param categories: each question's category, in the same order.
+    :return: ``{"tolerance", "wins", "ties", "losses", "per_category": {category: {"wins", "ties",
+        "losses"}}}``; the three counts add up to the questions, overall and in each category.
+    """
+    def outcome(difference: float) -> str:
+        return "wins" if difference > tolerance else "losses" if difference < -tolerance else "ties"
+
+    counts = {"wins": 0, "ties": 0, "losses": 0}
+    per_category = {}
+    for difference, category in zip(differences, categories):
+        kind = outcome(difference)
+        counts[kind] += 1
+        per_category.setdefault(category, {"wins": 0, "ties": 0, "losses": 0})[kind] += 1
+    return {"tolerance": tolerance, **counts, "per_category": dict(sorted(per_category.items()))}
+
+
+def most_changed(differences: list[float], count: int) -> dict:
+    """Indices of the ``count`` questions the second model won by most and lost by most (ROUGE-L difference,
+    largest first; ties between equal differences in question order).
+
+    :return: ``{"won": [index, ...], "lost": [index, ...]}``, only questions with a positive (won) or
+        negative (lost) difference.
+    """
+    won = sorted((index for index, d in enumerate(differences) if d > 0), key=lambda i: (-differences[i], i))
+    lost = sorted((index for index, d in enumerate(differences) if d < 0), key=lambda i: (differences[i], i))
+    return {"won": won[:count], "lost": lost[:count]}

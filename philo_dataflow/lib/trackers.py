@@ -79,6 +79,7 @@ def final_metrics(run_metrics: dict) -> dict:
       (``rouge1`` ... ``rougeLsum`` F-measures 0–1, ``eos_stop_rate`` and ``loop_rate`` shares 0–1,
       ``distinct_1``/``distinct_2``, ``mean_answer_words`` in words, ``mean_new_tokens`` in tokens);
     - ``final/hold_out/rougeL_difference/{mean,ci95_low,ci95_high}`` (fine-tuned minus base);
+    - ``final/hold_out/rougeL_outcomes/{wins,ties,losses}`` (questions, ``lib.scores.per_question_outcomes``);
     - ``final/validation/eval_loss`` (mean cross-entropy per supervised token, nats);
     - when the judge ran: ``final/judge/rubric/{base,finetuned,finetuned_minus_base}/{criterion}`` (mean
       score 1–5, or its difference) and ``final/judge/pairwise/{win_rate,tie_rate,loss_rate,
@@ -94,6 +95,8 @@ def final_metrics(run_metrics: dict) -> dict:
                 values[f"{FINAL_PREFIX}/hold_out/{model}/{name}"] = value
     for name, value in hold_out["rougeL_difference"].items():
         values[f"{FINAL_PREFIX}/hold_out/rougeL_difference/{name}"] = value
+    for name in ("wins", "ties", "losses"):
+        values[f"{FINAL_PREFIX}/hold_out/rougeL_outcomes/{name}"] = hold_out["rougeL_outcomes"][name]
     values[f"{FINAL_PREFIX}/validation/eval_loss"] = run_metrics["validation"].get("eval_loss")
     judge = run_metrics.get("judge")
     if judge is not None:

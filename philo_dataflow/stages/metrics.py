@@ -12,6 +12,8 @@ from ..lib.scores import (
     answer_summary,
     bootstrap_mean_difference_ci,
     mean,
+    most_changed,
+    per_question_outcomes,
     repetition_difference,
     rouge_per_example,
 )
@@ -25,7 +27,8 @@ def _summary(rows: list[dict], model: str, scores: list[dict]) -> dict:
 
 
 @tag(output="final")
-def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42) -> dict:
+def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42, tie_tolerance: float = 0.05,
+                         most_changed_questions: int = 3) -> dict:
     """ROUGE, EOS-stop rate and answer length of base and fine-tuned answers on the hold-out set.
 
     :return: ``{"base": {...}, "finetuned": {...}, "per_category": {category: {"base": {...},
@@ -37,7 +40,12 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42) -
         ``lib.scores``) and ``count``. The CI is a 2,000-sample percentile bootstrap of the mean
         per-question ROUGE-L difference (fine-tuned minus base); ``repetition_difference`` holds the
         repetition measures' differences (fine-tuned minus base) with their paired bootstrap CIs,
-        ``{measure: {"mean", "ci95_low", "ci95_high"}}``.
+        ``{measure: {"mean", "ci95_low", "ci95_high"}}``. Question by question (``lib.scores.per_question_outcomes``):
+        ``rougeL_outcomes`` counts the questions the fine-tuned answer wins, ties and loses against the base
+        answer (ROUGE-L difference beyond ``tie_tolerance``), overall and per category; ``most_changed``
+        holds the ``most_changed_questions`` questions won and lost by most, ``{"won": [...], "lost":
+        [...]}``, each ``{"question", "category", "reference", "base_prediction", "finetuned_prediction",
+        "base_rougeL", "finetuned_rougeL", "rougeL_difference"}``.
     """
     rows = hold_out_set_predictions
     references = [r["reference"] for r in rows]
@@ -55,7 +63,19 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42) -
     result["rougeL_difference"] = {"mean": mean(differences), "ci95_low": low, "ci95_high": high}
     result["repetition_difference"] = repetition_difference(
         [r["base_prediction"] for r in rows], [r["finetuned_prediction"] for r in rows], seed)
+    result["rougeL_outcomes"] = per_question_outcomes(differences, [r["category"] for r in rows], tie_tolerance)
+    changed = most_changed(differences, most_changed_questions)
+    result["most_changed"] = {kind: [_changed_question(rows[i], scores["base"][i]["rougeL"],
+                                                       scores["finetuned"][i]["rougeL"]) for i in indices]
+                              for kind, indices in changed.items()}
     return result
+
+
+def _changed_question(row: dict, base_rouge_l: float, finetuned_rouge_l: float) -> dict:
+    return {**{key: row[key] for key in ("question", "category", "reference", "base_prediction",
+                                         "finetuned_prediction")},
+            "base_rougeL": base_rouge_l, "finetuned_rougeL": finetuned_rouge_l,
+            "rougeL_difference": finetuned_rouge_l - base_rouge_l}
 
 
 @tag(output="final")

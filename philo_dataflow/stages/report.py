@@ -168,6 +168,8 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         *_markdown_table(_HOLD_OUT_HEADER, [_hold_out_row(name, hold_out[model]) for model, name in _MODEL_NAMES]),
         "",
         _repetition_line(hold_out["repetition_difference"]),
+        "",
+        _outcomes_line(hold_out["rougeL_outcomes"]),
     ]
     splits = run_metrics["splits"]
     split_names = list(splits)
@@ -193,6 +195,9 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         _validation_line(run_metrics["validation"]),
         f"Trainable parameters: {run_metrics['model_summary']['trainable_parameters']:,} of "
         f"{run_metrics['model_summary']['total_parameters']:,}.",
+    ]
+    lines += _most_changed_lines(hold_out["most_changed"])
+    lines += [
         "",
         "## Sample hold-out answers",
     ]
@@ -208,6 +213,53 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         ]
     report = "\n".join(lines) + "\n"
     return _judge_section(report, run_metrics["judge"]) if "judge" in run_metrics else report
+
+
+def _outcomes_line(outcomes: dict) -> str:
+    total = outcomes["wins"] + outcomes["ties"] + outcomes["losses"]
+    return (f"Question by question (a ROUGE-L difference beyond ±{outcomes['tolerance']:g} decides): the fine-tuned "
+            f"answer wins {outcomes['wins']}, ties {outcomes['ties']} and loses {outcomes['losses']} of {total} "
+            "questions.")
+
+
+_MOST_CHANGED_TITLES = (("won", "Questions the fine-tuned model won by most"),
+                        ("lost", "Questions the fine-tuned model lost by most"))
+
+
+def _most_changed_lines(most_changed: dict) -> list:
+    lines = []
+    for kind, title in _MOST_CHANGED_TITLES:
+        if not most_changed[kind]:
+            continue
+        lines += ["", f"## {title}"]
+        for row in most_changed[kind]:
+            lines += [
+                "",
+                f"**Q ({row['category']}, ROUGE-L {fmt(row['base_rougeL'])} → {fmt(row['finetuned_rougeL'])}):** "
+                f"{one_line(row['question'])}",
+                "",
+                f"- *reference:* {one_line(row['reference'])}",
+                f"- *base:* {one_line(row['base_prediction'])}",
+                f"- *fine-tuned:* {one_line(row['finetuned_prediction'])}",
+            ]
+    return lines
+
+
+def _outcomes_html(outcomes: dict, most_changed: dict) -> str:
+    rows = [[category, str(counts["wins"]), str(counts["ties"]), str(counts["losses"])]
+            for category, counts in outcomes["per_category"].items()]
+    rows.append(["all", str(outcomes["wins"]), str(outcomes["ties"]), str(outcomes["losses"])])
+    columns = [("category", "category"), ("question", "question"), ("reference", "reference"),
+               ("base_prediction", "base"), ("finetuned_prediction", "fine-tuned"), ("change", "ROUGE-L")]
+    parts = [_paragraph(_outcomes_line(outcomes)),
+             html_report.table(["category", "fine-tuned wins", "ties", "fine-tuned loses"], rows, table_id="outcomes")]
+    for kind, title in _MOST_CHANGED_TITLES:
+        if most_changed[kind]:
+            shown = [{**row, "change": f"{fmt(row['base_rougeL'])} → {fmt(row['finetuned_rougeL'])}"}
+                     for row in most_changed[kind]]
+            parts.append(f"<h3>{html.escape(title)}</h3>\n"
+                         + html_report.answers_table(shown, columns, table_id=f"most-{kind}"))
+    return "".join(parts)
 
 
 def _judge_settings_line(judge_metrics: dict, code: str = "`") -> str:
@@ -376,6 +428,8 @@ def _report_page(
         ("training", "Training", _training_html(run_metrics["validation"], figures["loss_curve"],
                                                 figures["learning_rate"])),
         ("hold-out", "Hold-out comparison", _hold_out_html(hold_out, figures["rouge_comparison"])),
+        ("question-by-question", "Question by question",
+         _outcomes_html(hold_out["rougeL_outcomes"], hold_out["most_changed"])),
         ("lengths-and-repetition", "Answer lengths and repetition",
          _repetition_html(hold_out, figures["answer_length"])),
     ]
