@@ -38,6 +38,8 @@ from .lib.artifacts import (
 from .lib.formatting import fmt, one_line, pct
 from .lib.generation import GREEDY
 from .lib.inputs import DEFAULTS
+from .lib.near_duplicates import leaked_questions
+from .lib.records import read_records
 from .lib.scores import (
     REPETITION_MEASURES,
     ROUGE_TYPES,
@@ -52,6 +54,7 @@ from .lib.scores import (
     rouge_per_example,
 )
 from .lib.trainer import ready_for_generation
+from .stages.loading import instruction_records
 
 logger = logging.getLogger(__name__)
 
@@ -419,6 +422,21 @@ def _interval(difference: dict) -> str:
     return f"{values[0]:+.3f} [{values[1]:+.3f}, {values[2]:+.3f}]"
 
 
+def _leakage_html(comparison: dict) -> str:
+    leaked = comparison.get("leakage")
+    if leaked is None:
+        return ""
+    text = (f"<p>{leaked['count']} of {comparison['hold_out']['questions']} hold-out questions have an exact or near "
+            f"duplicate in the training data {html.escape(leaked['train_data'])} (content-word Jaccard "
+            f"&ge; {leaked['threshold']:g}).</p>\n")
+    if not leaked["pairs_without"]:
+        return text
+    rows = [[pair["a"], pair["b"], _interval(pair["rougeL_difference"]), "{wins} / {ties} / {losses}".format(
+        **pair["rougeL_outcomes"])] for pair in leaked["pairs_without"]]
+    return text + "<h3>Without those questions</h3>\n" + html_report.table(
+        ["a", "b", "ROUGE-L b − a", "b wins / ties / loses"], rows, table_id="pairs-without-leaked")
+
+
 def report_html(comparison: dict, rows: list[dict]) -> str:
     """The comparison's page (``lib.html_report``): what was compared, the models' scores, the three
     figures, every pair's differences with CIs, and every answer side by side with a category filter.
@@ -475,7 +493,7 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
             + "<p class=\"muted\">Each difference is b minus a, the mean over the questions with its 95% paired "
               "percentile bootstrap interval (2,000 resamples of the questions). Question by question, b wins where "
               f"its ROUGE-L is more than {TIE_TOLERANCE:g} above a's, loses where it is more than {TIE_TOLERANCE:g} "
-              "below, and ties otherwise.</p>\n" + pairs_table,
+              "below, and ties otherwise.</p>\n" + pairs_table + _leakage_html(comparison),
             "pairs-section")
         + html_report.section("Loops", html_report.figure_div(loop_rate_figure(comparison), "loop-rate-figure"),
                               "loops-section")
@@ -485,16 +503,48 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
     return html_report.page("philo_dataflow comparison", body)
 
 
+def train_questions(train_data: str) -> list[str]:
+    """The questions of the data a model was tuned on (any format ``stages.loading.instruction_records``
+    reads, keys detected), for ``leakage``.
+
+    :raises ValueError: the file cannot be read or holds no question/answer records (one line per problem,
+        naming the file).
+    """
+    return [pair["input_text"] for pair in instruction_records(read_records(train_data), train_data, None)]
+
+
+def leakage(hold_out: list[dict], answers: dict, seed: int, train_data: str, questions: list[str],
+            threshold: float) -> dict:
+    """The hold-out questions with an exact or near duplicate among ``questions`` (the training data of the
+    compared models: content-word Jaccard ``threshold`` or more, ``lib.near_duplicates.leaked_questions``, the
+    split's own measure) and every pair's verdict on the other questions.
+
+    :return: ``{"train_data", "threshold", "questions": [indices], "count", "pairs_without": [...]}``;
+        ``pairs_without`` is ``comparison_scores``' ``pairs`` on the questions left (empty when none is
+        left or none leaked).
+    """
+    leaked = leaked_questions([row["question"] for row in hold_out], questions, threshold)
+    kept = [index for index in range(len(hold_out)) if index not in set(leaked)]
+    pairs_without = comparison_scores([hold_out[i] for i in kept], {name: [gens[i] for i in kept]
+                                                                    for name, gens in answers.items()},
+                                      seed)["pairs"] if leaked and kept else []
+    return {"train_data": train_data, "threshold": threshold, "questions": leaked, "count": len(leaked),
+            "pairs_without": pairs_without}
+
+
 def compared(runs: list[Run], hold_out_set: Dataset, hold_out_source: str, max_new_tokens: int,
-             generation_batch_size: int, seed: int, data_path: Optional[str] = None) -> tuple[dict, list[dict]]:
+             generation_batch_size: int, seed: int, data_path: Optional[str] = None,
+             train_data: Optional[tuple] = None) -> tuple[dict, list[dict]]:
     """Every run's fine-tuned model and the base model (loaded with the first run) answering
     ``hold_out_set``, scored (``comparison_scores``).
 
-    :param runs: two or more runs of one base model; the first also gives the base answers.
+    :param runs: one or more runs of one base model; the first also gives the base answers.
     :param hold_out_set: the questions (``input_text``, ``output_text``, ``category``, ``context``).
     :param hold_out_source: where the questions come from, for the record.
     :param data_path: the data file the hold-out split was made of (``--data-path``), None for the first
         run's own hold-out set.
+    :param train_data: ``(path, questions)`` of the data the models were tuned on (``--train-data``):
+        ``comparison["leakage"]`` then holds ``leakage`` at the first run's ``near_duplicate_threshold``.
     :return: ``(comparison, rows)``: the content of ``comparison.json`` and of ``answers.jsonl``
         (``answer_rows``); ``comparison["hold_out"]["runs_split_otherwise"]`` names the runs that may have
         trained on some of the ``data_path`` hold-out questions (``runs_split_otherwise``).
@@ -531,6 +581,9 @@ def compared(runs: list[Run], hold_out_set: Dataset, hold_out_source: str, max_n
         "pairs": scores["pairs"],
         "per_category": scores["per_category"],
     }
+    if train_data is not None:
+        threshold = runs[0].manifest["inputs"].get("near_duplicate_threshold", DEFAULTS["near_duplicate_threshold"])
+        comparison["leakage"] = leakage(hold_out, answers, seed, *train_data, threshold)
     return json_ready(comparison), json_ready(answer_rows(hold_out, answers, scores))
 
 
@@ -547,4 +600,11 @@ def summary_lines(comparison: dict) -> list[str]:
         lines.append(f"ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}; question by "
                      f"question {outcomes['wins']} won, {outcomes['ties']} tied, {outcomes['losses']} lost "
                      f"(±{outcomes['tolerance']:g})")
+    leaked = comparison.get("leakage")
+    if leaked is not None:
+        lines.append(f"{leaked['count']} of {comparison['hold_out']['questions']} hold-out questions have a near "
+                     f"duplicate in {leaked['train_data']} (content-word Jaccard >= {leaked['threshold']:g})"
+                     + ("; without them:" if leaked["pairs_without"] else ""))
+        lines += [f"  ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}"
+                  for pair in leaked["pairs_without"]]
     return lines

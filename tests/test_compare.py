@@ -87,6 +87,43 @@ def test_two_runs_are_scored_with_their_own_answers(compared_dir, tiny_run_dir, 
     assert result["hold_out"]["runs_split_otherwise"] == []
 
 
+def test_train_data_names_the_leaked_questions_and_gives_the_verdict_without_them(tiny_run_dir, second_run_dir,
+                                                                                  tmp_path, capsys):
+    questions = [row["question"] for row in _predictions(tiny_run_dir)]
+    reworded = questions[2].rstrip("?") + " indeed?"  # the same content words: a near duplicate
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"instruction": q, "output": "an answer"}) + "\n"
+                             for q in [questions[0], questions[1], reworded, "What is the colour of the sky?"]))
+    out = tmp_path / "comparison"
+    assert compare.main([tiny_run_dir, second_run_dir, "--train-data", str(train), "--output-dir", str(out)]) == 0
+    result = json.loads((out / COMPARISON_FILE).read_text())
+    leaked = result["leakage"]
+    assert (leaked["questions"], leaked["count"], leaked["threshold"]) == ([0, 1, 2], 3, 0.8)
+    assert [(p["a"], p["b"]) for p in leaked["pairs_without"]] == [(p["a"], p["b"]) for p in result["pairs"]]
+    for pair in leaked["pairs_without"]:
+        outcomes = pair["rougeL_outcomes"]
+        assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == len(questions) - 3
+        assert _inside(pair["rougeL_difference"])
+    printed = capsys.readouterr().out
+    assert f"3 of {len(questions)} hold-out questions have a near duplicate in {train}" in printed
+    assert 'id="pairs-without-leaked"' in (out / "report.html").read_text()
+
+
+def test_one_run_is_compared_with_its_base_model(tiny_run_dir, tmp_path, capsys):
+    out = tmp_path / "comparison"
+    assert compare.main([tiny_run_dir, "--output-dir", str(out)]) == 0
+    result = json.loads((out / COMPARISON_FILE).read_text())
+    rows = [json.loads(line) for line in (out / COMPARISON_ANSWERS_FILE).read_text().splitlines()]
+    (label,) = [name for name in result["models"] if name != comparison.BASE]
+    assert [(p["a"], p["b"]) for p in result["pairs"]] == [(comparison.BASE, label)]
+    run = _predictions(tiny_run_dir)
+    assert [r["answers"][comparison.BASE]["text"] for r in rows] == [p["base_prediction"] for p in run]
+    assert [r["answers"][label]["text"] for r in rows] == [p["finetuned_prediction"] for p in run]
+    outcomes = result["pairs"][0]["rougeL_outcomes"]
+    assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == len(run)
+    assert "Compared 1 run and its base model" in capsys.readouterr().out
+
+
 def test_report_page_draws_every_figure_offline(compared_dir):
     with headless_chromium() as browser:
         browser.get((compared_dir / COMPARISON_REPORT_FILE).resolve().as_uri())
@@ -143,7 +180,7 @@ def _copied_run(tiny_run_dir: str, target: Path, predictions: bool = True, **man
 
 #: Case -> (argv of a run and a temporary directory, the fragments of each expected error line in order).
 BAD_INPUTS = {
-    "fewer than two runs": (lambda run, tmp: [run], ["at least two run directories"]),
+    "no run": (lambda run, tmp: [], ["compare needs a run directory"]),
     "missing directory": (lambda run, tmp: [run, str(tmp / "missing")], ["{tmp}/missing: no such directory"]),
     "no manifest": (lambda run, tmp: [run, str(tmp)], [f"{{tmp}}: holds no {ADAPTER_DIR}/{MANIFEST_FILE}"]),
     "same run twice": (lambda run, tmp: [run, str(Path(run) / ADAPTER_DIR)], ["are the same run"]),
@@ -156,6 +193,8 @@ BAD_INPUTS = {
                                 [f"{PREDICTIONS_JSONL_FILE} is a file"]),
     "output dir holds other files": (lambda run, tmp: [run, _copied_run(run, tmp / "copy"), "--output-dir", run],
                                      [("holds other files", "--overwrite")]),
+    "train data missing": (lambda run, tmp: [run, _copied_run(run, tmp / "copy"), "--train-data", str(tmp / "t.jsonl")],
+                           ["--train-data {tmp}/t.jsonl: no such file; check --train-data."]),
     "settings out of range": (lambda run, tmp: [run, _copied_run(run, tmp / "copy"), "--max-new-tokens", "0",
                                                 "--generation-batch-size", "0"],
                               ["--max-new-tokens", "--generation-batch-size"]),

@@ -1,7 +1,8 @@
-"""``philo-dataflow compare RUN_DIR RUN_DIR ...``: several runs' fine-tuned models and their base model scored on
-one hold-out set (``philo_dataflow.comparison``), written to ``--output-dir`` as ``comparison.json``,
+"""``philo-dataflow compare RUN_DIR [RUN_DIR ...]``: one or more runs' fine-tuned models and their base model
+scored on one hold-out set (``philo_dataflow.comparison``), written to ``--output-dir`` as ``comparison.json``,
 ``answers.jsonl`` and ``report.html``.
 
+    philo-dataflow compare outputs/quick                                     # a run against its base model
     philo-dataflow compare outputs/lr-2e-4 outputs/lr-1e-3                 # the first run's hold-out set
     philo-dataflow compare outputs/a outputs/b --data-path data/new.jsonl   # that file's hold-out split
 
@@ -43,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join(__doc__.split("\n\n")[1:3]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                        help="a finished run's output_dir (or its adapter directory); at least two, one base model")
+                        help="a finished run's output_dir (or its adapter directory); one or more, of one base model")
     parser.add_argument("--data-path", metavar="FILE",
                         help="score every run on this data file's hold-out split (made with the first run's split "
                              "inputs) instead of the first run's hold-out set; needed when the runs' hold-out sets differ")
+    parser.add_argument("--train-data", metavar="FILE",
+                        help="the data the compared models were tuned on, when you have it: name the hold-out "
+                             "questions with an exact or near duplicate in it (content-word Jaccard of the runs' "
+                             "near_duplicate_threshold or more) and give every pair's verdict without them too")
     parser.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
                         help=f"where to write {', '.join(COMPARISON_FILES)} (default: {DEFAULT_OUTPUT_DIR})")
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=None,
@@ -90,9 +95,9 @@ def checked_runs(paths: list[str], data_path: Optional[str]) -> tuple[list, list
     from .. import comparison  # torch, transformers and the models: only when run
 
     problems, runs = [], []
-    if len(paths) < 2:
-        problems.append(Problem("runs", f"compare needs at least two run directories, got {len(paths)}; "
-                                        "give the output_dir of each run to compare."))
+    if not paths:
+        problems.append(Problem("runs", "compare needs a run directory; give the output_dir of each run to compare "
+                                        "(one run is compared with its base model)."))
     for path in paths:
         try:
             runs.append((path, comparison.run_of(path)))
@@ -156,6 +161,13 @@ def main(argv: list[str]) -> int:
             settings["max_new_tokens"] = args.max_new_tokens
         problems += hyperparameter_problems(settings)
         problems += output_dir_problems(args.output_dir, args.overwrite)
+        train_questions = None
+        if args.train_data is not None:
+            try:
+                train_questions = comparison.train_questions(args.train_data)
+            except ValueError as error:
+                problems += [Problem("train_data", f"--train-data {line}".replace("check data_path", "check --train-data"))
+                             for line in str(error).splitlines()]
         if problems:
             raise InputProblems(problems)
         first = runs[0]
@@ -168,7 +180,8 @@ def main(argv: list[str]) -> int:
             hold_out_set = comparison.predicted_hold_out_set(first, rows)
             source = str(first.run_dir / PREDICTIONS_JSONL_FILE)
         result, answer_rows = comparison.compared(runs, hold_out_set, source, max_new_tokens,
-                                                  args.generation_batch_size, args.seed, args.data_path)
+                                                  args.generation_batch_size, args.seed, args.data_path,
+                                                  (args.train_data, train_questions) if train_questions else None)
         paths = _written(args.output_dir, result, answer_rows)
     except (ValueError, OSError) as error:
         if args.debug:
@@ -176,7 +189,8 @@ def main(argv: list[str]) -> int:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    print(f"\nCompared {len(runs)} runs and their base model on {result['hold_out']['questions']} hold-out questions:")
+    compared = "1 run and its" if len(runs) == 1 else f"{len(runs)} runs and their"
+    print(f"\nCompared {compared} base model on {result['hold_out']['questions']} hold-out questions:")
     for line in comparison.summary_lines(result):
         print(f"  {line}")
     if result["hold_out"]["runs_split_otherwise"]:
