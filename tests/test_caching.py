@@ -149,6 +149,8 @@ def test_run_py_reuses_the_cache_by_default_and_no_cache_turns_it_off(tmp_path, 
     assert cli.main([*flags, "--output-dir", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "training ran" in out
+    listed = [line.strip() for line in out.splitlines() if line.startswith(f"  {tmp_path / 'a'}")]
+    assert listed == sorted(set(listed), key=listed.index) and str(tmp_path / "a" / "adapter") in listed  # each once
     # The summary is printed from the run's own results: the counts equal metrics.json's.
     outcomes = json.loads((tmp_path / "a" / "metrics.json").read_text())["hold_out"]["rougeL_outcomes"]
     assert (f"question by question: fine-tuned wins {outcomes['wins']}, ties {outcomes['ties']}, loses "

@@ -323,12 +323,14 @@ def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
 
 def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     print(f"\nphilo_dataflow finished in {seconds / 60:.1f} min. Outputs in {output_dir}/:")
+    written = []  # the savers' paths, each once (a saver may name a path twice: "adapter_dir" and "path")
     for name, value in result.items():
         if name.startswith("saved_") or name == "save_best_models":
-            paths = value.values() if isinstance(value, dict) else [value]
-            for path in paths:
-                if isinstance(path, str) and path.startswith(str(Path(output_dir))):
-                    print(f"  {path}")
+            for path in value.values() if isinstance(value, dict) else [value]:
+                if isinstance(path, str) and path.startswith(str(Path(output_dir))) and path not in written:
+                    written.append(path)
+    for path in written:
+        print(f"  {path}")
     metrics = result.get("run_metrics")
     if metrics is None:
         return
