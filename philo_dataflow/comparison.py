@@ -422,6 +422,10 @@ def _interval(difference: dict) -> str:
     return f"{values[0]:+.3f} [{values[1]:+.3f}, {values[2]:+.3f}]"
 
 
+def _outcome_cell(pair: dict) -> str:
+    return "{wins} / {ties} / {losses}".format(**pair["rougeL_outcomes"])
+
+
 def _leakage_html(comparison: dict) -> str:
     leaked = comparison.get("leakage")
     if leaked is None:
@@ -431,8 +435,8 @@ def _leakage_html(comparison: dict) -> str:
             f"&ge; {leaked['threshold']:g}).</p>\n")
     if not leaked["pairs_without"]:
         return text
-    rows = [[pair["a"], pair["b"], _interval(pair["rougeL_difference"]), "{wins} / {ties} / {losses}".format(
-        **pair["rougeL_outcomes"])] for pair in leaked["pairs_without"]]
+    rows = [[pair["a"], pair["b"], _interval(pair["rougeL_difference"]), _outcome_cell(pair)]
+            for pair in leaked["pairs_without"]]
     return text + "<h3>Without those questions</h3>\n" + html_report.table(
         ["a", "b", "ROUGE-L b − a", "b wins / ties / loses"], rows, table_id="pairs-without-leaked")
 
@@ -468,7 +472,7 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
                                                                        for n in settings)] for key in keys],
                                       table_id="settings") if keys else "<p>The runs' recorded settings agree.</p>\n"
     pair_rows = [[pair["a"], pair["b"], *(_interval(pair[f"{m}_difference"]) for m in ("rougeL", *REPETITION_MEASURES)),
-                  "{wins} / {ties} / {losses}".format(**pair["rougeL_outcomes"])]
+                  _outcome_cell(pair)]
                  for pair in comparison["pairs"]]
     pairs_table = html_report.table(["a", "b", "ROUGE-L b − a", "loop rate b − a", "distinct-1 b − a",
                                      "distinct-2 b − a", "b wins / ties / loses"], pair_rows, table_id="pairs")

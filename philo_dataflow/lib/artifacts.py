@@ -92,11 +92,12 @@ def sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def saved_file_metadata(path: str) -> dict:
-    """What a saver reports of a file it wrote, for Hamilton's data-saver metadata (shown by the Hamilton
-    UI): ``{"path", "bytes", "sha256", "file_metadata"}``, the last in Hamilton's own schema
+def file_metadata(path: str) -> dict:
+    """What a data loader or saver reports of a file it read or wrote, as Hamilton's loader and saver metadata
+    (shown by the Hamilton UI): ``{"path", "bytes", "sha256", "file_metadata"}``, the last in Hamilton's own schema
     (``hamilton.io.utils.get_file_metadata``: size, path, modification time). ``bytes`` and ``sha256`` are
-    None where the file is absent (the other processes of a multi-process run, which write nothing)."""
+    None where the file is absent (a presaved run without a log history; the other processes of a
+    multi-process run, which write nothing)."""
     from hamilton.io.utils import get_file_metadata
 
     present = os.path.isfile(path)

@@ -23,7 +23,7 @@ import pyarrow
 import pyarrow.parquet
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
-from .artifacts import sha256_of_file
+from .artifacts import file_metadata
 from .inputs import DATA_FORMATS
 from .problems import capped_lines, flag, listed
 
@@ -141,14 +141,12 @@ def source_metadata(data_path: str, records: list) -> dict:
     """What was read from ``data_path``, as a Hamilton data loader reports it (``stages.loading.raw_records``;
     the Hamilton UI shows it): ``{"data_path", "source": "file" | "save_to_disk" | "hub", "format"
     (the file's suffix without its dot, else the source), "records", "sha256" (of a file; None otherwise),
-    "bytes" (of a file; None otherwise)}``, plus Hamilton's ``file_metadata`` for a file."""
+    "bytes" (of a file; None otherwise)}``, plus ``path`` and Hamilton's ``file_metadata`` for a file
+    (``artifacts.file_metadata``)."""
     source, colon, _ = data_path.rpartition(":")
     if os.path.isfile(data_path):
-        from hamilton.io.utils import get_file_metadata
-
         return {"data_path": data_path, "source": "file", "format": os.path.splitext(data_path)[1].lower().lstrip("."),
-                "records": len(records), "sha256": sha256_of_file(data_path), "bytes": os.path.getsize(data_path),
-                **get_file_metadata(data_path)}
+                "records": len(records), **file_metadata(data_path)}
     kind = "save_to_disk" if os.path.isdir(data_path) or (colon and os.path.isdir(source)) else "hub"
     return {"data_path": data_path, "source": kind, "format": kind, "records": len(records), "sha256": None,
             "bytes": None}

@@ -27,7 +27,7 @@ from transformers import (
     set_seed,
 )
 
-from ..lib.artifacts import MANIFEST_FILE, read_manifest, saved_file_metadata
+from ..lib.artifacts import MANIFEST_FILE, read_manifest, file_metadata
 from ..lib.distributed import launched_local_rank, launched_processes
 from ..lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
 from ..lib.model_sources import (
@@ -63,12 +63,12 @@ def device() -> torch.device:
 def presaved_manifest__presaved(presaved_model_dir: str) -> tuple[dict, dict]:
     """The manifest the base run saved beside the presaved adapter (``lib.artifacts.MANIFEST_FILE``): the
     inputs it ran with, its prompt format, LoRA and Trainer settings, library versions and metrics. A
-    Hamilton data loader; its metadata is the file's ``lib.artifacts.saved_file_metadata``.
+    Hamilton data loader; its metadata is the file's ``lib.artifacts.file_metadata``.
 
     :raises ValueError: it is missing, not JSON, or lacks ``inputs.model_id`` or ``prompt_format``.
     """
     manifest = read_manifest(presaved_model_dir)
-    return manifest, saved_file_metadata(str(Path(presaved_model_dir) / MANIFEST_FILE))
+    return manifest, file_metadata(str(Path(presaved_model_dir) / MANIFEST_FILE))
 
 
 @when(start="base")

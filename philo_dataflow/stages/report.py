@@ -202,15 +202,7 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         "## Sample hold-out answers",
     ]
     for row in hold_out_set_predictions[:report_examples]:
-        # Answers may hold blank lines; joined, each stays inside its Markdown list item.
-        lines += [
-            "",
-            f"**Q ({row['category']}):** {one_line(row['question'])}",
-            "",
-            f"- *reference:* {one_line(row['reference'])}",
-            f"- *base:* {one_line(row['base_prediction'])}",
-            f"- *fine-tuned:* {one_line(row['finetuned_prediction'])}",
-        ]
+        lines += _answer_lines(row, row["category"])
     report = "\n".join(lines) + "\n"
     return _judge_section(report, run_metrics["judge"]) if "judge" in run_metrics else report
 
@@ -233,16 +225,17 @@ def _most_changed_lines(most_changed: dict) -> list:
             continue
         lines += ["", f"## {title}"]
         for row in most_changed[kind]:
-            lines += [
-                "",
-                f"**Q ({row['category']}, ROUGE-L {fmt(row['base_rougeL'])} → {fmt(row['finetuned_rougeL'])}):** "
-                f"{one_line(row['question'])}",
-                "",
-                f"- *reference:* {one_line(row['reference'])}",
-                f"- *base:* {one_line(row['base_prediction'])}",
-                f"- *fine-tuned:* {one_line(row['finetuned_prediction'])}",
-            ]
+            lines += _answer_lines(row, f"{row['category']}, ROUGE-L {fmt(row['base_rougeL'])} → "
+                                        f"{fmt(row['finetuned_rougeL'])}")
     return lines
+
+
+def _answer_lines(row: dict, label: str) -> list:
+    """A hold-out question with its reference and both answers, as Markdown; answers may hold blank lines,
+    and joined into one line each stays inside its list item."""
+    return ["", f"**Q ({label}):** {one_line(row['question'])}", "",
+            f"- *reference:* {one_line(row['reference'])}", f"- *base:* {one_line(row['base_prediction'])}",
+            f"- *fine-tuned:* {one_line(row['finetuned_prediction'])}"]
 
 
 def _outcomes_html(outcomes: dict, most_changed: dict) -> str:

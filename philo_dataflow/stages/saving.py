@@ -1,6 +1,6 @@
 """Saving: every file a run writes under ``output_dir``, each by one node, once (names in
 ``lib.artifacts``). Every such node is a Hamilton data saver (``@datasaver``): it returns what it wrote
-(path, bytes, and a file's SHA-256: ``lib.artifacts.saved_file_metadata``), which Hamilton's trackers
+(path, bytes, and a file's SHA-256: ``lib.artifacts.file_metadata``), which Hamilton's trackers
 (the Hamilton UI) record as the node's metadata. Every file is written to a temporary name and renamed into place, and the adapter
 directory is built in a temporary directory and swapped in, so a failed run never leaves a half-written
 output or a previous run's files half-overwritten.
@@ -39,7 +39,7 @@ from ..lib.artifacts import (
     UMASK,
     library_versions,
     saved_directory_metadata,
-    saved_file_metadata,
+    file_metadata,
     write_text_atomically,
 )
 from ..lib.distributed import is_main_process, wait_for_everyone
@@ -153,7 +153,7 @@ def save_best_models(
 def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir: str = "outputs") -> dict:
     """Writes the side-by-side hold-out predictions as ``hold_out_predictions.jsonl`` and ``.csv``.
 
-    :return: ``{"jsonl": path, "csv": path, "rows": count, "files": [saved_file_metadata, ...]}``.
+    :return: ``{"jsonl": path, "csv": path, "rows": count, "files": [file_metadata, ...]}``.
     """
     jsonl = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in hold_out_set_predictions)
     buffer = io.StringIO()
@@ -166,7 +166,7 @@ def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir:
         "csv": write_text_atomically(out / PREDICTIONS_CSV_FILE, buffer.getvalue()),
     }
     return {**paths, "rows": len(hold_out_set_predictions),
-            "files": [saved_file_metadata(path) for path in paths.values()]}
+            "files": [file_metadata(path) for path in paths.values()]}
 
 
 @tag(output="default")
@@ -174,24 +174,24 @@ def saved_hold_out_predictions(hold_out_set_predictions: list[dict], output_dir:
 def saved_metrics(run_metrics: dict, output_dir: str = "outputs") -> dict:
     """Writes ``run_metrics`` to ``<output_dir>/metrics.json``.
 
-    :return: ``lib.artifacts.saved_file_metadata`` of the file (``"path"``, ``"bytes"``, ``"sha256"``)."""
-    return saved_file_metadata(
+    :return: ``lib.artifacts.file_metadata`` of the file (``"path"``, ``"bytes"``, ``"sha256"``)."""
+    return file_metadata(
         write_text_atomically(Path(output_dir) / METRICS_FILE, json.dumps(run_metrics, indent=2, default=str)))
 
 
 @tag(output="default")
 @datasaver()
 def saved_report(report_markdown: str, output_dir: str = "outputs") -> dict:
-    """Writes the Markdown report to ``<output_dir>/report.md``; returns its ``saved_file_metadata``."""
-    return saved_file_metadata(write_text_atomically(Path(output_dir) / REPORT_FILE, report_markdown))
+    """Writes the Markdown report to ``<output_dir>/report.md``; returns its ``file_metadata``."""
+    return file_metadata(write_text_atomically(Path(output_dir) / REPORT_FILE, report_markdown))
 
 
 @tag(output="default")
 @datasaver()
 def saved_report_html(report_html: str, output_dir: str = "outputs") -> dict:
     """Writes the HTML report (one self-contained page, figures included) to ``<output_dir>/report.html``;
-    returns its ``saved_file_metadata``."""
-    return saved_file_metadata(write_text_atomically(Path(output_dir) / REPORT_HTML_FILE, report_html))
+    returns its ``file_metadata``."""
+    return file_metadata(write_text_atomically(Path(output_dir) / REPORT_HTML_FILE, report_html))
 
 
 @when(judge=True)
@@ -200,9 +200,9 @@ def saved_report_html(report_html: str, output_dir: str = "outputs") -> dict:
 def saved_judgments(rubric_judgments: list[dict], pairwise_judgments: list[dict], output_dir: str = "outputs") -> dict:
     """Writes every judgment, failures with their raw replies included, to ``<output_dir>/judgments.jsonl``:
     the rubric records, then the pairwise records (see ``rubric_judgments`` / ``pairwise_judgments``);
-    returns its ``saved_file_metadata``."""
+    returns its ``file_metadata``."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*rubric_judgments, *pairwise_judgments])
-    return saved_file_metadata(write_text_atomically(Path(output_dir) / JUDGMENTS_FILE, text))
+    return file_metadata(write_text_atomically(Path(output_dir) / JUDGMENTS_FILE, text))
 
 
 @tag(output="run")
@@ -213,10 +213,10 @@ def saved_run_config(run_config: dict, output_dir: str = "outputs") -> dict:
     reproduce the run.
 
     :param run_config: input and config names -> values (``philo-dataflow`` passes it).
-    :return: the file's ``saved_file_metadata``.
+    :return: the file's ``file_metadata``.
     """
     text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    return saved_file_metadata(write_text_atomically(Path(output_dir) / CONFIG_FILE, text))
+    return file_metadata(write_text_atomically(Path(output_dir) / CONFIG_FILE, text))
 
 
 def _swap_in_directory(target: Path, build) -> None:
@@ -338,11 +338,11 @@ def saved_export_report(export_report: dict, export_report_markdown: str, saved_
     """Writes ``export_report`` as ``export_report.json`` and ``export_report_markdown`` as ``export_report.md``
     into the merged model's directory.
 
-    :return: ``{"json": path, "markdown": path, "files": [saved_file_metadata, ...]}``.
+    :return: ``{"json": path, "markdown": path, "files": [file_metadata, ...]}``.
     """
     directory = Path(saved_merged_model["merged_dir"])
     paths = {
         "json": write_text_atomically(directory / EXPORT_REPORT_FILE, json.dumps(export_report, indent=2, default=str)),
         "markdown": write_text_atomically(directory / EXPORT_REPORT_MARKDOWN_FILE, export_report_markdown),
     }
-    return {**paths, "files": [saved_file_metadata(path) for path in paths.values()]}
+    return {**paths, "files": [file_metadata(path) for path in paths.values()]}

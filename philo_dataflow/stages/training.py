@@ -25,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE, saved_file_metadata
+from ..lib.artifacts import CHECKPOINTS_DIR, LOG_HISTORY_FILE, file_metadata
 from ..lib.cross_entropy import LOSS_CHUNK_TOKENS
 from ..lib.distributed import is_main_process
 from ..lib.inputs import raise_hyperparameter_problems
@@ -344,13 +344,13 @@ def fitted_and_evaluated_trainer__presaved(trainer: Trainer, presaved_log_histor
 def presaved_log_history__presaved(presaved_model_dir: str) -> tuple[list, dict]:
     """The Trainer's log history the base run saved beside the presaved adapter
     (``lib.artifacts.LOG_HISTORY_FILE``; an empty list where it is absent). A Hamilton data loader; its
-    metadata is the file's ``lib.artifacts.saved_file_metadata``.
+    metadata is the file's ``lib.artifacts.file_metadata``.
 
     :raises ValueError: the file is there but not a JSON list.
     """
     path = Path(presaved_model_dir) / LOG_HISTORY_FILE
     if not path.is_file():
-        return [], {"path": str(path), "bytes": None, "sha256": None}
+        return [], file_metadata(str(path))
     try:
         history = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -358,4 +358,4 @@ def presaved_log_history__presaved(presaved_model_dir: str) -> tuple[list, dict]
     if not isinstance(history, list):
         raise ValueError(f"presaved_model_dir={presaved_model_dir!r}: {LOG_HISTORY_FILE} is not a JSON list of log "
                          "entries; copy the adapter directory again or delete that file.")
-    return history, saved_file_metadata(str(path))
+    return history, file_metadata(str(path))
