@@ -1,12 +1,14 @@
-"""Comparison of several runs on one hold-out set: the base model and each run's saved adapter (or fully
-fine-tuned model) answer the same questions greedily, and are scored with ROUGE, EOS-stop rate, answer
-length and the repetition measures of ``lib.scores``, with a paired bootstrap CI of every pair's
-difference. What ``philo-dataflow compare`` (``commands.compare``) runs.
+"""Comparison of several models on one hold-out set: the base model and each compared model (a run of ours,
+a PEFT adapter of any trainer, a model directory or hub id, a GGUF file: ``compared_models``) answer the
+same questions greedily, and are scored with ROUGE, EOS-stop rate, answer length and the repetition
+measures of ``lib.scores``, with a paired bootstrap CI of every pair's difference. What ``philo-dataflow
+compare`` (``cli.compare``) runs.
 
-Loading and generation go through the library's own ``presaved`` dataflow (``build_driver``), as
-``philo-dataflow --start presaved`` would load the adapter and answer; the hold-out set of a data file is the
-dataflow's ``hold_out_set`` under the first run's manifest split inputs. Library code, not a stage
-module: the driver is never given it.
+A run's loading and generation go through the library's own ``presaved`` dataflow (``build_driver``), as
+``philo-dataflow --start presaved`` would load the adapter and answer; other models through the ``base``
+dataflow (``compared_models.hf_answers``) or llama.cpp. The hold-out set of a data file is the dataflow's
+``hold_out_set`` under the first run's manifest split inputs (the defaults when no run is compared), or
+its ``instruction_records`` whole. Library code, not a stage module: the driver is never given it.
 """
 
 import ast
@@ -17,7 +19,6 @@ import json
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,19 +26,19 @@ import plotly.graph_objects as go
 import torch
 from datasets import Dataset
 
+from .compared_models import Model, Run, answers_of, hf_answers
 from .dataflow import build_driver, resolved_config
 from .lib import html_report
 from .lib.artifacts import (
     ADAPTER_DIR,
-    MANIFEST_FILE,
     MANIFEST_INPUTS,
     PREDICTIONS_JSONL_FILE,
-    read_manifest,
     sha256_of_file,
 )
 from .lib.formatting import fmt, one_line, pct
 from .lib.generation import GREEDY
 from .lib.inputs import DEFAULTS
+from .lib.judge_protocol import pairwise_metrics
 from .lib.near_duplicates import leaked_questions
 from .lib.records import read_records
 from .lib.scores import (
@@ -55,6 +56,7 @@ from .lib.scores import (
 )
 from .lib.trainer import ready_for_generation
 from .stages.loading import instruction_records
+from .stages.splitting import SPLIT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -75,51 +77,24 @@ _TRAINING_ARGS_SHOWN = (
 _LORA_CONFIG_SHOWN = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform")
 
 
-@dataclass(frozen=True)
-class Run:
-    """A finished run: its ``output_dir`` (``run_dir``), its adapter directory, and the adapter's manifest."""
-
-    run_dir: Path
-    adapter_dir: Path
-    manifest: dict
-
-    @property
-    def base_model_id(self) -> str:
-        return self.manifest["inputs"]["model_id"]
+def _name_parts(model: Model) -> tuple:
+    if model.run is not None:
+        run = model.run
+        return (run.run_dir if run.adapter_dir.name == ADAPTER_DIR else run.adapter_dir).resolve().parts
+    path = Path(model.path)
+    return path.resolve().parts if path.exists() else tuple(model.path.split("/"))
 
 
-def run_of(path: str) -> Run:
-    """The run at ``path``: a run's ``output_dir`` or its ``adapter`` directory.
-
-    :raises ValueError: one line naming ``path``: no such directory, no manifest, an unreadable one.
-    """
-    given = Path(path)
-    if not given.is_dir():
-        raise ValueError(f"{path}: no such directory; give a run's output_dir (or its {ADAPTER_DIR} directory).")
-    if (given / ADAPTER_DIR / MANIFEST_FILE).is_file():
-        run_dir, adapter_dir = given, given / ADAPTER_DIR
-    elif (given / MANIFEST_FILE).is_file():
-        run_dir, adapter_dir = given.parent, given
-    else:
-        raise ValueError(f"{path}: holds no {ADAPTER_DIR}/{MANIFEST_FILE}; give the output_dir of a finished run "
-                         f"(or its {ADAPTER_DIR} directory).")
-    try:
-        manifest = read_manifest(str(adapter_dir))
-    except ValueError as error:
-        raise ValueError(f"{path}: {str(error).splitlines()[0]}") from None
-    return Run(run_dir, adapter_dir, manifest)
-
-
-def run_labels(runs: list[Run]) -> list[str]:
-    """A short, unique name for each run: the last component of its ``run_dir`` (of its adapter directory
-    when that is not named ``adapter``), or as many of the last components as make the names unique (and
-    unlike ``BASE``)."""
-    parts = [(run.run_dir if run.adapter_dir.name == ADAPTER_DIR else run.adapter_dir).resolve().parts for run in runs]
+def model_labels(models: list[Model]) -> list[str]:
+    """A short, unique name for each model: the last component of its path (a run's ``run_dir``, or its
+    adapter directory when that is not named ``adapter``; a hub id's name), or as many of the last
+    components as make the names unique (and unlike ``BASE``)."""
+    parts = [_name_parts(model) for model in models]
     for depth in range(1, max(map(len, parts)) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels) and BASE not in labels:
             return labels
-    return [str(run.run_dir) for run in runs]
+    return [model.path for model in models]
 
 
 def predicted_hold_out(run: Run) -> list[dict]:
@@ -171,15 +146,29 @@ def split_inputs(run: Run) -> dict:
     return {name: recorded[name] for name in MANIFEST_INPUTS if name in needed and recorded.get(name) is not None}
 
 
-def data_hold_out_set(run: Run, data_path: str) -> Dataset:
+def data_hold_out_set(run: Optional[Run], data_path: str, whole: bool = False, base: Optional[str] = None,
+                      prompt_template: Optional[str] = None) -> Dataset:
     """The hold-out split of ``data_path`` made as a run would make it: the presaved dataflow's
-    ``hold_out_set`` under ``run``'s manifest split inputs (``split_inputs``) and prompt template.
+    ``hold_out_set`` under ``run``'s manifest split inputs (``split_inputs``) and prompt template; without a
+    run, the ``base`` dataflow's under the defaults, for model ``base``, with ``prompt_template``. With
+    ``whole`` (``--hold-out all``), every usable record of the file instead (the dataflow's
+    ``instruction_records``), in file order.
 
     :return: a ``Dataset`` with the columns of ``splitting.SPLIT_COLUMNS``.
     :raises ValueError: the data file's problems, as the dataflow reports them.
     """
-    inputs = {**split_inputs(run), "data_path": data_path, "presaved_model_dir": str(run.adapter_dir)}
-    return _presaved_driver(run).execute(["hold_out_set"], inputs=inputs)["hold_out_set"]
+    node = "instruction_records" if whole else "hold_out_set"
+    if run is not None:
+        inputs = {**split_inputs(run), "data_path": data_path, "presaved_model_dir": str(run.adapter_dir)}
+        value = _presaved_driver(run).execute([node], inputs=inputs)[node]
+    else:
+        inputs = {"data_path": data_path, "model_id": base,
+                  **({"prompt_template": prompt_template} if prompt_template else {})}
+        value = build_driver(resolved_config({"start": "base", "model_id": base})).execute([node], inputs=inputs)[node]
+    if whole:
+        value = Dataset.from_dict({column: [record.get(column, "[]" if column == "context" else "") for record in value]
+                                   for column in SPLIT_COLUMNS})
+    return value
 
 
 def runs_split_otherwise(runs: list[Run], data_path: str) -> list[int]:
@@ -220,8 +209,8 @@ def predicted_hold_out_set(run: Run, rows: list[dict]) -> Dataset:
 
 
 def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generation_batch_size: int,
-                  with_base: bool) -> dict:
-    """Answers (``COMPARE_DECODING``) of the run's fine-tuned model (and, with ``with_base``, of its base model) to every
+                  with_base: bool, decoding: Optional[dict] = None) -> dict:
+    """Answers (``decoding``, by default ``COMPARE_DECODING``) of the run's fine-tuned model (and, with ``with_base``, of its base model) to every
     ``hold_out_set`` question, by the presaved dataflow's ``finetuned_model_hold_out_generations`` and
     ``base_model_hold_out_generations`` (``prediction``).
 
@@ -235,7 +224,7 @@ def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generati
     """
     dr = _presaved_driver(run)
     inputs = {"presaved_model_dir": str(run.adapter_dir), "max_new_tokens": max_new_tokens,
-              "generation_batch_size": generation_batch_size, **COMPARE_DECODING}
+              "generation_batch_size": generation_batch_size, **(decoding or COMPARE_DECODING)}
     loaded = dr.execute(["trainable_model", "tokenizer", "prompt_format"], inputs=inputs)
     overrides = {"hold_out_set": hold_out_set, "finetuned_model": ready_for_generation(loaded.pop("trainable_model")),
                  **loaded}
@@ -441,6 +430,26 @@ def _leakage_html(comparison: dict) -> str:
         ["a", "b", "ROUGE-L b − a", "b wins / ties / loses"], rows, table_id="pairs-without-leaked")
 
 
+def _judge_html(comparison: dict) -> str:
+    judge = comparison.get("judge")
+    if judge is None:
+        return ""
+    pairs = judge["pairs"]
+    summary = html_report.table(
+        ["a", "b", "b wins / ties / loses", "failed", "position consistency"],
+        [[p["a"], p["b"], f"{p['wins']} / {p['ties']} / {p['losses']}", p["failed"],
+          pct(_value_or_nan(p["position_consistency"]))] for p in pairs], table_id="judge-pairs")
+    questions = html_report.table(
+        ["question", *(f"{p['b']} vs {p['a']}" for p in pairs)],
+        [[pairs[0]["per_question"][i]["question"], *(p["per_question"][i]["outcome"] for p in pairs)]
+         for i in range(len(pairs[0]["per_question"]) if pairs else 0)], table_id="judge-questions")
+    text = (f"<p>The judge <code>{html.escape(judge['model'])}</code> compared every pair's answers to each "
+            "question in both orders; b wins a question only when preferred in both (any disagreement is a tie; "
+            "Zheng et al. 2023). Position consistency is the share of questions whose two verdicts agree.</p>\n")
+    return html_report.section("LLM judge", text + summary + "<h3>Question by question</h3>\n" + questions,
+                               "judge-section")
+
+
 def report_html(comparison: dict, rows: list[dict]) -> str:
     """The comparison's page (``lib.html_report``): what was compared, the models' scores, the three
     figures, every pair's differences with CIs, and every answer side by side with a category filter.
@@ -458,19 +467,22 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
     if hold_out["runs_split_otherwise"]:
         intro += (f"<p><strong>Note:</strong> {html.escape(', '.join(hold_out['runs_split_otherwise']))} split "
                   "another data file or with other split inputs, so may have trained on some of these questions.</p>\n")
-    score_rows = [[name, entry.get("run_dir") or "", *(fmt(entry["scores"][k]) for k in ROUGE_TYPES),
+    score_rows = [[name, entry["kind"], entry.get("run_dir") or entry.get("path") or entry.get("model_id") or "",
+                   entry.get("prompt_format") or "", *(fmt(entry["scores"][k]) for k in ROUGE_TYPES),
                    pct(_value_or_nan(entry["scores"]["eos_stop_rate"])), fmt(entry["scores"]["mean_answer_words"], 1),
                    fmt(entry["scores"]["mean_new_tokens"], 1), pct(_value_or_nan(entry["scores"]["loop_rate"])),
                    fmt(entry["scores"]["distinct_1"]), fmt(entry["scores"]["distinct_2"])]
                   for name, entry in comparison["models"].items()]
     scores_table = html_report.table(
-        ["model", "run", *ROUGE_TYPES, "ends on EOS", "mean words", "mean new tokens", "loop rate", "distinct-1",
+        ["model", "kind", "path", "prompt format", *ROUGE_TYPES, "ends on EOS", "mean words", "mean new tokens", "loop rate", "distinct-1",
          "distinct-2"], score_rows, table_id="scores")
-    settings = {name: entry.get("settings", {}) for name, entry in comparison["models"].items() if entry["kind"] != BASE}
+    settings = {name: entry["settings"] for name, entry in comparison["models"].items() if "settings" in entry}
     keys = sorted({key for values in settings.values() for key in values})
     settings_html = html_report.table(["setting", *settings], [[key, *(json.dumps(settings[n].get(key), default=str)
                                                                        for n in settings)] for key in keys],
-                                      table_id="settings") if keys else "<p>The runs' recorded settings agree.</p>\n"
+                                      table_id="settings") if keys else (
+        "<p>The runs' recorded settings agree.</p>\n" if settings else "<p>No run of ours is compared: no recorded "
+                                                                       "training settings.</p>\n")
     pair_rows = [[pair["a"], pair["b"], *(_interval(pair[f"{m}_difference"]) for m in ("rougeL", *REPETITION_MEASURES)),
                   _outcome_cell(pair)]
                  for pair in comparison["pairs"]]
@@ -486,7 +498,7 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
     columns = [("question", "question"), ("reference", "reference"),
                *((f"answer-{i}", name) for i, name in enumerate(names))]
     body = (
-        "<h1>Comparison of fine-tuned runs</h1>\n" + intro
+        "<h1>Comparison of fine-tuned models</h1>\n" + intro
         + html_report.section("Scores", scores_table, "scores-section")
         + html_report.section("Settings that differ", settings_html, "settings-section")
         + html_report.section("ROUGE-L", html_report.figure_div(rouge_l_figure(comparison), "rouge-l-figure")
@@ -501,6 +513,7 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
             "pairs-section")
         + html_report.section("Loops", html_report.figure_div(loop_rate_figure(comparison), "loop-rate-figure"),
                               "loops-section")
+        + _judge_html(comparison)
         + html_report.section("Answers", html_report.answers_table(answers, columns, table_id="answers"),
                               "answers-section")
     )
@@ -536,58 +549,123 @@ def leakage(hold_out: list[dict], answers: dict, seed: int, train_data: str, que
             "pairs_without": pairs_without}
 
 
-def compared(runs: list[Run], hold_out_set: Dataset, hold_out_source: str, max_new_tokens: int,
-             generation_batch_size: int, seed: int, data_path: Optional[str] = None,
-             train_data: Optional[tuple] = None) -> tuple[dict, list[dict]]:
-    """Every run's fine-tuned model and the base model (loaded with the first run) answering
-    ``hold_out_set``, scored (``comparison_scores``).
+def judged_pairs(hold_out: list[dict], answers: dict, judge_inputs: dict) -> list[dict]:
+    """The LLM judge's pairwise verdict on every pair of models, by the main job's own ``pairwise_judgments``
+    node (a ``judge=True`` driver): each question asked in both orders, a model winning only when preferred
+    in both (Zheng et al. 2023), with the judge's position consistency.
 
-    :param runs: one or more runs of one base model; the first also gives the base answers.
+    :param judge_inputs: the judge inputs (``lib.inputs.JUDGE_INPUTS``: ``judge_model``, ``judge_base_url``...)
+        and ``output_dir`` (the judge cache's default home).
+    :return: one dict per pair, in ``comparison_scores``' pair order: ``a``, ``b``, the summary of
+        ``lib.judge_protocol.pairwise_metrics`` for ``b`` against ``a`` (``wins``, ``ties``, ``losses``,
+        ``win_rate``..., ``position_consistency``, ``per_school``) and ``per_question``, one
+        ``{"question", "category", "outcome", "position_consistent", "preferred"}`` per question (``outcome``
+        for ``b``: ``"win"``, ``"tie"``, ``"loss"`` or ``"failed"``; ``preferred`` per order, by model name).
+    :raises ValueError: the judge's settings or endpoint (the judge client's one-line messages).
+    """
+    driver = build_driver({"judge": True})
+    judged = []
+    for a, b in itertools.combinations(answers, 2):
+        rows = [{**{key: row[key] for key in HOLD_OUT_KEYS}, "base_prediction": answers[a][i]["text"],
+                 "finetuned_prediction": answers[b][i]["text"]} for i, row in enumerate(hold_out)]
+        records = driver.execute(["pairwise_judgments"], inputs=judge_inputs,
+                                 overrides={"hold_out_set_predictions": rows})["pairwise_judgments"]
+        named = {"base": a, "finetuned": b, "tie": "tie", None: None}
+        judged.append({"a": a, "b": b, **pairwise_metrics(records), "per_question": [
+            {"question": r["question"], "category": r["category"], "outcome": r["outcome"],
+             "position_consistent": r["position_consistent"],
+             "preferred": {f"{named[first]}_first": named[preferred] for (first, preferred) in
+                           (("base", r["preferred"]["base_first"]), ("finetuned", r["preferred"]["finetuned_first"]))}}
+            for r in records]})
+    return judged
+
+
+def compared(models: list[Model], base: str, hold_out_set: Dataset, hold_out_source: str, max_new_tokens: int,
+             generation_batch_size: int, seed: int, data_path: Optional[str] = None,
+             train_data: Optional[tuple] = None, prompt_template: Optional[str] = None,
+             decoding: Optional[dict] = None, judge_inputs: Optional[dict] = None) -> tuple[dict, list[dict]]:
+    """The base model and every compared model answering ``hold_out_set``, scored (``comparison_scores``).
+
+    :param models: one or more models (``compared_models.model_of``) of one base; when the first is a run
+        of ours, its adapter disabled gives the base answers (as its own run did), else ``base`` is loaded.
+    :param base: the base model's id (``compared_models.base_and_problems``).
     :param hold_out_set: the questions (``input_text``, ``output_text``, ``category``, ``context``).
     :param hold_out_source: where the questions come from, for the record.
     :param data_path: the data file the hold-out split was made of (``--data-path``), None for the first
         run's own hold-out set.
     :param train_data: ``(path, questions)`` of the data the models were tuned on (``--train-data``):
         ``comparison["leakage"]`` then holds ``leakage`` at the first run's ``near_duplicate_threshold``.
+    :param prompt_template: renders every question (``--prompt-template``); None: each model's own format.
+    :param decoding: the transformers decoding settings (``GREEDY``'s keys), by default ``COMPARE_DECODING``;
+        GGUF files decode with llama.cpp's greedy sampler.
+    :param judge_inputs: with ``judge_model`` among them, ``comparison["judge"]`` holds ``judged_pairs``.
     :return: ``(comparison, rows)``: the content of ``comparison.json`` and of ``answers.jsonl``
         (``answer_rows``); ``comparison["hold_out"]["runs_split_otherwise"]`` names the runs that may have
         trained on some of the ``data_path`` hold-out questions (``runs_split_otherwise``).
     :raises ValueError: a model that cannot be loaded.
     """
-    labels = run_labels(runs)
-    split_otherwise = [labels[i] for i in runs_split_otherwise(runs, data_path)] if data_path else []
+    decoding = dict(decoding or COMPARE_DECODING)
+    labels = model_labels(models)
+    runs = [(label, model.run) for label, model in zip(labels, models) if model.run is not None]
+    first_run = models[0].run
+    split_otherwise = ([runs[i][0] for i in runs_split_otherwise([run for _, run in runs], data_path)]
+                       if data_path and runs else [])
     hold_out = [{"question": q, "reference": r, "category": c} for q, r, c in
                 zip(hold_out_set["input_text"], hold_out_set["output_text"], hold_out_set["category"])]
-    answers = {}
-    for index, (label, run) in enumerate(zip(labels, runs)):
-        logger.info("answering with %s (%s)", label, run.adapter_dir)
-        generations = model_answers(run, hold_out_set, max_new_tokens, generation_batch_size, with_base=index == 0)
-        if index == 0:
-            answers[BASE] = generations[BASE]
-        answers[label] = generations["finetuned"]
+    inputs = {"max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size, **decoding,
+              **({"prompt_template": prompt_template} if prompt_template else {})}
+    answers, answering = {}, {}
+    if first_run is None:
+        logger.info("answering with the base model %s", base)
+        answers[BASE], prompt_format = hf_answers(base, None, hold_out_set, inputs)
+        answering[BASE] = {"prompt_format": prompt_format, "decoding": "transformers generate"}
+    for index, (label, model) in enumerate(zip(labels, models)):
+        logger.info("answering with %s (%s, %s)", label, model.kind, model.path)
+        if model.run is not None:
+            generations = model_answers(model.run, hold_out_set, max_new_tokens, generation_batch_size,
+                                        with_base=index == 0, decoding=decoding)
+            if index == 0:
+                answers[BASE] = generations[BASE]
+                answering[BASE] = {"prompt_format": model.run.manifest.get("prompt_format"),
+                                   "decoding": "transformers generate"}
+            answers[label] = generations["finetuned"]
+            answering[label] = {"prompt_format": model.run.manifest.get("prompt_format"),
+                                "decoding": "transformers generate"}
+        else:
+            answers[label], answering[label] = answers_of(model, base, hold_out_set, inputs, seed)
+    answers = {BASE: answers.pop(BASE), **answers}
     scores = comparison_scores(hold_out, answers, seed)
-    settings = differing_settings(dict(zip(labels, runs)))
-    models = {BASE: {"kind": BASE, "model_id": runs[0].base_model_id, "run_dir": None,
-                     "scores": scores["models"][BASE]}}
-    for label, run in zip(labels, runs):
-        models[label] = {"kind": "finetuned", "run_dir": str(run.run_dir), "adapter_dir": str(run.adapter_dir),
-                         "finetuning_method": run.manifest.get("finetuning_method", "lora"),
-                         "settings": settings[label], "scores": scores["models"][label]}
+    settings = differing_settings({label: run for label, run in runs})
+    entries = {BASE: {"kind": BASE, "model_id": base, "run_dir": None}}
+    for label, model in zip(labels, models):
+        entry = {"kind": model.kind, "path": model.path, "run_dir": None}
+        if model.run is not None:
+            entry.update({"run_dir": str(model.run.run_dir), "adapter_dir": str(model.run.adapter_dir),
+                          "finetuning_method": model.run.manifest.get("finetuning_method", "lora"),
+                          "settings": settings[label]})
+        entries[label] = entry
+    for name, entry in entries.items():
+        entry.update(answering[name])
+        entry["scores"] = scores["models"][name]
     comparison = {
-        "base_model_id": runs[0].base_model_id,
+        "base_model_id": base,
         "hold_out": {"source": hold_out_source, "questions": len(hold_out),
-                     "split_inputs": {**split_inputs(runs[0]), **({"data_path": data_path} if data_path else {})},
+                     "split_inputs": {**(split_inputs(first_run) if first_run else {}),
+                                      **({"data_path": data_path} if data_path else {})},
                      "runs_split_otherwise": split_otherwise},
         "generation": {"max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size,
-                       "settings": dict(COMPARE_DECODING)},
+                       "settings": decoding, **({"prompt_template": prompt_template} if prompt_template else {})},
         "seed": seed,
-        "models": models,
+        "models": entries,
         "pairs": scores["pairs"],
         "per_category": scores["per_category"],
     }
     if train_data is not None:
-        threshold = runs[0].manifest["inputs"].get("near_duplicate_threshold", DEFAULTS["near_duplicate_threshold"])
+        threshold = (first_run.manifest["inputs"] if first_run else {}).get(
+            "near_duplicate_threshold", DEFAULTS["near_duplicate_threshold"])
         comparison["leakage"] = leakage(hold_out, answers, seed, *train_data, threshold)
+    if judge_inputs and judge_inputs.get("judge_model"):
+        comparison["judge"] = {"model": judge_inputs["judge_model"], "pairs": judged_pairs(hold_out, answers, judge_inputs)}
     return json_ready(comparison), json_ready(answer_rows(hold_out, answers, scores))
 
 
@@ -604,6 +682,10 @@ def summary_lines(comparison: dict) -> list[str]:
         lines.append(f"ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}; question by "
                      f"question {outcomes['wins']} won, {outcomes['ties']} tied, {outcomes['losses']} lost "
                      f"(±{outcomes['tolerance']:g})")
+    for pair in comparison.get("judge", {}).get("pairs", []):
+        lines.append(f"judge {comparison['judge']['model']}, {pair['b']} against {pair['a']}: {pair['wins']} won, "
+                     f"{pair['ties']} tied, {pair['losses']} lost of {pair['judged']} judged in both orders "
+                     f"({pair['failed']} failed); position consistency {pct(_value_or_nan(pair['position_consistency']))}")
     leaked = comparison.get("leakage")
     if leaked is not None:
         lines.append(f"{leaked['count']} of {comparison['hold_out']['questions']} hold-out questions have a near "

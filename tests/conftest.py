@@ -155,3 +155,22 @@ def tiny_run_dir(tmp_path_factory, tiny_model_dir) -> str:
               "max_steps": 4}
     philo_dataflow.build_driver({"start": "base"}).execute(list(philo_dataflow.DEFAULT_OUTPUTS), inputs=inputs)
     return str(work / "out")
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """``python -m llama_cpp.server`` with the embedded GGUF on a free loopback port, stopped by PID."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        pytest.fail(f"llama-cpp-python[server] is a dev requirement: run `bash setup.sh --dev` ({error})")
+    from philo_dataflow.lib.model_sources import embedded_gguf_path
+
+    from judge_servers import LlamaCppServer
+
+    server = LlamaCppServer(str(embedded_gguf_path()), tmp_path_factory.mktemp("llama") / "server.log")
+    try:
+        server.wait_until_ready()
+        yield server
+    finally:
+        server.stop()

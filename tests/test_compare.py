@@ -16,6 +16,7 @@ import philo_dataflow
 from philo_dataflow import comparison
 from philo_dataflow.lib.artifacts import COMPARISON_ANSWERS_FILE, COMPARISON_FILE, COMPARISON_REPORT_FILE
 from philo_dataflow.cli import compare
+from philo_dataflow.compared_models import Model
 from philo_dataflow.lib.artifacts import ADAPTER_DIR, MANIFEST_FILE, PREDICTIONS_JSONL_FILE, read_manifest
 
 FIGURES = ("rouge-l-figure", "rouge-l-difference-figure", "loop-rate-figure")
@@ -121,7 +122,7 @@ def test_one_run_is_compared_with_its_base_model(tiny_run_dir, tmp_path, capsys)
     assert [r["answers"][label]["text"] for r in rows] == [p["finetuned_prediction"] for p in run]
     outcomes = result["pairs"][0]["rougeL_outcomes"]
     assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == len(run)
-    assert "Compared 1 run and its base model" in capsys.readouterr().out
+    assert "Compared 1 model and its base model" in capsys.readouterr().out
 
 
 def test_report_page_draws_every_figure_offline(compared_dir):
@@ -180,10 +181,10 @@ def _copied_run(tiny_run_dir: str, target: Path, predictions: bool = True, **man
 
 #: Case -> (argv of a run and a temporary directory, the fragments of each expected error line in order).
 BAD_INPUTS = {
-    "no run": (lambda run, tmp: [], ["compare needs a run directory"]),
-    "missing directory": (lambda run, tmp: [run, str(tmp / "missing")], ["{tmp}/missing: no such directory"]),
-    "no manifest": (lambda run, tmp: [run, str(tmp)], [f"{{tmp}}: holds no {ADAPTER_DIR}/{MANIFEST_FILE}"]),
-    "same run twice": (lambda run, tmp: [run, str(Path(run) / ADAPTER_DIR)], ["are the same run"]),
+    "no run": (lambda run, tmp: [], ["compare needs a model"]),
+    "missing directory": (lambda run, tmp: [run, str(tmp / "missing")], ["{tmp}/missing: no such file or directory"]),
+    "no manifest": (lambda run, tmp: [run, str(tmp)], [f"{{tmp}}: holds no {MANIFEST_FILE}, adapter_config.json"]),
+    "same run twice": (lambda run, tmp: [run, str(Path(run) / ADAPTER_DIR)], ["are the same model"]),
     "other base model": (lambda run, tmp: [run, _copied_run(run, tmp / "other", model_id="other/model")],
                          [("{tmp}/other was trained on base model 'other/model'", "one base model")]),
     "no hold-out predictions": (lambda run, tmp: [run, _copied_run(run, tmp / "unfinished", predictions=False)],
@@ -254,8 +255,9 @@ def test_scores_and_figures_of_hand_made_answers():
 
 def test_run_labels_are_short_and_unique(tmp_path):
     def run(*parts):
-        return comparison.Run(tmp_path.joinpath(*parts), tmp_path.joinpath(*parts, ADAPTER_DIR), {})
+        run_dir = tmp_path.joinpath(*parts)
+        return Model(str(run_dir), "run", None, comparison.Run(run_dir, run_dir / ADAPTER_DIR, {}))
 
-    assert comparison.run_labels([run("a", "out"), run("b", "out")]) == ["a/out", "b/out"]
-    assert comparison.run_labels([run("lr-1"), run("lr-2")]) == ["lr-1", "lr-2"]
-    assert comparison.run_labels([run("x", "base"), run("y")]) == ["x/base", f"{tmp_path.name}/y"]
+    assert comparison.model_labels([run("a", "out"), run("b", "out")]) == ["a/out", "b/out"]
+    assert comparison.model_labels([run("lr-1"), run("lr-2")]) == ["lr-1", "lr-2"]
+    assert comparison.model_labels([run("x", "base"), run("y")]) == ["x/base", f"{tmp_path.name}/y"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE_DATA
-from judge_servers import FaultyJudgeServer, LlamaCppServer
+from judge_servers import FaultyJudgeServer
 
 import philo_dataflow
 from philo_dataflow.stages import judging
@@ -88,7 +88,7 @@ def test_pairwise_summary_rates_and_position_consistency():
                           "finetuned_first": judge_protocol.preferred_model("finetuned_first", second)},
             "answer_words": {"base": 5, "finetuned": 10 if index < 3 else 2},
         })
-    summary = judging._pairwise_summary(records)
+    summary = judge_protocol._pairwise_summary(records)
     assert (summary["questions"], summary["judged"], summary["failed"]) == (11, 10, 1)
     assert (summary["wins"], summary["ties"], summary["losses"]) == (3, 5, 2)
     assert summary["win_rate"] == pytest.approx(0.3) and summary["loss_rate"] == pytest.approx(0.2)
@@ -308,23 +308,6 @@ def test_api_key_never_reaches_outputs_logs_or_errors(tmp_path, monkeypatch, cap
 
 
 # --- a real OpenAI-compatible server: llama.cpp with the embedded 135M model ---------------------
-
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory):
-    """``python -m llama_cpp.server`` with the embedded GGUF on a free loopback port, stopped by PID."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as error:
-        pytest.fail(f"llama-cpp-python[server] is a dev requirement: run `bash setup.sh --dev` ({error})")
-    from philo_dataflow.lib.model_sources import embedded_gguf_path
-
-    server = LlamaCppServer(str(embedded_gguf_path()), tmp_path_factory.mktemp("llama") / "server.log")
-    try:
-        server.wait_until_ready()
-        yield server
-    finally:
-        server.stop()
-
 
 LLAMA_ROWS = 8  # two per school of four: every call kind and the per-school table, in under a minute
 #: Small enough for the 135M model to answer quickly (short rationales, few tokens).

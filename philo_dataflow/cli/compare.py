@@ -1,15 +1,20 @@
-"""``philo-dataflow compare RUN_DIR [RUN_DIR ...]``: one or more runs' fine-tuned models and their base model
+"""``philo-dataflow compare MODEL [MODEL ...]``: one or more fine-tuned models of any trainer and their base model
 scored on one hold-out set (``philo_dataflow.comparison``), written to ``--output-dir`` as ``comparison.json``,
 ``answers.jsonl`` and ``report.html``.
 
     philo-dataflow compare outputs/quick                                     # a run against its base model
     philo-dataflow compare outputs/lr-2e-4 outputs/lr-1e-3                 # the first run's hold-out set
     philo-dataflow compare outputs/a outputs/b --data-path data/new.jsonl   # that file's hold-out split
+    philo-dataflow compare trl-out/checkpoint-500 --data-path qa.jsonl      # any trainer's PEFT adapter
+    philo-dataflow compare outputs outputs/merged outputs/merged/model.gguf # a run, its merged and GGUF copies
 
-The hold-out set is the first run's (its ``hold_out_predictions.jsonl``), and every run must have
-answered the same one; ``--data-path`` scores every run on that file's hold-out split instead, made with
-the first run's split inputs. Every problem with the command line is reported before anything is loaded
-or written (exit status 2).
+A MODEL is a run's output_dir, a PEFT adapter directory (its base from adapter_config.json, or --base), a
+model directory or a hub id in the local cache, or a GGUF file (answered through llama.cpp). The base
+model is --base, or the first model's base. The hold-out set is the first run's (its
+``hold_out_predictions.jsonl``), and every run must have answered the same one; ``--data-path`` scores
+every model on that file's hold-out split instead, made with the first run's split inputs (the defaults
+when the first model is not a run), and ``--hold-out all`` on every record of the file. Every problem with
+the command line is reported before anything is loaded or written (exit status 2).
 """
 
 import argparse
@@ -27,7 +32,7 @@ from ..lib.artifacts import (
     PREDICTIONS_JSONL_FILE,
     write_text_atomically,
 )
-from ..lib.inputs import BY_NAME, hyperparameter_problems
+from ..lib.inputs import BY_NAME, DEFAULTS, JUDGE_INPUTS, hyperparameter_problems
 from ..lib.problems import InputProblems, Problem
 from .common import configure_logging
 
@@ -40,14 +45,31 @@ DEFAULT_SEED = 42
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="philo-dataflow compare",
-        description="Score several runs' fine-tuned models and their base model on one hold-out set.",
-        epilog="\n\n".join(__doc__.split("\n\n")[1:3]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score fine-tuned models of any trainer and their base model on one hold-out set.",
+        epilog="\n\n".join(__doc__.split("\n\n")[1:4]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                        help="a finished run's output_dir (or its adapter directory); one or more, of one base model")
+    parser.add_argument("runs", nargs="*", metavar="MODEL",
+                        help="a run's output_dir, a PEFT adapter directory, a model directory, a hub id in the local "
+                             "cache or a .gguf file; one or more, of one base model")
+    parser.add_argument("--base", metavar="MODEL",
+                        help="the base model (a model directory, a hub id in the local cache, or a .gguf file to "
+                             "dequantize); default: the first model's base (a run's model_id, an adapter's "
+                             "base_model_name_or_path); stands for every adapter's base")
     parser.add_argument("--data-path", metavar="FILE",
-                        help="score every run on this data file's hold-out split (made with the first run's split "
-                             "inputs) instead of the first run's hold-out set; needed when the runs' hold-out sets differ")
+                        help="score every model on this data file's hold-out split (made with the first run's split "
+                             "inputs, else the defaults) instead of the first run's hold-out set; needed when the "
+                             "runs' hold-out sets differ or the first model is not a run")
+    parser.add_argument("--hold-out", choices=("split", "all"), default="split",
+                        help="'split': the hold-out split (default); 'all': every record of the data file "
+                             "(--data-path, else the first run's) as evaluation data")
+    parser.add_argument("--prompt-template", metavar="TEMPLATE",
+                        help="render every question with this format string over a record's keys (as the main "
+                             "job's --prompt-template, e.g. '### Question:\\n{instruction}\\n\\n### Answer:') "
+                             "instead of each model's own chat template; runs must have been trained with it")
+    parser.add_argument("--no-repeat-ngram-size", metavar="N", type=int,
+                        default=DEFAULTS["no_repeat_ngram_size"],
+                        help="transformers models never repeat an n-gram of N tokens (0: off; llama.cpp has no "
+                             "such setting, so GGUF files decode plain greedy) (default: %(default)s)")
     parser.add_argument("--train-data", metavar="FILE",
                         help="the data the compared models were tuned on, when you have it: name the hold-out "
                              "questions with an exact or near duplicate in it (content-word Jaccard of the runs' "
@@ -63,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a non-empty --output-dir that holds no previous comparison")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    from .job import add_input_flags
+
+    add_input_flags(parser, tuple(BY_NAME[name] for name in JUDGE_INPUTS))
     return parser
 
 
@@ -86,42 +111,59 @@ def output_dir_problems(output_dir: str, overwrite: bool) -> list:
     return []
 
 
-def checked_runs(paths: list[str], data_path: Optional[str]) -> tuple[list, list, list]:
-    """The runs of ``paths`` and, without ``data_path``, the first run's hold-out rows, checked: every run
-    found, no run twice, one base model, and (without ``data_path``) one hold-out set.
+def checked_models(paths: list[str], data_path: Optional[str], base: Optional[str] = None, whole: bool = False,
+                   prompt_template: Optional[str] = None) -> tuple[list, Optional[str], list, list]:
+    """The models of ``paths`` (``compared_models.model_of``), their base, and, when the first run's hold-out
+    set is answered, its rows; checked: every model found, none twice, one base model that loads here,
+    runs trained with ``prompt_template`` when one is given, and a hold-out set to answer (the runs' own,
+    all the same, without ``data_path``; ``data_path`` or a first run's data file with ``whole``).
 
-    :return: ``(runs, hold_out_rows, problems)``; ``hold_out_rows`` is empty with ``data_path``.
+    :return: ``(models, base, hold_out_rows, problems)``; ``hold_out_rows`` is empty with ``data_path`` or
+        ``whole``.
     """
-    from .. import comparison  # torch, transformers and the models: only when run
+    from .. import comparison, compared_models  # torch, transformers and the models: only when run
 
-    problems, runs = [], []
+    problems, models = [], []
     if not paths:
-        problems.append(Problem("runs", "compare needs a run directory; give the output_dir of each run to compare "
-                                        "(one run is compared with its base model)."))
+        problems.append(Problem("runs", "compare needs a model; give a run's output_dir (or a PEFT adapter, a model "
+                                        "directory, a hub id, a .gguf file) for each model to compare (one model "
+                                        "is compared with its base model)."))
     for path in paths:
         try:
-            runs.append((path, comparison.run_of(path)))
+            models.append(compared_models.model_of(path))
         except ValueError as error:
             problems.append(Problem("runs", str(error)))
     seen = {}
-    for path, run in runs:
-        key = run.adapter_dir.resolve()
+    for model in models:
+        key = model.run.adapter_dir.resolve() if model.run else Path(model.path).resolve() \
+            if Path(model.path).exists() else model.path
         if key in seen:
-            problems.append(Problem("runs", f"{seen[key]} and {path} are the same run; give each run once."))
-        seen.setdefault(key, path)
-    if runs:
-        first_path, first = runs[0]
-        for path, run in runs[1:]:
-            if run.base_model_id != first.base_model_id:
-                problems.append(Problem("runs", (
-                    f"{path} was trained on base model {run.base_model_id!r} but {first_path} on "
-                    f"{first.base_model_id!r}; compare runs of one base model.")))
+            problems.append(Problem("runs", f"{seen[key]} and {model.path} are the same model; give each model once."))
+        seen.setdefault(key, model.path)
+    if models and not problems:
+        base, base_problems = compared_models.base_and_problems(models, base)
+        problems += [Problem("base", line) for line in base_problems]
+    runs = [model for model in models if model.run is not None]
+    if prompt_template is not None:
+        for model in runs:
+            trained_with = model.run.manifest.get("prompt_template")
+            if trained_with != prompt_template:
+                problems.append(Problem("prompt_template", (
+                    f"{model.path} was trained with prompt template {trained_with!r}, not --prompt-template; a run "
+                    "answers the prompts it learnt: leave --prompt-template out, or compare runs trained with it.")))
     rows = []
-    if data_path is None and runs and not problems:
+    first_run = models[0].run if models else None
+    if data_path is None and models and whole and first_run is None:
+        problems.append(Problem("data_path", "--hold-out all needs the data file: give --data-path FILE."))
+    elif data_path is None and models and first_run is None:
+        problems.append(Problem("data_path", (
+            f"{models[0].path} is not a run of ours, so it has no hold-out set to reuse: give --data-path FILE "
+            "(its hold-out split is answered; --hold-out all answers every record).")))
+    elif data_path is None and not whole and models and not problems:
         hold_outs = []
-        for path, run in runs:
+        for model in runs:
             try:
-                hold_outs.append((path, comparison.predicted_hold_out(run)))
+                hold_outs.append((model.path, comparison.predicted_hold_out(model.run)))
             except ValueError as error:
                 problems.append(Problem("runs", str(error)))
         if len(hold_outs) == len(runs):
@@ -132,7 +174,7 @@ def checked_runs(paths: list[str], data_path: Optional[str]) -> tuple[list, list
                     problems.append(Problem("data_path", (
                         f"{first_path} and {path} were scored on different hold-out sets ({difference}); pass "
                         "--data-path FILE to score every run on that file's hold-out split.")))
-    return [run for _, run in runs], rows, problems
+    return models, base if models and not problems else None, rows, problems
 
 
 def _written(output_dir: str, result: dict, rows: list[dict]) -> list[str]:
@@ -155,8 +197,10 @@ def main(argv: list[str]) -> int:
     configure_logging(args.debug)
     from .. import comparison  # torch, transformers and the models: only when run
     try:
-        runs, rows, problems = checked_runs(args.runs, args.data_path)
-        settings = {"generation_batch_size": args.generation_batch_size, "seed": args.seed}
+        models, base, rows, problems = checked_models(args.runs, args.data_path, args.base, args.hold_out == "all",
+                                                      args.prompt_template)
+        settings = {"generation_batch_size": args.generation_batch_size, "seed": args.seed,
+                    "no_repeat_ngram_size": args.no_repeat_ngram_size}
         if args.max_new_tokens is not None:
             settings["max_new_tokens"] = args.max_new_tokens
         problems += hyperparameter_problems(settings)
@@ -168,20 +212,34 @@ def main(argv: list[str]) -> int:
             except ValueError as error:
                 problems += [Problem("train_data", f"--train-data {line}".replace("check data_path", "check --train-data"))
                              for line in str(error).splitlines()]
+        judge_inputs = None
+        if args.judge_model is not None:
+            from .. import preflight
+
+            given = {name: getattr(args, name) for name in JUDGE_INPUTS if getattr(args, name) is not None}
+            judge_inputs = {**{name: BY_NAME[name].default for name in JUDGE_INPUTS}, **given,
+                            "output_dir": args.output_dir}
+            problems += hyperparameter_problems(given) + preflight.judge_problems(judge_inputs)
         if problems:
             raise InputProblems(problems)
-        first = runs[0]
-        max_new_tokens = args.max_new_tokens or first.manifest["inputs"].get(
+        first = models[0].run
+        max_new_tokens = args.max_new_tokens or (first.manifest["inputs"] if first else {}).get(
             "max_new_tokens", BY_NAME["max_new_tokens"].default)
-        if args.data_path is not None:
-            hold_out_set = comparison.data_hold_out_set(first, args.data_path)
-            source = f"the hold-out split of {args.data_path} (split inputs of {first.run_dir})"
+        data_path = args.data_path or (first.manifest["inputs"].get("data_path") if args.hold_out == "all" else None)
+        if data_path is not None:
+            hold_out_set = comparison.data_hold_out_set(first, data_path, args.hold_out == "all", base,
+                                                        args.prompt_template)
+            split = f"split inputs of {first.run_dir}" if first else "default split inputs"
+            source = (f"every record of {data_path}" if args.hold_out == "all"
+                      else f"the hold-out split of {data_path} ({split})")
         else:
             hold_out_set = comparison.predicted_hold_out_set(first, rows)
             source = str(first.run_dir / PREDICTIONS_JSONL_FILE)
-        result, answer_rows = comparison.compared(runs, hold_out_set, source, max_new_tokens,
-                                                  args.generation_batch_size, args.seed, args.data_path,
-                                                  (args.train_data, train_questions) if train_questions else None)
+        decoding = {**comparison.COMPARE_DECODING, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+        result, answer_rows = comparison.compared(models, base, hold_out_set, source, max_new_tokens,
+                                                  args.generation_batch_size, args.seed, data_path,
+                                                  (args.train_data, train_questions) if train_questions else None,
+                                                  args.prompt_template, decoding, judge_inputs)
         paths = _written(args.output_dir, result, answer_rows)
     except (ValueError, OSError) as error:
         if args.debug:
@@ -189,7 +247,7 @@ def main(argv: list[str]) -> int:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    compared = "1 run and its" if len(runs) == 1 else f"{len(runs)} runs and their"
+    compared = "1 model and its" if len(models) == 1 else f"{len(models)} models and their"
     print(f"\nCompared {compared} base model on {result['hold_out']['questions']} hold-out questions:")
     for line in comparison.summary_lines(result):
         print(f"  {line}")

@@ -11,6 +11,7 @@ checkout, or the script in it). The converter runs in a subprocess of this Pytho
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -139,16 +140,16 @@ def load_gguf(path: Path, n_ctx: int, seed: int):
 
 
 def greedy_continuation(llm, prompt: list[int], max_new_tokens: int, eos_token_id: Optional[int],
-                        repeat_penalty: float = 1.0) -> list[int]:
+                        repeat_penalty: float = 1.0, end_ids: frozenset = frozenset()) -> list[int]:
     """llama.cpp's greedy continuation (temperature 0: its greedy sampler) of the token ids ``prompt``, fed
-    as ids (no re-tokenizing), from an empty KV cache; up to and including ``eos_token_id``, at most
-    ``max_new_tokens`` tokens. ``repeat_penalty`` is llama.cpp's (1.0: off)."""
+    as ids (no re-tokenizing), from an empty KV cache; up to and including ``eos_token_id`` (or any of
+    ``end_ids``), at most ``max_new_tokens`` tokens. ``repeat_penalty`` is llama.cpp's (1.0: off)."""
     llm.reset()
     tokens: list[int] = []
     for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=repeat_penalty,
                               reset=True):
         tokens.append(int(token))
-        if token == eos_token_id or len(tokens) >= max_new_tokens:
+        if token == eos_token_id or token in end_ids or len(tokens) >= max_new_tokens:
             break
     return tokens
 
@@ -249,3 +250,74 @@ def modelfile_text(
     if generation_settings.get("repetition_penalty", 1.0) != 1.0:
         lines.append(f"PARAMETER repeat_penalty {generation_settings['repetition_penalty']}")
     return "\n".join(lines) + "\n"
+
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` starts with the GGUF magic bytes ``GGUF``."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_tokens: int, templated: bool,
+                 seed: int) -> tuple[list[dict], str]:
+    """Greedy answers of the GGUF file at ``path`` through llama.cpp, as a llama-cpp-python user gets them.
+
+    Each prompt is rendered as ``Llama.create_chat_completion`` renders it: by the chat template embedded
+    in the file (``tokenizer.chat_template``, llama-cpp-python's ``Jinja2ChatFormatter``) over the
+    question's earlier turns (``contexts``, JSON messages) and the question, tokenized with special tokens
+    (BOS added unless the template wrote it). When ``templated`` (the questions are already rendered by a
+    ``prompt_template``) or the file embeds no chat template, the question text is the prompt (Alpaca's
+    wording when there is no template), after BOS. Decoding is llama.cpp's greedy sampler without repeat
+    penalty (``greedy_continuation``), up to an end-of-generation token (llama.cpp's ``llama_vocab_is_eog``,
+    where its chat completion stops) or ``max_new_tokens``.
+
+    :return: ``(generations, prompt_format)``: one dict per question, ``text`` (detokenized without
+        special tokens, stripped), ``token_ids`` (up to and including the end token), ``ended_on_eos``;
+        ``prompt_format`` is ``"chat_template"``, ``"template"`` or ``"alpaca"``.
+    :raises ValueError: llama.cpp cannot load the file; a question with earlier turns but no chat template.
+    """
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    try:
+        vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: llama.cpp cannot load it ({str(error).splitlines()[0][:160]}); give a GGUF "
+                         "model file.") from None
+    eos, bos = vocab.token_eos(), vocab.token_bos()
+    template = vocab.metadata.get("tokenizer.chat_template")
+    prompt_format = TEMPLATE if templated else CHAT_TEMPLATE if template else ALPACA
+    formatter = Jinja2ChatFormatter(template=template, eos_token=vocab._model.token_get_text(eos) if eos != -1 else "",
+                                    bos_token=vocab._model.token_get_text(bos) if bos != -1 else "",
+                                    stop_token_ids=[eos]) if prompt_format == CHAT_TEMPLATE else None
+    prompts = []
+    for number, (question, context) in enumerate(zip(questions, contexts), start=1):
+        earlier = json.loads(context) if context else []
+        if formatter is not None:
+            rendered = formatter(messages=[*earlier, {"role": "user", "content": question}])
+            prompts.append(vocab.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
+                                          special=True))
+            continue
+        if earlier:
+            raise ValueError(f"{path}: question {number} has earlier turns but the file embeds no chat template; "
+                             "give single-turn questions.")
+        text = question if prompt_format == TEMPLATE else ALPACA_PROMPT.format(instruction=question)
+        prompts.append(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    end_ids = frozenset(token for token in range(vocab.n_vocab())
+                        if llama_cpp.llama_vocab_is_eog(vocab._model.vocab, token))
+    vocab.close()
+    n_ctx = max((len(prompt) for prompt in prompts), default=1) + max_new_tokens + 1
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, seed=seed, verbose=False)
+    try:
+        generations = []
+        for prompt in prompts:
+            tokens = greedy_continuation(llm, prompt, max_new_tokens, eos, end_ids=end_ids)
+            ended = bool(tokens) and tokens[-1] in end_ids | {eos}
+            text = llm.detokenize(tokens[:-1] if ended else tokens).decode("utf-8", errors="replace")
+            generations.append({"text": text.strip(), "token_ids": tokens, "ended_on_eos": ended})
+    finally:
+        llm.close()
+    return generations, prompt_format

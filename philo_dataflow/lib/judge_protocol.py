@@ -17,11 +17,13 @@ Two protocols, after Zheng et al. 2023, "Judging LLM-as-a-judge with MT-Bench an
 
 import json
 import re
+from collections import defaultdict
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
 from .inputs import RESPONSE_FORMATS  # noqa: F401  (re-exported: the protocol's modes)
+from .scores import MODELS, mean
 
 #: Bumped whenever a prompt, the rubric or a schema changes; recorded with every result.
 PROMPT_VERSION = "philo-judge-1"
@@ -248,3 +250,47 @@ def pair_outcome(base_first_verdict: Optional[str], finetuned_first_verdict: Opt
     if first != second:
         return "tie", False
     return {"finetuned": "win", "base": "loss", "tie": "tie"}[first], True
+
+
+def _pairwise_summary(records: list[dict]) -> dict:
+    """Win/tie/loss rates of the fine-tuned model over questions with both verdicts, the judge's
+    position consistency (share of those whose two verdicts agree, Zheng et al. 2023 Table 2) and the
+    shares of inconsistent pairs that went to the answer shown first / second in both orders."""
+    judged = [r for r in records if r["outcome"] != "failed"]
+    n = len(judged)
+
+    def share(count: int) -> float:
+        return count / n if n else float("nan")
+
+    counts = {o: sum(r["outcome"] == o for r in judged) for o in ("win", "tie", "loss")}
+    first_bias = sum(not r["position_consistent"] and r["preferred"]["base_first"] == "base"
+                     and r["preferred"]["finetuned_first"] == "finetuned" for r in judged)
+    second_bias = sum(not r["position_consistent"] and r["preferred"]["base_first"] == "finetuned"
+                      and r["preferred"]["finetuned_first"] == "base" for r in judged)
+    decisive = [r for r in judged if r["outcome"] in ("win", "loss")
+                and r["answer_words"]["base"] != r["answer_words"]["finetuned"]]
+    longer_won = sum((r["outcome"] == "win") == (r["answer_words"]["finetuned"] > r["answer_words"]["base"])
+                     for r in decisive)
+    return {
+        "questions": len(records),
+        "judged": n,
+        "failed": len(records) - n,
+        "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
+        "win_rate": share(counts["win"]), "tie_rate": share(counts["tie"]), "loss_rate": share(counts["loss"]),
+        "position_consistency": share(sum(bool(r["position_consistent"]) for r in judged)),
+        "first_position_preferred_rate": share(first_bias),
+        "second_position_preferred_rate": share(second_bias),
+        "longer_answer_won_share": longer_won / len(decisive) if decisive else float("nan"),
+        "mean_answer_words": {m: mean([r["answer_words"][m] for r in records]) for m in MODELS},
+    }
+
+
+def pairwise_metrics(records: list[dict]) -> dict:
+    """``_pairwise_summary`` of ``stages.judging.pairwise_judgments``' records, overall and per school
+    (``per_school``)."""
+    result = _pairwise_summary(records)
+    schools = defaultdict(list)
+    for record in records:
+        schools[record["category"]].append(record)
+    result["per_school"] = {school: _pairwise_summary(rows) for school, rows in sorted(schools.items(), key=lambda i: str(i[0]))}
+    return result

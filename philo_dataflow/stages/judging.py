@@ -35,6 +35,7 @@ from ..lib.judge_protocol import (
     check_judge_settings,
     checked_rows,
     pair_outcome,
+    pairwise_metrics,
     preferred_model,
     shown_answer,
     word_count,
@@ -214,48 +215,6 @@ def _rubric_metrics(records: list[dict]) -> dict:
     return result
 
 
-def _pairwise_summary(records: list[dict]) -> dict:
-    """Win/tie/loss rates of the fine-tuned model over questions with both verdicts, the judge's
-    position consistency (share of those whose two verdicts agree, Zheng et al. 2023 Table 2) and the
-    shares of inconsistent pairs that went to the answer shown first / second in both orders."""
-    judged = [r for r in records if r["outcome"] != "failed"]
-    n = len(judged)
-
-    def share(count: int) -> float:
-        return count / n if n else float("nan")
-
-    counts = {o: sum(r["outcome"] == o for r in judged) for o in ("win", "tie", "loss")}
-    first_bias = sum(not r["position_consistent"] and r["preferred"]["base_first"] == "base"
-                     and r["preferred"]["finetuned_first"] == "finetuned" for r in judged)
-    second_bias = sum(not r["position_consistent"] and r["preferred"]["base_first"] == "finetuned"
-                      and r["preferred"]["finetuned_first"] == "base" for r in judged)
-    decisive = [r for r in judged if r["outcome"] in ("win", "loss")
-                and r["answer_words"]["base"] != r["answer_words"]["finetuned"]]
-    longer_won = sum((r["outcome"] == "win") == (r["answer_words"]["finetuned"] > r["answer_words"]["base"])
-                     for r in decisive)
-    return {
-        "questions": len(records),
-        "judged": n,
-        "failed": len(records) - n,
-        "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
-        "win_rate": share(counts["win"]), "tie_rate": share(counts["tie"]), "loss_rate": share(counts["loss"]),
-        "position_consistency": share(sum(bool(r["position_consistent"]) for r in judged)),
-        "first_position_preferred_rate": share(first_bias),
-        "second_position_preferred_rate": share(second_bias),
-        "longer_answer_won_share": longer_won / len(decisive) if decisive else float("nan"),
-        "mean_answer_words": {m: mean([r["answer_words"][m] for r in records]) for m in MODELS},
-    }
-
-
-def _pairwise_metrics(records: list[dict]) -> dict:
-    result = _pairwise_summary(records)
-    schools = defaultdict(list)
-    for record in records:
-        schools[record["category"]].append(record)
-    result["per_school"] = {school: _pairwise_summary(rows) for school, rows in sorted(schools.items(), key=lambda i: str(i[0]))}
-    return result
-
-
 @when(judge=True)
 def judge_settings(judge_request: JudgeRequest) -> dict:
     """What the judge was asked and how, recorded with every judged result: model, endpoint (without
@@ -314,7 +273,7 @@ def judge_metrics(rubric_judgments: list[dict], pairwise_judgments: list[dict], 
     return {
         "settings": judge_settings,
         "rubric": _rubric_metrics(rubric_judgments),
-        "pairwise": _pairwise_metrics(pairwise_judgments),
+        "pairwise": pairwise_metrics(pairwise_judgments),
         "calls": calls,
     }
 

@@ -66,13 +66,39 @@ COMMAND_CASES = (
                                                                "--gguf-questions", "0"],
                 (("--gguf-questions 0", "at least 1"),)),
     CommandCase("compare_no_run", lambda env, work: ["compare", "--output-dir", str(work / "cmp")],
-                (("compare needs a run directory", "one run is compared with its base model"),)),
+                (("compare needs a model", "one model is compared with its base model"),)),
     CommandCase("compare_same_run_twice", lambda env, work: ["compare", env.adapter, env.adapter,
                                                              "--output-dir", str(work / "cmp")],
-                (("are the same run", "give each run once"),)),
+                (("are the same model", "give each model once"),)),
     CommandCase("compare_missing_and_empty", lambda env, work: ["compare", str(work / "missing"), _empty(work),
                                                                 "--output-dir", str(work / "cmp")],
-                (("missing: no such directory",), ("empty: holds no adapter/philo_dataflow_manifest.json",))),
+                (("missing: no such file or directory",),
+                 ("empty: holds no philo_dataflow_manifest.json, adapter_config.json or config.json",))),
+    CommandCase("compare_not_a_gguf_file", lambda env, work: [
+        "compare", data("good.jsonl"), "--base", env.tiny_model, "--output-dir", str(work / "cmp")],
+                (("good.jsonl: is a file but not a GGUF file", "a PEFT adapter directory"),)),
+    CommandCase("compare_model_dir_without_base", lambda env, work: [
+        "compare", env.tiny_model, "--data-path", data("good.jsonl"), "--output-dir", str(work / "cmp")],
+                (("its base model is not known", "give --base MODEL"),)),
+    CommandCase("compare_hold_out_all_without_data", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--hold-out", "all", "--output-dir", str(work / "cmp")],
+                (("--hold-out all needs the data file", "--data-path FILE"),)),
+    CommandCase("compare_base_not_here", lambda env, work: [
+        "compare", env.tiny_model, "--base", str(work / "no-base"), "--data-path", data("good.jsonl"),
+        "--output-dir", str(work / "cmp")],
+                (("--base", "no-base", "cannot be loaded here", "no such model directory"),)),
+    CommandCase("compare_negative_no_repeat_ngram_size", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
+        "--no-repeat-ngram-size", "-1", "--output-dir", str(work / "cmp")],
+                (("no_repeat_ngram_size=-1", "--no-repeat-ngram-size"),)),
+    CommandCase("compare_judge_unreachable", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
+        "--judge-model", "judge-a", "--judge-base-url", env.closed_url, "--output-dir", str(work / "cmp")],
+                ("the judge endpoint cannot be reached (",)),
+    CommandCase("compare_judge_model_not_listed", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
+        "--judge-model", "judge-c", "--judge-base-url", env.judge_url, "--output-dir", str(work / "cmp")],
+                (("judge_model='judge-c' (--judge-model):", "does not list it"),)),
     CommandCase("compare_bad_max_new_tokens", lambda env, work: [
         "compare", env.adapter, env.other_adapter, "--max-new-tokens", "0",
         "--output-dir", str(work / "cmp")],
