@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -41,19 +40,7 @@ from .lib.inputs import DEFAULTS
 from .lib.judge_protocol import pairwise_metrics
 from .lib.near_duplicates import leaked_questions
 from .lib.records import read_records
-from .lib.scores import (
-    REPETITION_MEASURES,
-    ROUGE_TYPES,
-    TIE_TOLERANCE,
-    answer_summary,
-    bootstrap_mean_difference_ci,
-    has_loop,
-    mean,
-    most_changed,
-    per_question_outcomes,
-    repetition_difference,
-    rouge_per_example,
-)
+from .lib.scores import REPETITION_MEASURES, ROUGE_TYPES, TIE_TOLERANCE, has_loop, verdict
 from .lib.trainer import ready_for_generation
 from .stages.loading import instruction_records
 from .stages.splitting import SPLIT_COLUMNS
@@ -239,58 +226,30 @@ def model_answers(run: Run, hold_out_set: Dataset, max_new_tokens: int, generati
     return {key: result[node] for key, node in wanted.items()}
 
 
-def _summary(generations: list[dict], scores: list[dict]) -> dict:
-    return answer_summary([g["text"] for g in generations], [g["ended_on_eos"] for g in generations],
-                          [len(g["token_ids"]) for g in generations], scores)
-
-
 def comparison_scores(hold_out: list[dict], answers: dict, seed: int) -> dict:
-    """Scores of every model's answers to the ``hold_out`` questions, and of every pair's differences.
+    """Scores of every model's answers to the ``hold_out`` questions, and of every pair's differences, by
+    ``lib.scores.verdict``: the main job's own scoring.
 
     :param hold_out: one dict per question with ``reference`` and ``category``.
     :param answers: model name -> its generations (``model_answers``), in ``hold_out`` order; pairs are
         taken in this order.
     :param seed: seed of the bootstrap resampling.
-    :return: ``{"models": {name: summary}, "per_category": {category: {name: summary}}, "pairs": [...],
-        "rougeL_per_question": {name: [...]}}``. A summary holds the mean ROUGE F-measures
-        (``ROUGE_TYPES``, 0–1), ``eos_stop_rate``, ``mean_answer_words``, ``mean_new_tokens``, ``loop_rate``,
-        ``distinct_1``, ``distinct_2`` and ``count``. Each pair ``{"a", "b", "rougeL_difference",
-        "loop_rate_difference", "distinct_1_difference", "distinct_2_difference"}`` holds ``b`` minus ``a``
-        as ``{"mean", "ci95_low", "ci95_high"}``: the 2,000-sample paired percentile bootstrap of the mean
-        per-question ROUGE-L difference (``bootstrap_mean_difference_ci``) and ``repetition_difference``;
-        ``rougeL_outcomes``, the questions ``b`` wins, ties and loses against ``a``, overall and per category
-        (``lib.scores.per_question_outcomes`` with ``TIE_TOLERANCE``), and ``most_changed``, the
-        ``MOST_CHANGED_QUESTIONS`` questions ``b`` won and lost by most, ``{"won": [...], "lost": [...]}``,
-        each ``{"question", "category", "rougeL_a", "rougeL_b", "answer_a", "answer_b"}``.
+    :return: ``lib.scores.verdict`` of the answers (``TIE_TOLERANCE``, ``MOST_CHANGED_QUESTIONS``), each pair's
+        ``most_changed`` questions written out, ``{"won": [...], "lost": [...]}``, each ``{"question",
+        "category", "rougeL_a", "rougeL_b", "answer_a", "answer_b"}``.
     """
-    references = [row["reference"] for row in hold_out]
-    scores = {name: rouge_per_example([g["text"] for g in gens], references) for name, gens in answers.items()}
-    by_category = defaultdict(list)
-    for index, row in enumerate(hold_out):
-        by_category[row["category"]].append(index)
-    pairs = []
-    for a, b in itertools.combinations(answers, 2):
-        differences = [y["rougeL"] - x["rougeL"] for x, y in zip(scores[a], scores[b])]
-        low, high = bootstrap_mean_difference_ci(differences, seed)
-        repetition = repetition_difference([g["text"] for g in answers[a]], [g["text"] for g in answers[b]], seed)
-        changed = most_changed(differences, MOST_CHANGED_QUESTIONS)
-        pairs.append({"a": a, "b": b, "rougeL_difference": {"mean": mean(differences), "ci95_low": low, "ci95_high": high},
-                      **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES},
-                      "rougeL_outcomes": per_question_outcomes(differences, [row["category"] for row in hold_out]),
-                      "most_changed": {kind: [{"question": hold_out[i]["question"], "category": hold_out[i]["category"],
-                                               "rougeL_a": scores[a][i]["rougeL"], "rougeL_b": scores[b][i]["rougeL"],
-                                               "answer_a": answers[a][i]["text"], "answer_b": answers[b][i]["text"]}
-                                              for i in indices] for kind, indices in changed.items()}})
-    return {
-        "models": {name: _summary(gens, scores[name]) for name, gens in answers.items()},
-        "per_category": {
-            category: {name: _summary([gens[i] for i in idx], [scores[name][i] for i in idx])
-                       for name, gens in answers.items()}
-            for category, idx in sorted(by_category.items())
-        },
-        "pairs": pairs,
-        "rougeL_per_question": {name: [s["rougeL"] for s in scores[name]] for name in answers},
-    }
+    given = {name: {"texts": [g["text"] for g in gens], "ended_on_eos": [g["ended_on_eos"] for g in gens],
+                     "new_tokens": [len(g["token_ids"]) for g in gens]} for name, gens in answers.items()}
+    scored = verdict([row["reference"] for row in hold_out], [row["category"] for row in hold_out], given, seed,
+                     TIE_TOLERANCE, MOST_CHANGED_QUESTIONS)
+    rouge_l = scored["rougeL_per_question"]
+    for pair in scored["pairs"]:
+        a, b = pair["a"], pair["b"]
+        pair["most_changed"] = {kind: [{"question": hold_out[i]["question"], "category": hold_out[i]["category"],
+                                        "rougeL_a": rouge_l[a][i], "rougeL_b": rouge_l[b][i],
+                                        "answer_a": answers[a][i]["text"], "answer_b": answers[b][i]["text"]}
+                                       for i in indices] for kind, indices in pair["most_changed"].items()}
+    return scored
 
 
 def differing_settings(runs: dict) -> dict:

@@ -2,6 +2,7 @@
 stemming; ROUGE-Lsum needs sentences on separate lines, split after ``.``, ``!`` or ``?`` followed by
 whitespace) and the percentile bootstrap of a paired mean difference."""
 
+import itertools
 import math
 import random
 import re
@@ -203,3 +204,54 @@ def most_changed(differences: list[float], count: int) -> dict:
     won = sorted((index for index, d in enumerate(differences) if d > 0), key=lambda i: (-differences[i], i))
     lost = sorted((index for index, d in enumerate(differences) if d < 0), key=lambda i: (differences[i], i))
     return {"won": won[:count], "lost": lost[:count]}
+
+
+def verdict(references: list[str], categories: list[str], answers: dict, seed: int,
+            tolerance: float = TIE_TOLERANCE, changed_count: int = 3) -> dict:
+    """Every measure of this module for two or more models' answers to the same questions, and every pair's
+    differences: the one implementation behind the main job's ``hold_out_set_metrics`` (base and
+    fine-tuned) and ``philo-dataflow compare`` (any models).
+
+    :param references: the reference answer of each question.
+    :param categories: the category of each question.
+    :param answers: model name -> ``{"texts", "ended_on_eos", "new_tokens"}``, lists in question order;
+        pairs are taken in this order (``itertools.combinations``).
+    :param seed: seed of every bootstrap resampling.
+    :param tolerance: ROUGE-L difference within which a question is a tie (``per_question_outcomes``).
+    :param changed_count: questions listed as won and lost by most (``most_changed``).
+    :return: ``{"models": {name: answer_summary}, "per_category": {category: {name: answer_summary}}
+        (categories sorted), "pairs": [...], "rougeL_per_question": {name: [...]}}``. Each pair ``{"a",
+        "b", "rougeL_difference", "loop_rate_difference", "distinct_1_difference", "distinct_2_difference",
+        "rougeL_outcomes", "most_changed"}`` holds ``b`` minus ``a``: the mean per-question ROUGE-L
+        difference with its paired percentile bootstrap 95% CI (``bootstrap_mean_difference_ci``), the
+        ``repetition_difference``, the wins, ties and losses of ``b`` (``per_question_outcomes``) and the
+        indices of the questions ``b`` won and lost by most (``most_changed``).
+    """
+    scores = {name: rouge_per_example(given["texts"], references) for name, given in answers.items()}
+
+    def summary(name: str, indices: list[int]) -> dict:
+        given = answers[name]
+        return answer_summary([given["texts"][i] for i in indices], [given["ended_on_eos"][i] for i in indices],
+                              [given["new_tokens"][i] for i in indices], [scores[name][i] for i in indices])
+
+    by_category: dict = {}
+    for index, category in enumerate(categories):
+        by_category.setdefault(category, []).append(index)
+    pairs = []
+    for a, b in itertools.combinations(answers, 2):
+        differences = [y["rougeL"] - x["rougeL"] for x, y in zip(scores[a], scores[b])]
+        low, high = bootstrap_mean_difference_ci(differences, seed)
+        repetition = repetition_difference(answers[a]["texts"], answers[b]["texts"], seed)
+        pairs.append({"a": a, "b": b,
+                      "rougeL_difference": {"mean": mean(differences), "ci95_low": low, "ci95_high": high},
+                      **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES},
+                      "rougeL_outcomes": per_question_outcomes(differences, categories, tolerance),
+                      "most_changed": most_changed(differences, changed_count)})
+    everything = list(range(len(references)))
+    return {
+        "models": {name: summary(name, everything) for name in answers},
+        "per_category": {category: {name: summary(name, indices) for name in answers}
+                         for category, indices in sorted(by_category.items())},
+        "pairs": pairs,
+        "rougeL_per_question": {name: [s["rougeL"] for s in scores[name]] for name in answers},
+    }

@@ -1,29 +1,14 @@
 """Metrics: ROUGE of base and fine-tuned answers, overall and per category, with a bootstrap CI of the
-difference (``lib.scores``)."""
+difference: ``lib.scores.verdict`` for two models, the same function ``philo-dataflow compare`` scores any
+models with."""
 
 import logging
-from collections import defaultdict
 
 from hamilton.function_modifiers import tag
 
-from ..lib.scores import (
-    MODELS,
-    ROUGE_TYPES,
-    answer_summary,
-    bootstrap_mean_difference_ci,
-    mean,
-    most_changed,
-    per_question_outcomes,
-    repetition_difference,
-    rouge_per_example,
-)
+from ..lib.scores import MODELS, REPETITION_MEASURES, ROUGE_TYPES, mean, rouge_per_example, verdict
 
 logger = logging.getLogger(__name__)
-
-
-def _summary(rows: list[dict], model: str, scores: list[dict]) -> dict:
-    return answer_summary([r[f"{model}_prediction"] for r in rows], [r[f"{model}_ended_on_eos"] for r in rows],
-                          [r[f"{model}_new_tokens"] for r in rows], scores)
 
 
 @tag(output="final")
@@ -48,26 +33,19 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42, t
         "base_rougeL", "finetuned_rougeL", "rougeL_difference"}``.
     """
     rows = hold_out_set_predictions
-    references = [r["reference"] for r in rows]
-    scores = {m: rouge_per_example([r[f"{m}_prediction"] for r in rows], references) for m in MODELS}
-    result = {m: _summary(rows, m, scores[m]) for m in MODELS}
-    by_category = defaultdict(list)
-    for index, row in enumerate(rows):
-        by_category[row["category"]].append(index)
-    result["per_category"] = {
-        category: {m: _summary([rows[i] for i in idx], m, [scores[m][i] for i in idx]) for m in MODELS}
-        for category, idx in sorted(by_category.items())
-    }
-    differences = [t["rougeL"] - b["rougeL"] for t, b in zip(scores["finetuned"], scores["base"])]
-    low, high = bootstrap_mean_difference_ci(differences, seed)
-    result["rougeL_difference"] = {"mean": mean(differences), "ci95_low": low, "ci95_high": high}
-    result["repetition_difference"] = repetition_difference(
-        [r["base_prediction"] for r in rows], [r["finetuned_prediction"] for r in rows], seed)
-    result["rougeL_outcomes"] = per_question_outcomes(differences, [r["category"] for r in rows], tie_tolerance)
-    changed = most_changed(differences, most_changed_questions)
-    result["most_changed"] = {kind: [_changed_question(rows[i], scores["base"][i]["rougeL"],
-                                                       scores["finetuned"][i]["rougeL"]) for i in indices]
-                              for kind, indices in changed.items()}
+    answers = {m: {"texts": [r[f"{m}_prediction"] for r in rows], "ended_on_eos": [r[f"{m}_ended_on_eos"] for r in rows],
+                   "new_tokens": [r[f"{m}_new_tokens"] for r in rows]} for m in MODELS}
+    scored = verdict([r["reference"] for r in rows], [r["category"] for r in rows], answers, seed, tie_tolerance,
+                     most_changed_questions)
+    (pair,) = scored["pairs"]  # finetuned minus base
+    result = {m: scored["models"][m] for m in MODELS}
+    result["per_category"] = scored["per_category"]
+    result["rougeL_difference"] = pair["rougeL_difference"]
+    result["repetition_difference"] = {measure: pair[f"{measure}_difference"] for measure in REPETITION_MEASURES}
+    result["rougeL_outcomes"] = pair["rougeL_outcomes"]
+    base_rouge_l, finetuned_rouge_l = (scored["rougeL_per_question"][m] for m in MODELS)
+    result["most_changed"] = {kind: [_changed_question(rows[i], base_rouge_l[i], finetuned_rouge_l[i]) for i in indices]
+                              for kind, indices in pair["most_changed"].items()}
     return result
 
 
