@@ -11,8 +11,10 @@ The package's parts:
 - ``stages``: the dataflow's nodes, one module per stage in the order data flows (``MODULES``);
 - ``dataflow``: ``build_driver``, ``resolved_config`` (the switches read off a model or a presaved run)
   and the output lists read off the nodes' tags;
-- ``preflight``: the checks made before a model is loaded; ``comparison`` and ``chat``: several runs on one
-  hold-out set, and the chat page; ``testing``: fixtures of the test suite and the benchmarks;
+- ``comparison_dataflow``: ``build_comparison_driver``, the comparison of fine-tuned models of any trainer
+  with their base (nodes in ``stages.comparing``; helpers in ``comparison`` and ``compared_models``);
+- ``preflight``: the checks made before a model is loaded; ``chat``: the chat page; ``testing``: fixtures of
+  the test suite and the benchmarks;
 - ``cli``: the ``philo-dataflow`` command (``python -m philo_dataflow``);
 - ``lib``: helpers the driver never sees (the inputs table, prompts, generation, artifacts, ...).
 
@@ -29,12 +31,20 @@ _DATAFLOW_NAMES = (
 )
 
 
+#: Names ``philo_dataflow.comparison_dataflow`` provides, imported from there on first use.
+_COMPARISON_NAMES = ("build_comparison_driver", "COMPARISON_MODULES", "COMPARISON_OUTPUTS")
+
+
 def __getattr__(name: str):
     if name in _DATAFLOW_NAMES:
         from . import dataflow
 
         return getattr(dataflow, name)
+    if name in _COMPARISON_NAMES:
+        from . import comparison_dataflow
+
+        return getattr(comparison_dataflow, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_DATAFLOW_NAMES, "EMBEDDED_MODEL_ID", "EXAMPLE_DATA_PATH", "START_MODES"]
+__all__ = [*_DATAFLOW_NAMES, *_COMPARISON_NAMES, "EMBEDDED_MODEL_ID", "EXAMPLE_DATA_PATH", "START_MODES"]

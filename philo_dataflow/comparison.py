@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 import torch
 from datasets import Dataset
 
-from .compared_models import Model, Run, answers_of, hf_answers
+from .compared_models import Model, Run
 from .dataflow import build_driver, resolved_config
 from .lib import html_report
 from .lib.artifacts import (
@@ -537,95 +537,6 @@ def judged_pairs(hold_out: list[dict], answers: dict, judge_inputs: dict) -> lis
                            (("base", r["preferred"]["base_first"]), ("finetuned", r["preferred"]["finetuned_first"]))}}
             for r in records]})
     return judged
-
-
-def compared(models: list[Model], base: str, hold_out_set: Dataset, hold_out_source: str, max_new_tokens: int,
-             generation_batch_size: int, seed: int, data_path: Optional[str] = None,
-             train_data: Optional[tuple] = None, prompt_template: Optional[str] = None,
-             decoding: Optional[dict] = None, judge_inputs: Optional[dict] = None) -> tuple[dict, list[dict]]:
-    """The base model and every compared model answering ``hold_out_set``, scored (``comparison_scores``).
-
-    :param models: one or more models (``compared_models.model_of``) of one base; when the first is a run
-        of ours, its adapter disabled gives the base answers (as its own run did), else ``base`` is loaded.
-    :param base: the base model's id (``compared_models.base_and_problems``).
-    :param hold_out_set: the questions (``input_text``, ``output_text``, ``category``, ``context``).
-    :param hold_out_source: where the questions come from, for the record.
-    :param data_path: the data file the hold-out split was made of (``--data-path``), None for the first
-        run's own hold-out set.
-    :param train_data: ``(path, questions)`` of the data the models were tuned on (``--train-data``):
-        ``comparison["leakage"]`` then holds ``leakage`` at the first run's ``near_duplicate_threshold``.
-    :param prompt_template: renders every question (``--prompt-template``); None: each model's own format.
-    :param decoding: the transformers decoding settings (``GREEDY``'s keys), by default ``COMPARE_DECODING``;
-        GGUF files decode with llama.cpp's greedy sampler.
-    :param judge_inputs: with ``judge_model`` among them, ``comparison["judge"]`` holds ``judged_pairs``.
-    :return: ``(comparison, rows)``: the content of ``comparison.json`` and of ``answers.jsonl``
-        (``answer_rows``); ``comparison["hold_out"]["runs_split_otherwise"]`` names the runs that may have
-        trained on some of the ``data_path`` hold-out questions (``runs_split_otherwise``).
-    :raises ValueError: a model that cannot be loaded.
-    """
-    decoding = dict(decoding or COMPARE_DECODING)
-    labels = model_labels(models)
-    runs = [(label, model.run) for label, model in zip(labels, models) if model.run is not None]
-    first_run = models[0].run
-    split_otherwise = ([runs[i][0] for i in runs_split_otherwise([run for _, run in runs], data_path)]
-                       if data_path and runs else [])
-    hold_out = [{"question": q, "reference": r, "category": c} for q, r, c in
-                zip(hold_out_set["input_text"], hold_out_set["output_text"], hold_out_set["category"])]
-    inputs = {"max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size, **decoding,
-              **({"prompt_template": prompt_template} if prompt_template else {})}
-    answers, answering = {}, {}
-    if first_run is None:
-        logger.info("answering with the base model %s", base)
-        answers[BASE], prompt_format = hf_answers(base, None, hold_out_set, inputs)
-        answering[BASE] = {"prompt_format": prompt_format, "decoding": "transformers generate"}
-    for index, (label, model) in enumerate(zip(labels, models)):
-        logger.info("answering with %s (%s, %s)", label, model.kind, model.path)
-        if model.run is not None:
-            generations = model_answers(model.run, hold_out_set, max_new_tokens, generation_batch_size,
-                                        with_base=index == 0, decoding=decoding)
-            if index == 0:
-                answers[BASE] = generations[BASE]
-                answering[BASE] = {"prompt_format": model.run.manifest.get("prompt_format"),
-                                   "decoding": "transformers generate"}
-            answers[label] = generations["finetuned"]
-            answering[label] = {"prompt_format": model.run.manifest.get("prompt_format"),
-                                "decoding": "transformers generate"}
-        else:
-            answers[label], answering[label] = answers_of(model, base, hold_out_set, inputs, seed)
-    answers = {BASE: answers.pop(BASE), **answers}
-    scores = comparison_scores(hold_out, answers, seed)
-    settings = differing_settings({label: run for label, run in runs})
-    entries = {BASE: {"kind": BASE, "model_id": base, "run_dir": None}}
-    for label, model in zip(labels, models):
-        entry = {"kind": model.kind, "path": model.path, "run_dir": None}
-        if model.run is not None:
-            entry.update({"run_dir": str(model.run.run_dir), "adapter_dir": str(model.run.adapter_dir),
-                          "finetuning_method": model.run.manifest.get("finetuning_method", "lora"),
-                          "settings": settings[label]})
-        entries[label] = entry
-    for name, entry in entries.items():
-        entry.update(answering[name])
-        entry["scores"] = scores["models"][name]
-    comparison = {
-        "base_model_id": base,
-        "hold_out": {"source": hold_out_source, "questions": len(hold_out),
-                     "split_inputs": {**(split_inputs(first_run) if first_run else {}),
-                                      **({"data_path": data_path} if data_path else {})},
-                     "runs_split_otherwise": split_otherwise},
-        "generation": {"max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size,
-                       "settings": decoding, **({"prompt_template": prompt_template} if prompt_template else {})},
-        "seed": seed,
-        "models": entries,
-        "pairs": scores["pairs"],
-        "per_category": scores["per_category"],
-    }
-    if train_data is not None:
-        threshold = (first_run.manifest["inputs"] if first_run else {}).get(
-            "near_duplicate_threshold", DEFAULTS["near_duplicate_threshold"])
-        comparison["leakage"] = leakage(hold_out, answers, seed, *train_data, threshold)
-    if judge_inputs and judge_inputs.get("judge_model"):
-        comparison["judge"] = {"model": judge_inputs["judge_model"], "pairs": judged_pairs(hold_out, answers, judge_inputs)}
-    return json_ready(comparison), json_ready(answer_rows(hold_out, answers, scores))
 
 
 def summary_lines(comparison: dict) -> list[str]:

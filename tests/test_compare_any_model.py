@@ -4,6 +4,7 @@ the merged directory converted to GGUF and answered by llama.cpp, and a run of o
 Every model's answers are checked against what the model answers alone (transformers, PEFT or
 llama-cpp-python's chat completion), and the refusals are one ``error:`` line each, exit 2, nothing written."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -255,3 +256,19 @@ def test_the_judge_gives_every_pair_its_verdict_in_both_orders(tiny_run_dir, lla
     assert llama_server.chat_requests_logged() - before >= 2 * len(rows)  # both orders, really asked
     assert f"judge smollm2-135m, {label} against base: {pair['wins']} won" in capsys.readouterr().out
     assert 'id="judge-pairs"' in (out / "report.html").read_text()
+
+
+def test_the_comparison_is_a_hamilton_dataflow_that_writes_only_when_asked(trl_adapter, data_file, tmp_path):
+    dr = philo_dataflow.build_comparison_driver()
+    inputs = {"models": [trl_adapter], "data_path": data_file, "max_new_tokens": MAX_NEW_TOKENS,
+              "output_dir": str(tmp_path / "library")}
+    result = dr.execute(["comparison"], inputs=inputs)["comparison"]
+    assert not (tmp_path / "library").exists()  # only saved_comparison writes
+    assert {"model_generations", "comparison_hold_out_set", "compared_models"} <= {
+        node.name for node in dr.what_is_upstream_of("comparison_scores")}
+    written, _ = _compared([trl_adapter, "--data-path", data_file], tmp_path / "cli")
+    assert written == result  # the command line is this dataflow
+    saved = dr.execute(["saved_comparison"], inputs=inputs)["saved_comparison"]
+    assert json.loads((tmp_path / "library" / COMPARISON_FILE).read_text()) == result
+    assert saved["files"][COMPARISON_FILE]["sha256"] == hashlib.sha256(
+        (tmp_path / "library" / COMPARISON_FILE).read_bytes()).hexdigest()

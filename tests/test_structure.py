@@ -255,13 +255,16 @@ def test_a_runs_config_yaml_reproduces_it(config_runs):
 
 
 def test_the_stage_modules_are_the_stages_package():
-    """``stages/`` holds the modules given to the driver, and only those; nothing else is a stage."""
+    """``stages/`` holds the modules given to the drivers (the main job's and the comparison's), and only those;
+    nothing else is a stage."""
     import pkgutil
 
     from philo_dataflow import stages
 
     in_package = {f"philo_dataflow.stages.{info.name}" for info in pkgutil.iter_modules(stages.__path__)}
-    assert {module.__name__ for module in philo_dataflow.MODULES} == in_package
+    given = (*philo_dataflow.MODULES, *philo_dataflow.COMPARISON_MODULES)
+    assert {module.__name__ for module in given} == in_package
+    assert not set(philo_dataflow.MODULES) & set(philo_dataflow.COMPARISON_MODULES)
 
 
 def test_trackers_and_schedulers_are_the_installed_transformers():

@@ -18,20 +18,12 @@ the command line is reported before anything is loaded or written (exit status 2
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from ..lib.artifacts import (
-    COMPARISON_ANSWERS_FILE,
-    COMPARISON_FILE,
-    COMPARISON_FILES,
-    COMPARISON_REPORT_FILE,
-    PREDICTIONS_JSONL_FILE,
-    write_text_atomically,
-)
+from ..lib.artifacts import COMPARISON_FILE, COMPARISON_FILES
 from ..lib.inputs import BY_NAME, DEFAULTS, JUDGE_INPUTS, hyperparameter_problems
 from ..lib.problems import InputProblems, Problem
 from .common import configure_logging
@@ -84,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the bootstrap resampling of the questions (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a non-empty --output-dir that holds no previous comparison")
+    parser.add_argument("--visualize", metavar="PATH",
+                        help="only draw the comparison's dataflow graph to PATH (.png/.svg) and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     from .job import add_input_flags
 
@@ -177,25 +171,22 @@ def checked_models(paths: list[str], data_path: Optional[str], base: Optional[st
     return models, base if models and not problems else None, rows, problems
 
 
-def _written(output_dir: str, result: dict, rows: list[dict]) -> list[str]:
-    from .. import comparison  # torch, transformers and the models: only when run
-
-    out = Path(output_dir)
-    answers = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
-    # comparison.json last: it marks the directory as holding a finished comparison.
-    return [
-        write_text_atomically(out / COMPARISON_ANSWERS_FILE, answers),
-        write_text_atomically(out / COMPARISON_REPORT_FILE, comparison.report_html(result, rows)),
-        write_text_atomically(out / COMPARISON_FILE, json.dumps(result, indent=2, allow_nan=False)),
-    ]
-
-
 def main(argv: list[str]) -> int:
     """``philo-dataflow compare``; returns the exit status (0, or 2 for a problem with the command line or the
     runs, one ``error:`` line each on stderr and nothing written)."""
     args = build_parser().parse_intermixed_args(argv)
     configure_logging(args.debug)
     from .. import comparison  # torch, transformers and the models: only when run
+    if args.visualize:
+        from ..comparison_dataflow import COMPARISON_OUTPUTS, build_comparison_driver
+        from .job import UserError, draw_graph
+
+        try:
+            print(f"wrote {draw_graph(build_comparison_driver(), list(COMPARISON_OUTPUTS), {}, args.visualize)}")
+        except (UserError, OSError) as error:
+            print(f"error: --visualize {args.visualize}: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         models, base, rows, problems = checked_models(args.runs, args.data_path, args.base, args.hold_out == "all",
                                                       args.prompt_template)
@@ -205,10 +196,9 @@ def main(argv: list[str]) -> int:
             settings["max_new_tokens"] = args.max_new_tokens
         problems += hyperparameter_problems(settings)
         problems += output_dir_problems(args.output_dir, args.overwrite)
-        train_questions = None
         if args.train_data is not None:
             try:
-                train_questions = comparison.train_questions(args.train_data)
+                comparison.train_questions(args.train_data)  # read here so that its problems come first
             except ValueError as error:
                 problems += [Problem("train_data", f"--train-data {line}".replace("check data_path", "check --train-data"))
                              for line in str(error).splitlines()]
@@ -222,25 +212,16 @@ def main(argv: list[str]) -> int:
             problems += hyperparameter_problems(given) + preflight.judge_problems(judge_inputs)
         if problems:
             raise InputProblems(problems)
-        first = models[0].run
-        max_new_tokens = args.max_new_tokens or (first.manifest["inputs"] if first else {}).get(
-            "max_new_tokens", BY_NAME["max_new_tokens"].default)
-        data_path = args.data_path or (first.manifest["inputs"].get("data_path") if args.hold_out == "all" else None)
-        if data_path is not None:
-            hold_out_set = comparison.data_hold_out_set(first, data_path, args.hold_out == "all", base,
-                                                        args.prompt_template)
-            split = f"split inputs of {first.run_dir}" if first else "default split inputs"
-            source = (f"every record of {data_path}" if args.hold_out == "all"
-                      else f"the hold-out split of {data_path} ({split})")
-        else:
-            hold_out_set = comparison.predicted_hold_out_set(first, rows)
-            source = str(first.run_dir / PREDICTIONS_JSONL_FILE)
-        decoding = {**comparison.COMPARE_DECODING, "no_repeat_ngram_size": args.no_repeat_ngram_size}
-        result, answer_rows = comparison.compared(models, base, hold_out_set, source, max_new_tokens,
-                                                  args.generation_batch_size, args.seed, data_path,
-                                                  (args.train_data, train_questions) if train_questions else None,
-                                                  args.prompt_template, decoding, judge_inputs)
-        paths = _written(args.output_dir, result, answer_rows)
+        from ..comparison_dataflow import COMPARISON_OUTPUTS, build_comparison_driver
+
+        inputs = {"models": list(args.runs), "base": base, "data_path": args.data_path, "hold_out": args.hold_out,
+                  "prompt_template": args.prompt_template, "max_new_tokens": args.max_new_tokens,
+                  "generation_batch_size": args.generation_batch_size,
+                  "no_repeat_ngram_size": args.no_repeat_ngram_size, "seed": args.seed,
+                  "train_data": args.train_data, "judge_inputs": judge_inputs, "output_dir": args.output_dir}
+        done = build_comparison_driver().execute(
+            list(COMPARISON_OUTPUTS), inputs={name: value for name, value in inputs.items() if value is not None})
+        result, paths = done["comparison"], done["saved_comparison"]["paths"]
     except (ValueError, OSError) as error:
         if args.debug:
             raise

@@ -306,7 +306,11 @@ def _setting_problems(given: dict, outputs: list, available: set) -> list:
     return problems
 
 
-def _draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
+def draw_graph(dr, outputs: list, inputs: dict, path: str) -> str:
+    """Draws the nodes ``dr`` runs for ``outputs`` to ``path`` (.png/.svg; ``lib.graph.graph_style``), atomically.
+
+    :raises UserError: Graphviz's ``dot`` is not installed.
+    """
     from ..lib.graph import graph_style
 
     if shutil.which("dot") is None:
@@ -423,7 +427,7 @@ def main(argv: Optional[list] = None) -> int:
                                          cache_dir=run_cache_dir(args.cache_dir, args.no_cache))
         if args.visualize:
             inputs = {"data_path": given.get("data_path", EXAMPLE_DATA_PATH)}
-            print(f"wrote {_draw_graph(dr, outputs, inputs, args.visualize)}")
+            print(f"wrote {draw_graph(dr, outputs, inputs, args.visualize)}")
             return 0
         if settings["outputs"] is None:
             outputs += list(philo_dataflow.RUN_OUTPUTS)
@@ -439,7 +443,7 @@ def main(argv: Optional[list] = None) -> int:
         graph_note = None
         if not args.no_graph and is_main_process():
             try:
-                graph_note = _draw_graph(dr, outputs, inputs, str(Path(inputs["output_dir"]) / DATAFLOW_FILE))
+                graph_note = draw_graph(dr, outputs, inputs, str(Path(inputs["output_dir"]) / DATAFLOW_FILE))
             except UserError as error:
                 graph_note = f"not drawn: {error}"
         started = time.time()

@@ -16,6 +16,7 @@ STAGE_COLOURS = {
     "plots": "#d9f0ee",
     "report": "#ececec",
     "saving": "#c9e4c5",
+    "comparing": "#fbf3c2",
 }
 
 
