@@ -389,6 +389,22 @@ def _leakage_html(comparison: dict) -> str:
         ["a", "b", "ROUGE-L b − a", "b wins / ties / loses"], rows, table_id="pairs-without-leaked")
 
 
+def _most_changed_html(comparison: dict) -> str:
+    """Per pair, the questions b won and lost by most, both answers side by side (``comparison_scores``)."""
+    columns = [("category", "category"), ("question", "question"), ("answer_a", "answer of a"),
+               ("answer_b", "answer of b"), ("change", "ROUGE-L a → b")]
+    parts = []
+    for number, pair in enumerate(comparison["pairs"]):
+        for kind, verb in (("won", "won"), ("lost", "lost")):
+            rows = [{**row, "change": f"{fmt(row['rougeL_a'])} → {fmt(row['rougeL_b'])}"}
+                    for row in pair["most_changed"][kind]]
+            if rows:
+                parts.append(f"<h3>{html.escape(pair['b'])} {verb} by most against {html.escape(pair['a'])}</h3>\n"
+                             + html_report.answers_table(rows, columns, table_id=f"most-{kind}-{number}"))
+    return html_report.section("Questions that changed most", "".join(parts) or "<p>No question changed.</p>\n",
+                               "most-changed-section")
+
+
 def _judge_html(comparison: dict) -> str:
     judge = comparison.get("judge")
     if judge is None:
@@ -472,6 +488,7 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
             "pairs-section")
         + html_report.section("Loops", html_report.figure_div(loop_rate_figure(comparison), "loop-rate-figure"),
                               "loops-section")
+        + _most_changed_html(comparison)
         + _judge_html(comparison)
         + html_report.section("Answers", html_report.answers_table(answers, columns, table_id="answers"),
                               "answers-section")

@@ -245,6 +245,9 @@ def test_scores_and_figures_of_hand_made_answers():
     assert [row["question"] for row in lost] == ["q0", "q1", "q2"] and not scores["pairs"][2]["most_changed"]["won"]
     assert {(row["answer_a"], row["answer_b"]) for row in lost} == {("the good life is a calm mind", "calm " * 5 + "calm")}
     assert set(scores["per_category"]) == {"a", "b"}
+    page = comparison._most_changed_html({"pairs": scores["pairs"]})
+    assert 'id="most-won-0"' in page and 'id="most-lost-2"' in page and 'id="most-lost-0"' not in page
+    assert "the good life is a calm mind" in page and "calm calm calm calm calm calm" in page
     result = {"models": {n: {"scores": s} for n, s in scores["models"].items()}, "pairs": scores["pairs"],
               "hold_out": {"questions": 4}}
     matrix = comparison.rouge_l_difference_figure(result).data[0]

@@ -111,7 +111,7 @@ def _inside(difference: dict) -> bool:
 def test_adapter_merged_model_and_gguf_of_another_trainer_answer_as_they_do_alone(
         trl_adapter, merged_dir, gguf_file, tiny_model_dir, data_file, tmp_path, capsys):
     result, rows = _compared([trl_adapter, merged_dir, gguf_file, "--data-path", data_file, "--hold-out", "all",
-                              "--no-repeat-ngram-size", "0"], tmp_path / "cmp")
+                              "--no-repeat-ngram-size", "0", "--train-data", data_file], tmp_path / "cmp")
     names = list(result["models"])
     assert [result["models"][n]["kind"] for n in names] == ["base", "adapter", "model", "gguf"]
     assert result["base_model_id"] == tiny_model_dir  # read from the adapter's adapter_config.json
@@ -135,6 +135,15 @@ def test_adapter_merged_model_and_gguf_of_another_trainer_answer_as_they_do_alon
         assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == len(questions)
         for category, counts in outcomes["per_category"].items():
             assert sum(counts.values()) == sum(r["school"] == category for r in records)
+    # Tuned on the very file it is scored on: every question leaks, and no verdict is left without them.
+    assert (result["leakage"]["count"], result["leakage"]["pairs_without"]) == (len(questions), [])
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    for number, pair in enumerate(result["pairs"]):
+        for kind in ("won", "lost"):
+            assert (f'id="most-{kind}-{number}"' in page) == bool(pair["most_changed"][kind])
+            for row in pair["most_changed"][kind]:  # both answers, side by side
+                assert {row["answer_a"], row["answer_b"]} <= {answers[pair["a"]][questions.index(row["question"])],
+                                                             answers[pair["b"]][questions.index(row["question"])]}
     assert "Compared 3 models and their base model on 30 hold-out questions" in capsys.readouterr().out
 
 
