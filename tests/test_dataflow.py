@@ -145,12 +145,12 @@ def test_reads_and_writes_are_hamilton_loaders_and_savers_with_their_metadata(ba
     assert tags["raw_records.loader"]["hamilton.data_loader.has_metadata"] is True
     writers = [name for name, value in philo_dataflow.dataflow._tagged_outputs() if value in ("default", "judge", "run")
                and name != "tracked_final_metrics"]
-    assert len(writers) == 7 and all(tags[name].get("hamilton.data_saver") is True for name in writers), writers
+    assert len(writers) == 8 and all(tags[name].get("hamilton.data_saver") is True for name in writers), writers
 
     result, data = base_run["result"], Path(base_run["inputs"]["data_path"])
     manifest = json.loads(Path(result["save_best_models"]["adapter_dir"], "philo_dataflow_manifest.json").read_text())
     assert manifest["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
-    for name in ("saved_metrics", "saved_report", "saved_report_html"):
+    for name in ("saved_metrics", "saved_report", "saved_report_html", "saved_model_card"):
         written = Path(result[name]["path"])
         assert result[name]["bytes"] == written.stat().st_size > 0
         assert result[name]["sha256"] == hashlib.sha256(written.read_bytes()).hexdigest()

@@ -57,6 +57,8 @@ LOG_HISTORY_FILE = "training_log_history.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 #: Files of which a model or adapter directory that holds a tokenizer has at least one.
+#: The model card beside a saved adapter or model (the Hugging Face hub's name for it).
+MODEL_CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 #: The inputs a manifest records (``manifest["inputs"]``); a presaved run takes them from there unless given.
 MANIFEST_INPUTS = (

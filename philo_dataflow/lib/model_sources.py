@@ -517,3 +517,19 @@ def decoder_layer(name: str) -> Optional[int]:
     """The decoder-layer index in a parameter name such as ``...layers.7.mlp...``; None outside layers."""
     match = re.search(r"\.layers\.(\d+)\.", name)
     return int(match.group(1)) if match else None
+
+
+#: The hub model the embedded default derives from (its GGUF is a Q4_1 quantization of it), and its licence.
+EMBEDDED_SOURCE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_LICENSE = "apache-2.0"
+
+
+def portable_model_name(model_id: str) -> str:
+    """A name of ``model_id`` that holds on another machine, for model cards and ``adapter_config.json``: the
+    embedded default's hub source (``EMBEDDED_SOURCE_ID``), a hub id as it is, and a local directory or
+    GGUF file by its own name (the last path component), never a path of this machine."""
+    if model_id == EMBEDDED_MODEL_ID:
+        return EMBEDDED_SOURCE_ID
+    if model_id.endswith(".gguf") or model_id.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(model_id)):
+        return Path(os.path.expanduser(model_id)).name
+    return model_id

@@ -6,6 +6,7 @@ under config ``finetuning_method="full"``, every weight of the model) and its su
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -263,7 +264,10 @@ def peft_model__presaved(
     if problems:
         raise ValueError("\n".join(problems))
     try:
-        model = PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
+        with warnings.catch_warnings():
+            # The saved config names the base portably (``portable_model_name``); the manifest's base is loaded.
+            warnings.filterwarnings("ignore", message=".*base_model_name_or_path. was renamed", category=UserWarning)
+            model = PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
     except (RuntimeError, ValueError, OSError) as error:
         raise ValueError(
             f"presaved_model_dir={presaved_model_dir!r}: the adapter does not load onto the base model "

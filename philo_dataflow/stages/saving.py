@@ -21,6 +21,7 @@ from hamilton.function_modifiers import cache, datasaver, tag
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from ..lib.artifacts import (
+    ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
     CONFIG_FILE,
     EXPORT_REPORT_FILE,
@@ -31,6 +32,7 @@ from ..lib.artifacts import (
     MANIFEST_FILE,
     MERGED_DIR,
     METRICS_FILE,
+    MODEL_CARD_FILE,
     MODELFILE_FILE,
     PREDICTIONS_CSV_FILE,
     PREDICTIONS_JSONL_FILE,
@@ -45,6 +47,7 @@ from ..lib.artifacts import (
 from ..lib.distributed import is_main_process, wait_for_everyone
 from ..lib.generation import generation_config
 from ..lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
+from ..lib.model_sources import portable_model_name
 from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
@@ -139,6 +142,8 @@ def save_best_models(
     def build(staging: Path) -> None:
         finetuned_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _portable_adapter_config(staging, run_manifest["inputs"]["model_id"])
+        (staging / MODEL_CARD_FILE).unlink(missing_ok=True)  # PEFT's blank template: saved_model_card writes ours
         (staging / MANIFEST_FILE).write_text(json.dumps(run_manifest, indent=2, default=str), encoding="utf-8")
         (staging / LOG_HISTORY_FILE).write_text(json.dumps(training_log_history, indent=2), encoding="utf-8")
 
@@ -146,6 +151,28 @@ def save_best_models(
     logger.info("saved adapter to %s", target)
     return {"status": "success", "adapter_dir": str(target), "files": sorted(p.name for p in target.iterdir()),
             **saved_directory_metadata(str(target))}
+
+
+def _portable_adapter_config(adapter_dir: Path, model_id: str) -> None:
+    """Names the base model in ``adapter_dir``'s ``adapter_config.json`` (when there is one) by
+    ``lib.model_sources.portable_model_name``: PEFT writes the path the base was loaded from, a path of this
+    machine (the embedded default's dense copy in ``~/.cache``)."""
+    config_path = adapter_dir / ADAPTER_CONFIG_FILE
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = portable_model_name(model_id)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@tag(output="default")
+@datasaver()
+def saved_model_card(model_card: str, save_best_models: dict) -> dict:
+    """Writes ``model_card`` as ``README.md`` into the saved adapter's (or fully fine-tuned model's)
+    directory, atomically, once the run's verdict is known.
+
+    :return: ``lib.artifacts.file_metadata`` of the card.
+    """
+    return file_metadata(write_text_atomically(Path(save_best_models["adapter_dir"]) / MODEL_CARD_FILE, model_card))
 
 
 @tag(output="default")
