@@ -307,3 +307,55 @@ def test_no_gguf_writes_the_merged_model_only(full_run, tmp_path, one_torch_thre
     report = json.loads((tmp_path / "merged" / "export_report.json").read_text())
     assert report["gguf"] == {"status": "skipped", "reason": "--no-gguf"}
     assert "GGUF skipped: --no-gguf" in out
+
+
+@pytest.fixture(scope="module")
+def quantized_export(strong_run, tmp_path_factory) -> dict:
+    """``export --quantize q8_0,q4_k_m`` of the strong run into another output directory."""
+    out = tmp_path_factory.mktemp("quantized")
+    code, printed, err = _export(["--model-dir", str(strong_run / "adapter"), "--output-dir", str(out),
+                                  "--quantize", "q8_0,q4_k_m", "--gguf-questions", "2"])
+    return {"code": code, "out": printed, "err": err, "merged": out / "merged",
+            "report": json.loads((out / "merged" / "export_report.json").read_text())}
+
+
+@needs_converter
+@needs_llama_cpp
+def test_quantized_gguf_copies_are_made_offline_and_scored_against_the_f32_file(quantized_export, strong_run,
+                                                                                tmp_path):
+    from gguf import GGUFReader
+
+    assert quantized_export["code"] == 0, quantized_export["err"][-2000:]
+    merged, report = quantized_export["merged"], quantized_export["report"]["gguf_files"]
+    f32 = merged / "model.gguf"
+    files = {"q8_0": merged / "model.q8_0.gguf", "q4_k_m": merged / "model.q4_k_m.gguf"}
+    # llama.cpp's file types: 7 is MOSTLY_Q8_0, 15 MOSTLY_Q4_K_M.
+    for (name, path), file_type in zip(files.items(), (7, 15)):
+        field = GGUFReader(str(path)).fields["general.file_type"]
+        assert int(field.parts[field.data[0]][0]) == file_type, name
+        assert path.stat().st_size < f32.stat().st_size
+    assert not [p for p in merged.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert report["status"] == "ok" and [row["type"] for row in report["files"]] == ["f32", "q8_0", "q4_k_m"]
+    rows = {row["type"]: row for row in report["files"]}
+    assert rows["f32"]["identical_share"] == 1.0 and "rougeL_difference" not in rows["f32"]
+    # Read back: each file answers the run's hold-out questions again, as the report says it did.
+    adapter = str(strong_run / "adapter")
+    inputs = export._inputs(adapter, str(tmp_path))
+    dr = philo_dataflow.build_driver(philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": adapter}))
+    hold_out_set = dr.execute(["hold_out_set"], inputs=inputs)["hold_out_set"]
+    questions = list(hold_out_set["input_text"])
+    assert report["questions"] == len(questions)
+    answers = {name: gguf_export.gguf_answers(str(path), questions, list(hold_out_set["context"]),
+                                              inputs["max_new_tokens"], False, 42)[0]
+               for name, path in {"f32": f32, **files}.items()}
+    for name in files:
+        row = rows[name]
+        assert row["bytes"] == files[name].stat().st_size and row["new_tokens_per_second"] > 0
+        same = sum(a["text"] == b["text"] for a, b in zip(answers[name], answers["f32"])) / len(questions)
+        assert row["identical_share"] == pytest.approx(same)
+        for key in ("rougeL", "eos_stop_rate", "loop_rate"):
+            difference = row[f"{key}_difference"]
+            assert difference["ci95_low"] - 1e-12 <= difference["mean"] <= difference["ci95_high"] + 1e-12
+            assert difference["mean"] == pytest.approx(row[key] - rows["f32"][key], abs=1e-12)
+    markdown = (merged / "export_report.md").read_text()
+    assert "| `model.q4_k_m.gguf` (q4_k_m) |" in markdown and "| `model.q4_k_m.gguf` (q4_k_m) |" in quantized_export["out"]

@@ -31,11 +31,12 @@ BASE_NODES = {
     "training_and_validation_set_metrics", "judge_results", "loss_curve_figure", "learning_rate_figure",
     "answer_length_figure", "rouge_comparison_figure",
     "run_metrics", "report_markdown", "report_html", "run_manifest", "save_best_models", "saved_hold_out_predictions",
-    "saved_metrics", "saved_report", "saved_report_html", "saved_run_config", "tracked_final_metrics",
+    "saved_metrics", "saved_report", "saved_report_html", "saved_run_config", "tracked_final_metrics", "model_card",
+    "saved_model_card",
 } | {  # exporting (run.py export), and its files
     "merged_model", "hold_out_prompts", "merged_model_hold_out_generations", "merged_model_agreement", "ollama_modelfile",
     "gguf_checked_questions", "gguf_agreement", "export_report", "export_report_markdown", "saved_merged_model",
-    "saved_gguf_model", "saved_export_report",
+    "saved_gguf_model", "saved_export_report", "quantization_types", "gguf_files_report", "saved_quantized_gguf_models",
 }
 #: The nodes ``judge=True`` adds.
 JUDGE_NODES = {
@@ -150,11 +151,12 @@ def test_guide_inputs_table_is_the_tables():
 
 def test_output_lists_come_from_the_tags():
     assert philo_dataflow.DEFAULT_OUTPUTS == (
-        "tracked_final_metrics", "save_best_models", "saved_hold_out_predictions", "saved_metrics", "saved_report",
-        "saved_report_html")
+        "tracked_final_metrics", "save_best_models", "saved_model_card", "saved_hold_out_predictions", "saved_metrics",
+        "saved_report", "saved_report_html")
     assert philo_dataflow.JUDGE_OUTPUTS == ("saved_judgments",)
     assert philo_dataflow.RUN_OUTPUTS == ("saved_run_config",)
-    assert philo_dataflow.EXPORT_OUTPUTS == ("export_report", "saved_merged_model", "saved_gguf_model", "saved_export_report")
+    assert philo_dataflow.EXPORT_OUTPUTS == ("export_report", "saved_merged_model", "saved_gguf_model",
+                                             "saved_quantized_gguf_models", "saved_export_report")
     assert set(philo_dataflow.DEFAULT_OUTPUTS) < set(philo_dataflow.FINAL_VARIABLES)
     assert {"hold_out_set_predictions", "training_and_validation_set_metrics", "finetuned_model_on_validation_set",
             "tokenized_hold_out", "fit_trainer"} < set(philo_dataflow.FINAL_VARIABLES)

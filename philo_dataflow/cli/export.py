@@ -21,6 +21,7 @@ from ..lib.artifacts import (
     GGUF_OUTTYPE,
     MANIFEST_FILE,
     MANIFEST_INPUTS,
+    QUANTIZATION_TYPES,
     read_manifest,
 )
 from .common import configure_logging
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the directory above --model-dir)")
     parser.add_argument("--no-gguf", action="store_true",
                         help=f"write the merged model only, no GGUF file (the GGUF file holds {GGUF_OUTTYPE} tensors)")
+    parser.add_argument("--quantize", metavar="TYPES", default="",
+                        help=f"also write quantized GGUF copies (model.TYPE.gguf), comma-separated llama.cpp types: "
+                             f"{', '.join(QUANTIZATION_TYPES)}; each answers the whole hold-out set through llama.cpp and "
+                             "is scored against the f32 file (size, tokens/s, identical answers, ROUGE-L, EOS-stop and "
+                             "loop rate with paired CIs)")
     parser.add_argument("--gguf-questions", type=int, default=GGUF_CHECKED_QUESTIONS, metavar="N",
                         help=f"hold-out questions the GGUF copy re-answers with llama.cpp (default: "
                              f"{GGUF_CHECKED_QUESTIONS})")
@@ -107,8 +113,19 @@ def _print_summary(result: dict, seconds: float) -> int:
         print(f"error: GGUF: {gguf['reason']}", file=sys.stderr)
     else:
         print(f"  GGUF {gguf['status']}: {gguf['reason']}")
+    from ..lib.gguf_export import gguf_files_table
+
+    files = report["gguf_files"]
+    if files["status"] == "ok":
+        print(f"  GGUF files on {files['questions']} hold-out questions ({files['decoding']}), against the f32 file:")
+        for line in gguf_files_table(files["files"]):
+            print(f"    {line}")
+    elif files["status"] == "failed":
+        print(f"error: quantized GGUF: {files['reason']}", file=sys.stderr)
+    elif files["status"] != "none":
+        print(f"  quantized GGUF {files['status']}: {files.get('reason', '')}")
     print(f"  report: {result['saved_export_report']['markdown']}")
-    return 1 if gguf["status"] == "failed" else 0
+    return 1 if "failed" in (gguf["status"], files["status"]) else 0
 
 
 def main(argv: list[str]) -> int:
@@ -129,7 +146,12 @@ def main(argv: list[str]) -> int:
             raise _Refused(f"--gguf-questions {args.gguf_questions}: give at least 1 (default "
                            f"{GGUF_CHECKED_QUESTIONS}), or --no-gguf for no GGUF file.")
         inputs = _inputs(args.model_dir, args.output_dir)
-        problems = _problems(inputs)
+        from ..lib.gguf_export import quantization_problems
+
+        problems = _problems(inputs) + quantization_problems(args.quantize)
+        if args.quantize and args.no_gguf:
+            problems.append(f"--quantize {args.quantize} quantizes the GGUF file, which --no-gguf leaves out; drop one.")
+        inputs["quantize"] = args.quantize
         if problems:
             raise _Refused("\n".join(problems))
         config = philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": args.model_dir})
@@ -137,7 +159,9 @@ def main(argv: list[str]) -> int:
         outputs = list(philo_dataflow.EXPORT_OUTPUTS)
         if args.no_gguf:
             outputs.remove("saved_gguf_model")
-            overrides = {"gguf_agreement": {"status": "skipped", "reason": "--no-gguf"}}
+            outputs.remove("saved_quantized_gguf_models")
+            overrides = {"gguf_agreement": {"status": "skipped", "reason": "--no-gguf"},
+                         "gguf_files_report": {"status": "none"}}
         else:
             overrides = {"gguf_checked_questions": list(range(args.gguf_questions))}
         started = time.time()

@@ -39,6 +39,10 @@ EXPORT_REPORT_MARKDOWN_FILE = "export_report.md"
 #: copy is half the size, 270 MB instead of 540 MB for SmolLM2-135M, and can flip near-tied greedy
 #: tokens). Quantise the f32 file afterwards (``ollama create --quantize q4_K_M``, ``llama-quantize``).
 GGUF_OUTTYPE = "f32"
+#: GGUF quantization types ``philo-dataflow export --quantize`` makes (llama.cpp's names, lower case), each
+#: llama.cpp's ``LLAMA_FTYPE_MOSTLY_*`` file type; k-quants fall back per tensor where a row is not a
+#: multiple of 256 values (llama.cpp's own rule).
+QUANTIZATION_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 #: Hold-out questions the GGUF copy re-answers by default (``philo-dataflow export --gguf-questions``).
 GGUF_CHECKED_QUESTIONS = 5
 #: Files ``philo-dataflow compare`` writes to its output directory; ``COMPARISON_FILE`` marks a finished

@@ -9,6 +9,7 @@ checkout, or the script in it). The converter runs in a subprocess of this Pytho
 ``gguf-py`` first on ``PYTHONPATH``, so it never meets the ``gguf`` release installed from PyPI.
 """
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,13 +19,14 @@ import re
 import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from .artifacts import GGUF_CHECKED_QUESTIONS, GGUF_OUTTYPE  # noqa: F401  (the export's settings)
+from .artifacts import GGUF_CHECKED_QUESTIONS, GGUF_OUTTYPE, QUANTIZATION_TYPES  # noqa: F401  (the export's settings)
 from .prompts import ALPACA, ALPACA_PROMPT, CHAT_TEMPLATE, TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -283,7 +285,8 @@ def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_t
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     try:
-        vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        with native_log_captured():  # a vocabulary-only context warns of a training context of 0
+            vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"{path}: llama.cpp cannot load it ({str(error).splitlines()[0][:160]}); give a GGUF "
                          "model file.") from None
@@ -321,3 +324,76 @@ def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_t
     finally:
         llm.close()
     return generations, prompt_format
+
+
+@contextlib.contextmanager
+def native_log_captured():
+    """Sends what native code (llama.cpp) writes to the process's stderr into a temporary file for the
+    duration, so it stays off the terminal; yields a list that holds those lines, stripped, on exit."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines += [line.strip() for line in log.read().decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def quantized_gguf_file(quantization: str) -> str:
+    """The file name of a quantized copy: ``model.q4_k_m.gguf`` beside ``model.gguf``."""
+    return f"model.{quantization}.gguf"
+
+
+def quantization_problems(quantize: str) -> list[str]:
+    """Problems of ``--quantize`` (comma-separated ``QUANTIZATION_TYPES``), one line each; none for ``""``."""
+    names = [name.strip().lower() for name in quantize.split(",") if name.strip()]
+    unknown = [name for name in names if name not in QUANTIZATION_TYPES]
+    if unknown:
+        return [f"--quantize {quantize}: unknown type(s) {', '.join(unknown)}; use some of "
+                f"{', '.join(QUANTIZATION_TYPES)} (llama.cpp's names), comma-separated."]
+    return []
+
+
+def quantize_gguf(source: Path, outfile: Path, quantization: str, threads: int = 0) -> None:
+    """Writes ``outfile``, a ``quantization`` copy (``QUANTIZATION_TYPES``) of the GGUF file ``source``, with
+    llama.cpp's own quantizer (``llama_model_quantize``, through llama-cpp-python's bindings), its log kept
+    off the terminal.
+
+    :param threads: quantizer threads (0: llama.cpp's choice).
+    :raises GGUFConversionError: the quantizer failed; the message holds its last log line.
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quantization.upper()}")
+    params.nthread = threads
+    with native_log_captured() as lines:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(outfile).encode(), params)
+    if status != 0:
+        raise GGUFConversionError(f"llama.cpp's quantizer failed on {source} ({quantization}, status {status}): "
+                                  f"{lines[-1][:300] if lines else 'no log'}")
+
+
+def gguf_files_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of ``stages.exporting.gguf_files_report``'s files: size, speed, identical answers, and ROUGE-L, EOS-stop
+    and loop rate with the paired bootstrap 95% CI of the difference against the f32 file."""
+    def cell(row: dict, key: str, percent: bool) -> str:
+        value = f"{row[key]:.0%}" if percent else f"{row[key]:.3f}"
+        if f"{key}_difference" not in row:
+            return value
+        d = row[f"{key}_difference"]
+        if percent:
+            return f"{value} ({d['mean'] * 100:+.0f} [{d['ci95_low'] * 100:+.0f}, {d['ci95_high'] * 100:+.0f}] points)"
+        return f"{value} ({d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}])"
+
+    lines = ["| file | size | new tokens/s | answers identical to f32 | ROUGE-L (vs f32) | ends on EOS (vs f32) | "
+             "loops (vs f32) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| `{row['file']}` ({row['type']}) | {row['bytes'] / 2**20:.0f} MiB | {row['new_tokens_per_second']:.0f} | "
+              f"{row['identical_share']:.0%} | {cell(row, 'rougeL', False)} | {cell(row, 'eos_stop_rate', True)} | "
+              f"{cell(row, 'loop_rate', True)} |" for row in rows]
+    return lines

@@ -211,6 +211,9 @@ INPUTS = (
           "with both answers in the reports and metrics.json", "generation", Rule(int, 0)),
     Input("run_config", dict, None, "the resolved run configuration written as config.yaml (philo-dataflow passes it)",
           "generation", cli=False),
+    Input("quantize", str, "", "philo-dataflow export: quantized GGUF copies to make beside model.gguf, comma-separated "
+          "llama.cpp types (f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0); each is scored on the whole hold-out set",
+          "generation", cli=False, shown_default="none"),
     # the LLM judge; its settings are checked by the judge client, with the judge's own messages
     Input("judge_model", str, None, "judge model at the endpoint, e.g. gpt-4.1; giving it runs the LLM judge",
           "judge"),

@@ -221,9 +221,10 @@ def verdict(references: list[str], categories: list[str], answers: dict, seed: i
     :param changed_count: questions listed as won and lost by most (``most_changed``).
     :return: ``{"models": {name: answer_summary}, "per_category": {category: {name: answer_summary}}
         (categories sorted), "pairs": [...], "rougeL_per_question": {name: [...]}}``. Each pair ``{"a",
-        "b", "rougeL_difference", "loop_rate_difference", "distinct_1_difference", "distinct_2_difference",
-        "rougeL_outcomes", "most_changed"}`` holds ``b`` minus ``a``: the mean per-question ROUGE-L
-        difference with its paired percentile bootstrap 95% CI (``bootstrap_mean_difference_ci``), the
+        "b", "rougeL_difference", "eos_stop_rate_difference", "loop_rate_difference", "distinct_1_difference",
+        "distinct_2_difference", "rougeL_outcomes", "most_changed"}`` holds ``b`` minus ``a``: the mean
+        per-question ROUGE-L difference and EOS-stop difference (1 or 0 per answer) with their paired
+        percentile bootstrap 95% CIs (``bootstrap_mean_difference_ci``), the
         ``repetition_difference``, the wins, ties and losses of ``b`` (``per_question_outcomes``) and the
         indices of the questions ``b`` won and lost by most (``most_changed``).
     """
@@ -242,8 +243,11 @@ def verdict(references: list[str], categories: list[str], answers: dict, seed: i
         differences = [y["rougeL"] - x["rougeL"] for x, y in zip(scores[a], scores[b])]
         low, high = bootstrap_mean_difference_ci(differences, seed)
         repetition = repetition_difference(answers[a]["texts"], answers[b]["texts"], seed)
+        stops = [float(y) - float(x) for x, y in zip(answers[a]["ended_on_eos"], answers[b]["ended_on_eos"])]
+        stop_low, stop_high = bootstrap_mean_difference_ci(stops, seed)
         pairs.append({"a": a, "b": b,
                       "rougeL_difference": {"mean": mean(differences), "ci95_low": low, "ci95_high": high},
+                      "eos_stop_rate_difference": {"mean": mean(stops), "ci95_low": stop_low, "ci95_high": stop_high},
                       **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES},
                       "rougeL_outcomes": per_question_outcomes(differences, categories, tolerance),
                       "most_changed": most_changed(differences, changed_count)})

@@ -11,6 +11,8 @@ a freshly loaded fp32 copy of the base model. The files are written by ``saving`
 """
 
 import copy
+import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,15 +25,20 @@ from ..lib.artifacts import GGUF_FILE, library_versions
 from ..lib.generation import GREEDY, generate_answers
 from ..lib.gguf_export import (
     GGUF_CHECKED_QUESTIONS,
+    GGUF_OUTTYPE,
+    gguf_answers,
     gguf_logits,
     greedy_continuation,
     llama_cpp_missing,
     llama_cpp_version,
     load_gguf,
+    gguf_files_table,
     modelfile_text,
+    quantization_problems,
 )
 from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
 from ..lib.prompts import question_prompt_ids
+from ..lib.scores import mean, verdict
 from ..lib.switches import when
 
 
@@ -236,18 +243,85 @@ def gguf_agreement(
             "max_abs_logit_difference": largest, "decoding": "greedy", "llama_cpp_python": llama_cpp_version()}
 
 
+def quantization_types(quantize: str = "") -> list[str]:
+    """The quantized GGUF copies to make (``philo-dataflow export --quantize q8_0,q4_k_m``): llama.cpp's type
+    names (``lib.gguf_export.QUANTIZATION_TYPES``), each once, in the order given; empty for none.
+
+    :raises ValueError: an unknown type (one line naming the types there are).
+    """
+    problems = quantization_problems(quantize)
+    if problems:
+        raise ValueError(problems[0])
+    return list(dict.fromkeys(name.strip().lower() for name in quantize.split(",") if name.strip()))
+
+
+def gguf_files_report(
+    saved_gguf_model: dict,
+    saved_quantized_gguf_models: dict,
+    hold_out_set: Dataset,
+    prompt_template_in_use: Optional[str],
+    max_new_tokens: int = 160,
+    seed: int = 42,
+) -> dict:
+    """What each quantized GGUF copy costs: the f32 file and every quantized one answer the whole hold-out set
+    through llama.cpp (``lib.gguf_export.gguf_answers``: the chat template embedded in the file, greedy, no
+    repeat penalty, as a llama-cpp-python chat completion answers), and each quantized file is scored
+    against the f32 file by ``lib.scores.verdict``: the same decoder on both sides, so the differences are
+    the quantization's alone (the f32 file's own agreement with the merged model is ``gguf_agreement``).
+
+    :return: ``{"status": "ok", "decoding", "questions", "files": [...]}``, one entry per file (f32 first):
+        ``type``, ``file`` (name), ``bytes``, ``new_tokens_per_second`` (llama.cpp on this machine, prompt
+        processing included), ``identical_share`` (answers identical to the f32 file's), ``rougeL``,
+        ``eos_stop_rate``, ``loop_rate`` and, for quantized files, ``rougeL_difference``,
+        ``eos_stop_rate_difference`` and ``loop_rate_difference`` against the f32 file (``{"mean",
+        "ci95_low", "ci95_high"}``, paired bootstrap 95% CI); or ``{"status": "none"}`` when no quantized
+        copy was asked for, ``{"status": "skipped" | "failed", "reason"}`` when there is none.
+    """
+    if saved_quantized_gguf_models["status"] != "ok":
+        return {key: saved_quantized_gguf_models[key] for key in ("status", "reason") if key in saved_quantized_gguf_models}
+    files = {GGUF_OUTTYPE: {"path": saved_gguf_model["gguf"], "bytes": saved_gguf_model["bytes"]},
+             **saved_quantized_gguf_models["files"]}
+    questions, contexts = list(hold_out_set["input_text"]), list(hold_out_set["context"])
+    answers, speed = {}, {}
+    for name, written in files.items():
+        started = time.perf_counter()
+        generations, _ = gguf_answers(written["path"], questions, contexts, max_new_tokens,
+                                      bool(prompt_template_in_use), seed)
+        speed[name] = sum(len(g["token_ids"]) for g in generations) / max(time.perf_counter() - started, 1e-9)
+        answers[name] = generations
+    given = {name: {"texts": [g["text"] for g in gens], "ended_on_eos": [g["ended_on_eos"] for g in gens],
+                    "new_tokens": [len(g["token_ids"]) for g in gens]} for name, gens in answers.items()}
+    scored = verdict(list(hold_out_set["output_text"]), list(hold_out_set["category"]), given, seed)
+    against_f32 = {pair["b"]: pair for pair in scored["pairs"] if pair["a"] == GGUF_OUTTYPE}
+    rows = []
+    for name, written in files.items():
+        summary = scored["models"][name]
+        row = {"type": name, "file": Path(written["path"]).name, "bytes": written["bytes"],
+               "new_tokens_per_second": speed[name],
+               "identical_share": mean([float(a["text"] == b["text"]) for a, b in zip(answers[name], answers[GGUF_OUTTYPE])]),
+               **{key: summary[key] for key in ("rougeL", "eos_stop_rate", "loop_rate")}}
+        if name in against_f32:
+            row.update({f"{key}_difference": against_f32[name][f"{key}_difference"]
+                        for key in ("rougeL", "eos_stop_rate", "loop_rate")})
+        rows.append(row)
+    return {"status": "ok", "decoding": "llama.cpp greedy, no repeat penalty, the file's chat template",
+            "questions": len(questions), "files": rows}
+
+
 @tag(output="export")
 def export_report(
-    merged_model_agreement: dict, gguf_agreement: dict, base_model_id: str, finetuning_method: str = "lora",
+    merged_model_agreement: dict, gguf_agreement: dict, gguf_files_report: dict, base_model_id: str,
+    finetuning_method: str = "lora",
 ) -> dict:
     """What ``export_report.json`` records: the base model, how the merged model was made, its agreement
     with the adapter (``merged_model_agreement``), the GGUF file's with the merged model
-    (``gguf_agreement``) and the library versions."""
+    (``gguf_agreement``), the quantized copies' figures (``gguf_files_report``) and the library versions."""
     merge = ("the fully fine-tuned model itself" if finetuning_method == "full" else
              "LoRA adapter merged (PEFT merge_and_unload) into a fresh fp32 copy of the base model")
     versions = {**library_versions(), "llama_cpp_python": llama_cpp_version()}
     return {"base_model_id": base_model_id, "finetuning_method": finetuning_method, "merge": merge,
-            "merged_model": merged_model_agreement, "gguf": gguf_agreement, "library_versions": versions}
+            "merged_model": merged_model_agreement, "gguf": gguf_agreement, "gguf_files": gguf_files_report,
+            "library_versions": versions}
 
 
 def _agreement_line(agreement: dict, against: str) -> str:
@@ -272,4 +346,10 @@ def export_report_markdown(export_report: dict) -> str:
         lines.append("- Ollama: `ollama create NAME -f Modelfile` in this directory.")
     else:
         lines.append(f"- GGUF: {gguf['status']}: {gguf.get('reason', '')}")
+    files = export_report.get("gguf_files", {"status": "none"})
+    if files["status"] == "ok":
+        lines += ["", f"## GGUF files ({files['questions']} hold-out questions; {files['decoding']})", "",
+                  *gguf_files_table(files["files"])]
+    elif files["status"] != "none":
+        lines.append(f"- Quantized GGUF files: {files['status']}: {files.get('reason', '')}")
     return "\n".join(lines) + "\n"

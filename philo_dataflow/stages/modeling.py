@@ -268,6 +268,8 @@ def peft_model__presaved(
             # The saved config names the base portably (``portable_model_name``); the manifest's base is loaded.
             warnings.filterwarnings("ignore", message=".*base_model_name_or_path. was renamed", category=UserWarning)
             model = PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
+        for config in model.peft_config.values():  # in memory, the base this process loaded (PEFT checks it)
+            config.base_model_name_or_path = base_model.name_or_path
     except (RuntimeError, ValueError, OSError) as error:
         raise ValueError(
             f"presaved_model_dir={presaved_model_dir!r}: the adapter does not load onto the base model "

@@ -46,7 +46,15 @@ from ..lib.artifacts import (
 )
 from ..lib.distributed import is_main_process, wait_for_everyone
 from ..lib.generation import generation_config
-from ..lib.gguf_export import GGUF_OUTTYPE, GGUFConversionError, convert_to_gguf, converter_missing, gguf_metadata
+from ..lib.gguf_export import (
+    GGUF_OUTTYPE,
+    GGUFConversionError,
+    convert_to_gguf,
+    converter_missing,
+    gguf_metadata,
+    quantize_gguf,
+    quantized_gguf_file,
+)
 from ..lib.model_sources import portable_model_name
 from ..lib.switches import when
 
@@ -357,6 +365,43 @@ def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architectu
     return {"status": "ok", "gguf": str(directory / GGUF_FILE), "modelfile": modelfile,
             "bytes": (directory / GGUF_FILE).stat().st_size, "outtype": GGUF_OUTTYPE,
             **gguf_metadata(directory / GGUF_FILE)}
+
+
+@tag(output="export")
+@datasaver()
+def saved_quantized_gguf_models(saved_gguf_model: dict, quantization_types: list[str]) -> dict:
+    """Writes a quantized copy of the GGUF file per ``quantization_types`` beside it
+    (``<output_dir>/merged/model.q4_k_m.gguf``...), made by llama.cpp's own quantizer from the f32 file
+    (``lib.gguf_export.quantize_gguf``), each to a temporary name and renamed into place.
+
+    :return: ``{"status": "ok", "files": {type: lib.artifacts.file_metadata}}``; ``{"status": "none", "files":
+        {}}`` when none is asked for; ``{"status": "skipped" | "failed", "reason": line, "files": {...}}`` when
+        there is no f32 file or the quantizer failed (the copies made before are kept and listed).
+    """
+    if not quantization_types:
+        return {"status": "none", "files": {}}
+    if saved_gguf_model["status"] != "ok":
+        return {"status": "skipped", "files": {},
+                "reason": f"no GGUF file to quantize ({saved_gguf_model['status']}: {saved_gguf_model.get('reason', '')})"}
+    source = Path(saved_gguf_model["gguf"])
+    files = {}
+    for quantization in quantization_types:
+        target = source.with_name(quantized_gguf_file(quantization))
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=source.parent)
+        os.close(handle)
+        try:
+            quantize_gguf(source, Path(temporary), quantization)
+            os.chmod(temporary, 0o666 & ~UMASK)
+            os.replace(temporary, target)
+        except GGUFConversionError as error:
+            Path(temporary).unlink(missing_ok=True)
+            logger.error("GGUF quantization failed: %s", error)
+            return {"status": "failed", "reason": str(error), "files": files}
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        files[quantization] = file_metadata(str(target))
+    return {"status": "ok", "files": files}
 
 
 @tag(output="export")
