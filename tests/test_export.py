@@ -253,7 +253,7 @@ def test_gguf_questions_below_one_is_one_error_line(tmp_path):
 
 def test_export_outputs_stay_out_of_the_default_run_and_resolve_under_every_config():
     assert set(philo_dataflow.EXPORT_OUTPUTS) == {"export_report", "saved_merged_model", "saved_gguf_model",
-                                                  "saved_export_report"}
+                                                  "saved_quantized_gguf_models", "saved_export_report"}
     assert set(philo_dataflow.EXPORT_OUTPUTS).isdisjoint(philo_dataflow.FINAL_VARIABLES)
     for start in ("base", "presaved"):
         for method in ("lora", "full"):
@@ -359,3 +359,29 @@ def test_quantized_gguf_copies_are_made_offline_and_scored_against_the_f32_file(
             assert difference["mean"] == pytest.approx(row[key] - rows["f32"][key], abs=1e-12)
     markdown = (merged / "export_report.md").read_text()
     assert "| `model.q4_k_m.gguf` (q4_k_m) |" in markdown and "| `model.q4_k_m.gguf` (q4_k_m) |" in quantized_export["out"]
+
+
+@needs_converter
+@needs_llama_cpp
+def test_the_gguf_chat_template_gives_the_training_prompts_and_stops_at_the_end_of_turn(lora_export, hold_out,
+                                                                                      strong_run, tmp_path):
+    parity = lora_export["report"]["chat_parity"]
+    assert parity["status"] == "ok" and parity["first_mismatches"] == []
+    assert parity["identical_prompts"] == parity["questions"] == len(hold_out["prompts"])
+    assert parity["stops_on_end_of_turn"] is True and parity["end_of_turn"] == "<|im_end|>"
+    # Rendered here again by the file's own template, as llama-cpp-python's chat completion renders them.
+    adapter = str(strong_run / "adapter")
+    dr = philo_dataflow.build_driver(philo_dataflow.resolved_config({"start": "presaved", "presaved_model_dir": adapter}))
+    hold_out_set = dr.execute(["hold_out_set"], inputs=export._inputs(adapter, str(tmp_path)))["hold_out_set"]
+    rendered = gguf_export.gguf_prompts(str(lora_export["merged"] / "model.gguf"), list(hold_out_set["input_text"]),
+                                        list(hold_out_set["context"]), False)
+    assert rendered["prompts"] == hold_out["prompts"] and rendered["prompt_format"] == "chat_template"
+    assert "Chat template parity" in (lora_export["merged"] / "export_report.md").read_text()
+
+
+def test_chat_parity_is_not_claimed_for_a_model_trained_without_its_chat_template():
+    from philo_dataflow.stages import exporting
+
+    parity = exporting.gguf_chat_parity({"status": "ok", "gguf": "never-read.gguf"}, None, [], None, "alpaca")
+    assert parity["status"] == "not_applicable" and "Alpaca prompt" in parity["reason"]
+    assert "raw completion" in gguf_export.chat_parity_line(parity)

@@ -37,6 +37,7 @@ BASE_NODES = {
     "merged_model", "hold_out_prompts", "merged_model_hold_out_generations", "merged_model_agreement", "ollama_modelfile",
     "gguf_checked_questions", "gguf_agreement", "export_report", "export_report_markdown", "saved_merged_model",
     "saved_gguf_model", "saved_export_report", "quantization_types", "gguf_files_report", "saved_quantized_gguf_models",
+    "gguf_chat_parity",
 }
 #: The nodes ``judge=True`` adds.
 JUDGE_NODES = {

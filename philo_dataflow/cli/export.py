@@ -113,8 +113,9 @@ def _print_summary(result: dict, seconds: float) -> int:
         print(f"error: GGUF: {gguf['reason']}", file=sys.stderr)
     else:
         print(f"  GGUF {gguf['status']}: {gguf['reason']}")
-    from ..lib.gguf_export import gguf_files_table
+    from ..lib.gguf_export import chat_parity_line, gguf_files_table
 
+    print(f"  {chat_parity_line(report['chat_parity'])}")
     files = report["gguf_files"]
     if files["status"] == "ok":
         print(f"  GGUF files on {files['questions']} hold-out questions ({files['decoding']}), against the f32 file:")
@@ -161,7 +162,8 @@ def main(argv: list[str]) -> int:
             outputs.remove("saved_gguf_model")
             outputs.remove("saved_quantized_gguf_models")
             overrides = {"gguf_agreement": {"status": "skipped", "reason": "--no-gguf"},
-                         "gguf_files_report": {"status": "none"}}
+                         "gguf_files_report": {"status": "none"},
+                         "gguf_chat_parity": {"status": "skipped", "reason": "--no-gguf"}}
         else:
             overrides = {"gguf_checked_questions": list(range(args.gguf_questions))}
         started = time.time()

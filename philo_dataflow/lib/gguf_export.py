@@ -263,22 +263,19 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
-def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_tokens: int, templated: bool,
-                 seed: int) -> tuple[list[dict], str]:
-    """Greedy answers of the GGUF file at ``path`` through llama.cpp, as a llama-cpp-python user gets them.
+def gguf_prompts(path: str, questions: list[str], contexts: list[str], templated: bool) -> dict:
+    """The prompts a llama-cpp-python user sends the GGUF file at ``path``, as token ids, and its end tokens.
 
     Each prompt is rendered as ``Llama.create_chat_completion`` renders it: by the chat template embedded
     in the file (``tokenizer.chat_template``, llama-cpp-python's ``Jinja2ChatFormatter``) over the
     question's earlier turns (``contexts``, JSON messages) and the question, tokenized with special tokens
     (BOS added unless the template wrote it). When ``templated`` (the questions are already rendered by a
     ``prompt_template``) or the file embeds no chat template, the question text is the prompt (Alpaca's
-    wording when there is no template), after BOS. Decoding is llama.cpp's greedy sampler without repeat
-    penalty (``greedy_continuation``), up to an end-of-generation token (llama.cpp's ``llama_vocab_is_eog``,
-    where its chat completion stops) or ``max_new_tokens``.
+    wording when there is no template), after BOS.
 
-    :return: ``(generations, prompt_format)``: one dict per question, ``text`` (detokenized without
-        special tokens, stripped), ``token_ids`` (up to and including the end token), ``ended_on_eos``;
-        ``prompt_format`` is ``"chat_template"``, ``"template"`` or ``"alpaca"``.
+    :return: ``{"prompts": [[id, ...], ...], "prompt_format": "chat_template" | "template" | "alpaca",
+        "eos": id, "end_ids": frozenset}`` (``end_ids``: llama.cpp's end-of-generation tokens,
+        ``llama_vocab_is_eog``, where its chat completion stops).
     :raises ValueError: llama.cpp cannot load the file; a question with earlier turns but no chat template.
     """
     import llama_cpp
@@ -290,28 +287,49 @@ def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_t
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"{path}: llama.cpp cannot load it ({str(error).splitlines()[0][:160]}); give a GGUF "
                          "model file.") from None
-    eos, bos = vocab.token_eos(), vocab.token_bos()
-    template = vocab.metadata.get("tokenizer.chat_template")
-    prompt_format = TEMPLATE if templated else CHAT_TEMPLATE if template else ALPACA
-    formatter = Jinja2ChatFormatter(template=template, eos_token=vocab._model.token_get_text(eos) if eos != -1 else "",
-                                    bos_token=vocab._model.token_get_text(bos) if bos != -1 else "",
-                                    stop_token_ids=[eos]) if prompt_format == CHAT_TEMPLATE else None
-    prompts = []
-    for number, (question, context) in enumerate(zip(questions, contexts), start=1):
-        earlier = json.loads(context) if context else []
-        if formatter is not None:
-            rendered = formatter(messages=[*earlier, {"role": "user", "content": question}])
-            prompts.append(vocab.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
-                                          special=True))
-            continue
-        if earlier:
-            raise ValueError(f"{path}: question {number} has earlier turns but the file embeds no chat template; "
-                             "give single-turn questions.")
-        text = question if prompt_format == TEMPLATE else ALPACA_PROMPT.format(instruction=question)
-        prompts.append(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-    end_ids = frozenset(token for token in range(vocab.n_vocab())
-                        if llama_cpp.llama_vocab_is_eog(vocab._model.vocab, token))
-    vocab.close()
+    try:
+        eos, bos = vocab.token_eos(), vocab.token_bos()
+        template = vocab.metadata.get("tokenizer.chat_template")
+        prompt_format = TEMPLATE if templated else CHAT_TEMPLATE if template else ALPACA
+        formatter = Jinja2ChatFormatter(template=template,
+                                        eos_token=vocab._model.token_get_text(eos) if eos != -1 else "",
+                                        bos_token=vocab._model.token_get_text(bos) if bos != -1 else "",
+                                        stop_token_ids=[eos]) if prompt_format == CHAT_TEMPLATE else None
+        prompts = []
+        for number, (question, context) in enumerate(zip(questions, contexts), start=1):
+            earlier = json.loads(context) if context else []
+            if formatter is not None:
+                rendered = formatter(messages=[*earlier, {"role": "user", "content": question}])
+                prompts.append(vocab.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
+                                              special=True))
+                continue
+            if earlier:
+                raise ValueError(f"{path}: question {number} has earlier turns but the file embeds no chat template; "
+                                 "give single-turn questions.")
+            text = question if prompt_format == TEMPLATE else ALPACA_PROMPT.format(instruction=question)
+            prompts.append(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        end_ids = frozenset(token for token in range(vocab.n_vocab())
+                            if llama_cpp.llama_vocab_is_eog(vocab._model.vocab, token))
+    finally:
+        vocab.close()
+    return {"prompts": prompts, "prompt_format": prompt_format, "eos": eos, "end_ids": end_ids}
+
+
+def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_tokens: int, templated: bool,
+                 seed: int) -> tuple[list[dict], str]:
+    """Greedy answers of the GGUF file at ``path`` through llama.cpp, as a llama-cpp-python user gets them:
+    the prompts of ``gguf_prompts``, llama.cpp's greedy sampler without repeat penalty
+    (``greedy_continuation``), up to an end-of-generation token or ``max_new_tokens``.
+
+    :return: ``(generations, prompt_format)``: one dict per question, ``text`` (detokenized without
+        special tokens, stripped), ``token_ids`` (up to and including the end token), ``ended_on_eos``;
+        ``prompt_format`` is ``gguf_prompts``'.
+    :raises ValueError: see ``gguf_prompts``.
+    """
+    import llama_cpp
+
+    rendered = gguf_prompts(path, questions, contexts, templated)
+    prompts, eos, end_ids = rendered["prompts"], rendered["eos"], rendered["end_ids"]
     n_ctx = max((len(prompt) for prompt in prompts), default=1) + max_new_tokens + 1
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, seed=seed, verbose=False)
     try:
@@ -323,7 +341,7 @@ def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_t
             generations.append({"text": text.strip(), "token_ids": tokens, "ended_on_eos": ended})
     finally:
         llm.close()
-    return generations, prompt_format
+    return generations, rendered["prompt_format"]
 
 
 @contextlib.contextmanager
@@ -397,3 +415,17 @@ def gguf_files_table(rows: list[dict]) -> list[str]:
               f"{row['identical_share']:.0%} | {cell(row, 'rougeL', False)} | {cell(row, 'eos_stop_rate', True)} | "
               f"{cell(row, 'loop_rate', True)} |" for row in rows]
     return lines
+
+
+def chat_parity_line(parity: dict) -> str:
+    """One line of ``stages.exporting.gguf_chat_parity``'s result."""
+    if parity["status"] != "ok":
+        return f"Chat template parity: {parity['status']}: {parity.get('reason', '')}"
+    line = (f"Chat template parity: the GGUF file's embedded template (llama-cpp-python's chat formatter) gives "
+            f"the training prompt's token ids for {parity['identical_prompts']} of {parity['questions']} hold-out "
+            f"questions; llama.cpp {'stops' if parity['stops_on_end_of_turn'] else 'does NOT stop'} at the "
+            f"end-of-turn token {parity['end_of_turn']!r}.")
+    if parity["first_mismatches"]:
+        line += " Differing: " + ", ".join(f"question {m['question']} token {m['position']}"
+                                           for m in parity["first_mismatches"])
+    return line

@@ -27,7 +27,9 @@ from ..lib.gguf_export import (
     GGUF_CHECKED_QUESTIONS,
     GGUF_OUTTYPE,
     gguf_answers,
+    chat_parity_line,
     gguf_logits,
+    gguf_prompts,
     greedy_continuation,
     llama_cpp_missing,
     llama_cpp_version,
@@ -37,7 +39,7 @@ from ..lib.gguf_export import (
     quantization_problems,
 )
 from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
-from ..lib.prompts import question_prompt_ids
+from ..lib.prompts import CHAT_TEMPLATE, question_prompt_ids
 from ..lib.scores import mean, verdict
 from ..lib.switches import when
 
@@ -243,6 +245,42 @@ def gguf_agreement(
             "max_abs_logit_difference": largest, "decoding": "greedy", "llama_cpp_python": llama_cpp_version()}
 
 
+def gguf_chat_parity(
+    saved_gguf_model: dict,
+    hold_out_set: Dataset,
+    hold_out_prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_format: str,
+) -> dict:
+    """Whether a llama.cpp user who sends a hold-out question through the GGUF file's embedded chat template
+    (``lib.gguf_export.gguf_prompts``: rendered and tokenized as llama-cpp-python's chat completion does)
+    gives the model the prompt it was trained on (``hold_out_prompts``, token for token), and whether
+    llama.cpp stops at the tokenizer's end-of-turn token (the EOS the training supervised).
+
+    :return: ``{"status": "ok", "questions", "identical_prompts", "first_mismatches": [{"question",
+        "position"}, ...] (the first 5), "end_of_turn" (token text), "stops_on_end_of_turn"}``;
+        ``{"status": "not_applicable", "reason"}`` when the model was not trained on its chat template
+        (``prompt_format`` alpaca or template: the reason says how to prompt it); the GGUF step's own
+        status and reason when it wrote no file.
+    """
+    if saved_gguf_model["status"] != "ok":
+        return {key: saved_gguf_model[key] for key in ("status", "reason") if key in saved_gguf_model}
+    if prompt_format != CHAT_TEMPLATE:
+        how = ("the Alpaca prompt (lib.prompts.ALPACA_PROMPT) as raw text" if prompt_format == "alpaca" else
+               "its prompt_template rendered as raw text (see the run's config.yaml)")
+        return {"status": "not_applicable",
+                "reason": f"the model was trained on {prompt_format} prompts, not a chat template: send it {how} "
+                          "(a raw completion, not a chat completion)."}
+    rendered = gguf_prompts(saved_gguf_model["gguf"], list(hold_out_set["input_text"]), list(hold_out_set["context"]),
+                            False)
+    mismatches = [{"question": index, "position": _first_divergence(ours, theirs)}
+                  for index, (ours, theirs) in enumerate(zip(hold_out_prompts, rendered["prompts"])) if ours != theirs]
+    eos = tokenizer.eos_token_id
+    return {"status": "ok", "questions": len(hold_out_prompts),
+            "identical_prompts": len(hold_out_prompts) - len(mismatches), "first_mismatches": mismatches[:5],
+            "end_of_turn": tokenizer.eos_token, "stops_on_end_of_turn": eos in rendered["end_ids"]}
+
+
 def quantization_types(quantize: str = "") -> list[str]:
     """The quantized GGUF copies to make (``philo-dataflow export --quantize q8_0,q4_k_m``): llama.cpp's type
     names (``lib.gguf_export.QUANTIZATION_TYPES``), each once, in the order given; empty for none.
@@ -310,17 +348,19 @@ def gguf_files_report(
 
 @tag(output="export")
 def export_report(
-    merged_model_agreement: dict, gguf_agreement: dict, gguf_files_report: dict, base_model_id: str,
-    finetuning_method: str = "lora",
+    merged_model_agreement: dict, gguf_agreement: dict, gguf_files_report: dict, gguf_chat_parity: dict,
+    base_model_id: str, finetuning_method: str = "lora",
 ) -> dict:
     """What ``export_report.json`` records: the base model, how the merged model was made, its agreement
     with the adapter (``merged_model_agreement``), the GGUF file's with the merged model
-    (``gguf_agreement``), the quantized copies' figures (``gguf_files_report``) and the library versions."""
+    (``gguf_agreement``), the quantized copies' figures (``gguf_files_report``), the chat template's parity
+    with the training prompts (``gguf_chat_parity``) and the library versions."""
     merge = ("the fully fine-tuned model itself" if finetuning_method == "full" else
              "LoRA adapter merged (PEFT merge_and_unload) into a fresh fp32 copy of the base model")
     versions = {**library_versions(), "llama_cpp_python": llama_cpp_version()}
     return {"base_model_id": base_model_id, "finetuning_method": finetuning_method, "merge": merge,
             "merged_model": merged_model_agreement, "gguf": gguf_agreement, "gguf_files": gguf_files_report,
+            "chat_parity": gguf_chat_parity,
             "library_versions": versions}
 
 
@@ -346,6 +386,7 @@ def export_report_markdown(export_report: dict) -> str:
         lines.append("- Ollama: `ollama create NAME -f Modelfile` in this directory.")
     else:
         lines.append(f"- GGUF: {gguf['status']}: {gguf.get('reason', '')}")
+    lines.append(f"- {chat_parity_line(export_report['chat_parity'])}")
     files = export_report.get("gguf_files", {"status": "none"})
     if files["status"] == "ok":
         lines += ["", f"## GGUF files ({files['questions']} hold-out questions; {files['decoding']})", "",
