@@ -24,6 +24,7 @@ import philo_dataflow
 from philo_dataflow.stages import saving
 from philo_dataflow.cli import export
 from philo_dataflow.lib import gguf_export
+from philo_dataflow.lib.scores import has_loop
 from philo_dataflow.lib.generation import generate_answers
 from philo_dataflow.lib.prompts import prompt_token_ids
 from philo_dataflow.testing import tree
@@ -192,6 +193,9 @@ def test_modelfile_carries_the_chatml_template_and_its_stop_token(lora_export):
         'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""\n'
         'PARAMETER stop "<|im_end|>"\n'
         "PARAMETER temperature 0\n"
+        "# the run decoded with no_repeat_ngram_size=4, which llama.cpp and Ollama lack; repeat_penalty 1.1 keeps "
+        "answers from looping instead\n"
+        "PARAMETER repeat_penalty 1.1\n"
     )
 
 
@@ -357,6 +361,13 @@ def test_quantized_gguf_copies_are_made_offline_and_scored_against_the_f32_file(
             difference = row[f"{key}_difference"]
             assert difference["ci95_low"] - 1e-12 <= difference["mean"] <= difference["ci95_high"] + 1e-12
             assert difference["mean"] == pytest.approx(row[key] - rows["f32"][key], abs=1e-12)
+    # The run decoded with no_repeat_ngram_size=4: each file answers again with the Modelfile's repeat_penalty.
+    penalised, _ = gguf_export.gguf_answers(str(files["q4_k_m"]), questions, list(hold_out_set["context"]),
+                                            inputs["max_new_tokens"], False, 42, gguf_export.NO_REPEAT_STAND_IN)
+    with_penalty = rows["q4_k_m"]["with_repeat_penalty"]
+    assert with_penalty["repeat_penalty"] == gguf_export.NO_REPEAT_STAND_IN == 1.1
+    assert with_penalty["loop_rate"] == pytest.approx(sum(map(has_loop, (g["text"] for g in penalised))) / len(questions))
+    assert all("with_repeat_penalty" in row for row in rows.values())
     markdown = (merged / "export_report.md").read_text()
     assert "| `model.q4_k_m.gguf` (q4_k_m) |" in markdown and "| `model.q4_k_m.gguf` (q4_k_m) |" in quantized_export["out"]
 

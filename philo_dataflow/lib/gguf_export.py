@@ -217,6 +217,13 @@ def _prompt_go_template(prompt_format: str, prompt_template: Optional[str]) -> t
     return "{{ .Prompt }}", []
 
 
+#: llama.cpp's ``repeat_penalty`` recommended (Modelfile, model card) where the run decoded with
+#: ``no_repeat_ngram_size``, which llama.cpp and Ollama lack: on the main job's adapter its GGUF files loop in
+#: about half their greedy answers, and 1.1 brings that back near the run's rate without losing ROUGE-L
+#: (the measurement: docs/guide.md, "Export"); ``export --quantize`` measures it again per file.
+NO_REPEAT_STAND_IN = 1.1
+
+
 def modelfile_text(
     tokenizer: PreTrainedTokenizerBase, prompt_format: str, prompt_template: Optional[str], generation_settings: dict,
     gguf_name: str,
@@ -251,6 +258,10 @@ def modelfile_text(
         lines.append("PARAMETER temperature 0")
     if generation_settings.get("repetition_penalty", 1.0) != 1.0:
         lines.append(f"PARAMETER repeat_penalty {generation_settings['repetition_penalty']}")
+    elif generation_settings.get("no_repeat_ngram_size"):
+        lines += [f"# the run decoded with no_repeat_ngram_size={generation_settings['no_repeat_ngram_size']}, which "
+                  f"llama.cpp and Ollama lack; repeat_penalty {NO_REPEAT_STAND_IN} keeps answers from looping instead",
+                  f"PARAMETER repeat_penalty {NO_REPEAT_STAND_IN}"]
     return "\n".join(lines) + "\n"
 
 
@@ -316,10 +327,10 @@ def gguf_prompts(path: str, questions: list[str], contexts: list[str], templated
 
 
 def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_tokens: int, templated: bool,
-                 seed: int) -> tuple[list[dict], str]:
+                 seed: int, repeat_penalty: float = 1.0) -> tuple[list[dict], str]:
     """Greedy answers of the GGUF file at ``path`` through llama.cpp, as a llama-cpp-python user gets them:
-    the prompts of ``gguf_prompts``, llama.cpp's greedy sampler without repeat penalty
-    (``greedy_continuation``), up to an end-of-generation token or ``max_new_tokens``.
+    the prompts of ``gguf_prompts``, llama.cpp's greedy sampler with ``repeat_penalty`` (1.0: off;
+    ``greedy_continuation``), up to an end-of-generation token or ``max_new_tokens``.
 
     :return: ``(generations, prompt_format)``: one dict per question, ``text`` (detokenized without
         special tokens, stripped), ``token_ids`` (up to and including the end token), ``ended_on_eos``;
@@ -335,7 +346,7 @@ def gguf_answers(path: str, questions: list[str], contexts: list[str], max_new_t
     try:
         generations = []
         for prompt in prompts:
-            tokens = greedy_continuation(llm, prompt, max_new_tokens, eos, end_ids=end_ids)
+            tokens = greedy_continuation(llm, prompt, max_new_tokens, eos, repeat_penalty, end_ids)
             ended = bool(tokens) and tokens[-1] in end_ids | {eos}
             text = llm.detokenize(tokens[:-1] if ended else tokens).decode("utf-8", errors="replace")
             generations.append({"text": text.strip(), "token_ids": tokens, "ended_on_eos": ended})
@@ -409,11 +420,16 @@ def gguf_files_table(rows: list[dict]) -> list[str]:
             return f"{value} ({d['mean'] * 100:+.0f} [{d['ci95_low'] * 100:+.0f}, {d['ci95_high'] * 100:+.0f}] points)"
         return f"{value} ({d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}])"
 
+    penalty = next((row["with_repeat_penalty"]["repeat_penalty"] for row in rows if "with_repeat_penalty" in row), None)
+    extra = f" ROUGE-L / loops with repeat_penalty {penalty} |" if penalty is not None else ""
     lines = ["| file | size | new tokens/s | answers identical to f32 | ROUGE-L (vs f32) | ends on EOS (vs f32) | "
-             "loops (vs f32) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| `{row['file']}` ({row['type']}) | {row['bytes'] / 2**20:.0f} MiB | {row['new_tokens_per_second']:.0f} | "
-              f"{row['identical_share']:.0%} | {cell(row, 'rougeL', False)} | {cell(row, 'eos_stop_rate', True)} | "
-              f"{cell(row, 'loop_rate', True)} |" for row in rows]
+             f"loops (vs f32) |{extra}", "|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    for row in rows:
+        penalised = row.get("with_repeat_penalty")
+        tail = f" {penalised['rougeL']:.3f} / {penalised['loop_rate']:.0%} |" if penalised else (" — |" if extra else "")
+        lines.append(f"| `{row['file']}` ({row['type']}) | {row['bytes'] / 2**20:.0f} MiB | "
+                     f"{row['new_tokens_per_second']:.0f} | {row['identical_share']:.0%} | {cell(row, 'rougeL', False)} | "
+                     f"{cell(row, 'eos_stop_rate', True)} | {cell(row, 'loop_rate', True)} |{tail}")
     return lines
 
 

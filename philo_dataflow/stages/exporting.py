@@ -26,6 +26,7 @@ from ..lib.generation import GREEDY, generate_answers
 from ..lib.gguf_export import (
     GGUF_CHECKED_QUESTIONS,
     GGUF_OUTTYPE,
+    NO_REPEAT_STAND_IN,
     gguf_answers,
     chat_parity_line,
     gguf_logits,
@@ -40,7 +41,7 @@ from ..lib.gguf_export import (
 )
 from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
 from ..lib.prompts import CHAT_TEMPLATE, question_prompt_ids
-from ..lib.scores import mean, verdict
+from ..lib.scores import answer_summary, mean, rouge_per_example, verdict
 from ..lib.switches import when
 
 
@@ -298,6 +299,7 @@ def gguf_files_report(
     saved_quantized_gguf_models: dict,
     hold_out_set: Dataset,
     prompt_template_in_use: Optional[str],
+    generation_settings: dict,
     max_new_tokens: int = 160,
     seed: int = 42,
 ) -> dict:
@@ -312,7 +314,10 @@ def gguf_files_report(
         processing included), ``identical_share`` (answers identical to the f32 file's), ``rougeL``,
         ``eos_stop_rate``, ``loop_rate`` and, for quantized files, ``rougeL_difference``,
         ``eos_stop_rate_difference`` and ``loop_rate_difference`` against the f32 file (``{"mean",
-        "ci95_low", "ci95_high"}``, paired bootstrap 95% CI); or ``{"status": "none"}`` when no quantized
+        "ci95_low", "ci95_high"}``, paired bootstrap 95% CI); and, where the run decoded with
+        ``no_repeat_ngram_size`` (which llama.cpp lacks), ``with_repeat_penalty``: ``{"repeat_penalty",
+        "rougeL", "eos_stop_rate", "loop_rate"}`` of the same file answering with llama.cpp's
+        ``repeat_penalty`` ``lib.gguf_export.NO_REPEAT_STAND_IN``, the Modelfile's; or ``{"status": "none"}`` when no quantized
         copy was asked for, ``{"status": "skipped" | "failed", "reason"}`` when there is none.
     """
     if saved_quantized_gguf_models["status"] != "ok":
@@ -331,6 +336,17 @@ def gguf_files_report(
                     "new_tokens": [len(g["token_ids"]) for g in gens]} for name, gens in answers.items()}
     scored = verdict(list(hold_out_set["output_text"]), list(hold_out_set["category"]), given, seed)
     against_f32 = {pair["b"]: pair for pair in scored["pairs"] if pair["a"] == GGUF_OUTTYPE}
+    penalised = {}
+    if generation_settings.get("no_repeat_ngram_size") and generation_settings.get("repetition_penalty", 1.0) == 1.0:
+        for name, written in files.items():
+            generations, _ = gguf_answers(written["path"], questions, contexts, max_new_tokens,
+                                          bool(prompt_template_in_use), seed, NO_REPEAT_STAND_IN)
+            texts = [g["text"] for g in generations]
+            summary = answer_summary(texts, [g["ended_on_eos"] for g in generations],
+                                     [len(g["token_ids"]) for g in generations],
+                                     rouge_per_example(texts, list(hold_out_set["output_text"])))
+            penalised[name] = {"repeat_penalty": NO_REPEAT_STAND_IN,
+                               **{key: summary[key] for key in ("rougeL", "eos_stop_rate", "loop_rate")}}
     rows = []
     for name, written in files.items():
         summary = scored["models"][name]
@@ -341,6 +357,8 @@ def gguf_files_report(
         if name in against_f32:
             row.update({f"{key}_difference": against_f32[name][f"{key}_difference"]
                         for key in ("rougeL", "eos_stop_rate", "loop_rate")})
+        if name in penalised:
+            row["with_repeat_penalty"] = penalised[name]
         rows.append(row)
     return {"status": "ok", "decoding": "llama.cpp greedy, no repeat penalty, the file's chat template",
             "questions": len(questions), "files": rows}
