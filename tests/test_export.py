@@ -10,6 +10,7 @@ The adapter checked is the tiny run's with its LoRA B matrices made large, so th
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -257,7 +258,8 @@ def test_gguf_questions_below_one_is_one_error_line(tmp_path):
 
 def test_export_outputs_stay_out_of_the_default_run_and_resolve_under_every_config():
     assert set(philo_dataflow.EXPORT_OUTPUTS) == {"export_report", "saved_merged_model", "saved_gguf_model",
-                                                  "saved_quantized_gguf_models", "saved_export_report"}
+                                                  "saved_quantized_gguf_models", "saved_merged_model_card",
+                                                  "saved_export_report"}
     assert set(philo_dataflow.EXPORT_OUTPUTS).isdisjoint(philo_dataflow.FINAL_VARIABLES)
     for start in ("base", "presaved"):
         for method in ("lora", "full"):
@@ -396,3 +398,18 @@ def test_chat_parity_is_not_claimed_for_a_model_trained_without_its_chat_templat
     parity = exporting.gguf_chat_parity({"status": "ok", "gguf": "never-read.gguf"}, None, [], None, "alpaca")
     assert parity["status"] == "not_applicable" and "Alpaca prompt" in parity["reason"]
     assert "raw completion" in gguf_export.chat_parity_line(parity)
+
+
+@needs_converter
+@needs_llama_cpp
+def test_the_merged_directory_gets_the_runs_card_with_its_own_loading_and_the_gguf_figures(quantized_export):
+    from huggingface_hub import ModelCard
+
+    text = (quantized_export["merged"] / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "transformers" and {"merged", "philo_dataflow"} <= set(card.data.tags)
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "AutoModelForCausalLM.from_pretrained(model_dir)" in code and "PeftModel" not in code
+    assert "## Verdict" in text and "Chat template parity" in text and "PARAMETER" not in code
+    assert "| `model.q8_0.gguf` (q8_0) |" in text and "repeat_penalty 1.1" in text
+    assert "/tmp/" not in text

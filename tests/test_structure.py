@@ -37,7 +37,7 @@ BASE_NODES = {
     "merged_model", "hold_out_prompts", "merged_model_hold_out_generations", "merged_model_agreement", "ollama_modelfile",
     "gguf_checked_questions", "gguf_agreement", "export_report", "export_report_markdown", "saved_merged_model",
     "saved_gguf_model", "saved_export_report", "quantization_types", "gguf_files_report", "saved_quantized_gguf_models",
-    "gguf_chat_parity",
+    "gguf_chat_parity", "run_model_card", "merged_model_card", "saved_merged_model_card",
 }
 #: The nodes ``judge=True`` adds.
 JUDGE_NODES = {
@@ -45,7 +45,8 @@ JUDGE_NODES = {
     "judge_settings", "judge_metrics", "judge_comparison_figure", "saved_judgments",
 }
 #: The nodes ``start="presaved"`` adds: the data loaders of the adapter's manifest and log history.
-PRESAVED_NODES = {"presaved_manifest", "presaved_manifest.loader", "presaved_log_history", "presaved_log_history.loader"}
+PRESAVED_NODES = {"presaved_manifest", "presaved_manifest.loader", "presaved_log_history", "presaved_log_history.loader",
+                  "run_model_card.loader"}
 #: The nodes only ``start="base"`` has: the one that trains.
 BASE_ONLY_NODES = {"trained_parameters"}
 CONFIG_KEYS = {"start", "judge", "finetuning_method", "architecture"}
@@ -157,7 +158,8 @@ def test_output_lists_come_from_the_tags():
     assert philo_dataflow.JUDGE_OUTPUTS == ("saved_judgments",)
     assert philo_dataflow.RUN_OUTPUTS == ("saved_run_config",)
     assert philo_dataflow.EXPORT_OUTPUTS == ("export_report", "saved_merged_model", "saved_gguf_model",
-                                             "saved_quantized_gguf_models", "saved_export_report")
+                                             "saved_quantized_gguf_models", "saved_merged_model_card",
+                                             "saved_export_report")
     assert set(philo_dataflow.DEFAULT_OUTPUTS) < set(philo_dataflow.FINAL_VARIABLES)
     assert {"hold_out_set_predictions", "training_and_validation_set_metrics", "finetuned_model_on_validation_set",
             "tokenized_hold_out", "fit_trainer"} < set(philo_dataflow.FINAL_VARIABLES)

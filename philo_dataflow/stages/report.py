@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 import plotly.graph_objects as go
-from hamilton.function_modifiers import tag
+from hamilton.function_modifiers import cache, dataloader, tag
 
 from ..lib import html_report
+from ..lib.artifacts import MODEL_CARD_FILE, file_metadata
 from ..lib.formatting import fmt, one_line, pct
 from ..lib.judge_protocol import CRITERIA
 from ..lib.scores import LOOP_MIN_COUNT, LOOP_NGRAM, REPETITION_MEASURES, ROUGE_TYPES
@@ -695,3 +696,65 @@ def model_card(run_metrics: dict, run_manifest: dict) -> str:
         "model does on questions like those, not on questions in general.",
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+@when(start="base")
+def run_model_card__base(model_card: str) -> Optional[str]:
+    """The run's model card (``model_card``), for the exports' cards."""
+    return model_card
+
+
+@when(start="presaved")
+@cache(behavior="recompute")
+@dataloader()
+def run_model_card__presaved(presaved_model_dir: str) -> tuple[Optional[str], dict]:
+    """The model card the base run wrote beside the presaved adapter (``lib.artifacts.MODEL_CARD_FILE``); None
+    where there is none (a run older than the card) or it is not this project's (PEFT's blank template). A
+    Hamilton data loader; its metadata is the file's ``lib.artifacts.file_metadata``."""
+    path = Path(presaved_model_dir) / MODEL_CARD_FILE
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    ours = text.startswith("---") and "- philo_dataflow" in text.split("---", 2)[1]  # its tags
+    return (text if ours else None), file_metadata(str(path))
+
+
+def merged_model_card(run_model_card: Optional[str], run_manifest: dict, export_report: dict) -> Optional[str]:
+    """The model card of the merged export (``<output_dir>/merged/README.md``): the run's card with
+    ``library_name`` transformers, a ``merged`` tag, the merged directory's own loading snippet, and the
+    export's checks: the merged model's agreement with the adapter, the GGUF files with their figures
+    (``lib.gguf_export.gguf_files_table``), the chat template's parity and the llama.cpp / Ollama settings.
+    None when the run wrote no card.
+    """
+    from huggingface_hub import ModelCard
+
+    from ..lib.gguf_export import NO_REPEAT_STAND_IN, chat_parity_line, gguf_files_table
+
+    if run_model_card is None:
+        return None
+    card = ModelCard(run_model_card)
+    card.data.library_name = "transformers"
+    card.data.tags = [*(card.data.tags or []), "merged"]
+    text = card.text
+    start, end = text.find("## How to load it"), text.find("## How to reproduce it")
+    settings = {key: run_manifest["inputs"].get(key) for key in
+                ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")}
+    loading = _card_loading_lines({**run_manifest, "finetuning_method": "full"}, {"generation_settings": settings})
+    merged, files = export_report["merged_model"], export_report.get("gguf_files", {"status": "none"})
+    export_lines = [
+        "## This directory", "",
+        f"The LoRA adapter merged into its base ({export_report['merge']}): a plain transformers model. Its greedy "
+        f"answers have token ids identical to the adapter's on {merged['identical_token_ids']} of "
+        f"{merged['questions']} hold-out questions, so the verdict above holds for it.", "",
+        "## llama.cpp and Ollama", "",
+        f"- {chat_parity_line(export_report['chat_parity'])}",
+        "- `Modelfile` (`ollama create NAME -f Modelfile`) carries the prompt format, the stop token"
+        + (f" and `repeat_penalty {NO_REPEAT_STAND_IN}`, llama.cpp's stand-in for the run's "
+           f"`no_repeat_ngram_size={settings['no_repeat_ngram_size']}`" if settings.get("no_repeat_ngram_size") else "")
+        + ".",
+    ]
+    if files["status"] == "ok":
+        export_lines += ["", f"GGUF files, each answering the {files['questions']} hold-out questions through llama.cpp "
+                             f"({files['decoding']}), against the f32 file (paired bootstrap 95% CIs):", "",
+                         *gguf_files_table(files["files"])]
+    body = text[:start] + "\n".join(loading) + "\n\n" + "\n".join(export_lines) + "\n\n" + text[end:] \
+        if start >= 0 and end > start else text + "\n" + "\n".join(export_lines) + "\n"
+    return f"---\n{card.data.to_yaml()}\n---\n{body}"

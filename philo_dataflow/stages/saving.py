@@ -406,6 +406,20 @@ def saved_quantized_gguf_models(saved_gguf_model: dict, quantization_types: list
 
 @tag(output="export")
 @datasaver()
+def saved_merged_model_card(merged_model_card: Optional[str], saved_merged_model: dict) -> dict:
+    """Writes ``merged_model_card`` as ``README.md`` into the merged model's directory, atomically (nothing
+    when the run wrote no card).
+
+    :return: ``lib.artifacts.file_metadata`` of the card, or ``{"status": "skipped", "reason"}``.
+    """
+    if merged_model_card is None:
+        return {"status": "skipped", "reason": "the run wrote no model card (adapter/README.md) to start from"}
+    return file_metadata(write_text_atomically(Path(saved_merged_model["merged_dir"]) / MODEL_CARD_FILE,
+                                               merged_model_card))
+
+
+@tag(output="export")
+@datasaver()
 def saved_export_report(export_report: dict, export_report_markdown: str, saved_merged_model: dict) -> dict:
     """Writes ``export_report`` as ``export_report.json`` and ``export_report_markdown`` as ``export_report.md``
     into the merged model's directory.
