@@ -370,6 +370,8 @@ def test_quantized_gguf_copies_are_made_offline_and_scored_against_the_f32_file(
     assert with_penalty["repeat_penalty"] == gguf_export.NO_REPEAT_STAND_IN == 1.1
     assert with_penalty["loop_rate"] == pytest.approx(sum(map(has_loop, (g["text"] for g in penalised))) / len(questions))
     assert all("with_repeat_penalty" in row for row in rows.values())
+    page = (merged / "export_report.html").read_text()
+    assert 'id="gguf-files"' in page and "model.q4_k_m.gguf (q4_k_m)" in page and "Chat template parity" in page
     markdown = (merged / "export_report.md").read_text()
     assert "| `model.q4_k_m.gguf` (q4_k_m) |" in markdown and "| `model.q4_k_m.gguf` (q4_k_m) |" in quantized_export["out"]
 
@@ -413,3 +415,17 @@ def test_the_merged_directory_gets_the_runs_card_with_its_own_loading_and_the_gg
     assert "## Verdict" in text and "Chat template parity" in text and "PARAMETER" not in code
     assert "| `model.q8_0.gguf` (q8_0) |" in text and "repeat_penalty 1.1" in text
     assert "/tmp/" not in text
+
+
+@needs_converter
+@needs_llama_cpp
+def test_the_export_page_opens_offline_with_the_gguf_files_table(quantized_export):
+    from browser import external_requests, headless_chromium
+    from selenium.webdriver.common.by import By
+
+    with headless_chromium() as browser:
+        browser.get((quantized_export["merged"] / "export_report.html").resolve().as_uri())
+        rows = browser.find_elements(By.CSS_SELECTOR, "#gguf-files tbody tr")
+        assert [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows] == [
+            "model.gguf (f32)", "model.q8_0.gguf (q8_0)", "model.q4_k_m.gguf (q4_k_m)"]
+        assert external_requests(browser) == []

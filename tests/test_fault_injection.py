@@ -269,7 +269,8 @@ def _savers(objects: dict, version: str) -> dict:
     metrics = {"version": version}
     return {
         "adapter": (saving.save_best_models, dict(finetuned_model=objects["model"], tokenizer=objects["tokenizer"],
-                                                  run_manifest={"version": version}, training_log_history=[])),
+                                                  run_manifest={"version": version, "inputs": {"model_id": "tiny"}},
+                                                  training_log_history=[])),
         "predictions": (saving.saved_hold_out_predictions, dict(hold_out_set_predictions=rows)),
         "metrics": (saving.saved_metrics, dict(run_metrics=metrics)),
         "report_html": (saving.saved_report_html, dict(report_html=f"<!DOCTYPE html><p>{version}</p>\n")),

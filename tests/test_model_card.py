@@ -80,3 +80,23 @@ def test_a_fully_fine_tuned_models_card_loads_the_directory_itself(tiny_run_dir)
     assert "model = AutoModelForCausalLM.from_pretrained(model_dir).eval()" in code
     assert "PeftModel" not in code and "base =" not in code
     assert ModelCard(text).data.library_name == "transformers" and "full-fine-tuning" in ModelCard(text).data.tags
+
+
+def test_a_judged_runs_card_carries_the_judges_results(tiny_run_dir):
+    from test_report_page import _fake_judge_metrics
+
+    metrics = json.loads((Path(tiny_run_dir) / METRICS_FILE).read_text())
+    manifest = json.loads((Path(tiny_run_dir) / ADAPTER_DIR / MANIFEST_FILE).read_text())
+    text = report.model_card({**metrics, "judge": _fake_judge_metrics()}, manifest)
+    assert "## LLM judge" in text and "wins 67%" in text and "(2 / 1 / 0)" in text
+    assert "## LLM judge" not in report.model_card(metrics, manifest)
+
+
+def test_an_encoder_decoder_runs_card_prompts_the_encoder_with_the_question(tiny_run_dir):
+    metrics = json.loads((Path(tiny_run_dir) / METRICS_FILE).read_text())
+    manifest = json.loads((Path(tiny_run_dir) / ADAPTER_DIR / MANIFEST_FILE).read_text())
+    text = report.model_card(metrics, {**manifest, "architecture": "seq2seq", "prompt_format": "plain"})
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in code and 'tokenizer(question, return_tensors="pt")' in code
+    assert "tokenizer.decode(output[0], skip_special_tokens=True)" in code and "PROMPT_TEMPLATE" not in code
+    assert ModelCard(text).data.pipeline_tag == "text2text-generation"

@@ -38,6 +38,7 @@ BASE_NODES = {
     "gguf_checked_questions", "gguf_agreement", "export_report", "export_report_markdown", "saved_merged_model",
     "saved_gguf_model", "saved_export_report", "quantization_types", "gguf_files_report", "saved_quantized_gguf_models",
     "gguf_chat_parity", "run_model_card", "merged_model_card", "saved_merged_model_card",
+    "export_report_html",
 }
 #: The nodes ``judge=True`` adds.
 JUDGE_NODES = {

@@ -408,9 +408,10 @@ def quantize_gguf(source: Path, outfile: Path, quantization: str, threads: int =
                                   f"{lines[-1][:300] if lines else 'no log'}")
 
 
-def gguf_files_table(rows: list[dict]) -> list[str]:
-    """Markdown lines of ``stages.exporting.gguf_files_report``'s files: size, speed, identical answers, and ROUGE-L, EOS-stop
-    and loop rate with the paired bootstrap 95% CI of the difference against the f32 file."""
+def gguf_files_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of ``stages.exporting.gguf_files_report``'s files: size, speed, identical answers,
+    and ROUGE-L, EOS-stop and loop rate with the paired bootstrap 95% CI of the difference against the f32
+    file (and, where measured, ROUGE-L and loops with the Modelfile's ``repeat_penalty``)."""
     def cell(row: dict, key: str, percent: bool) -> str:
         value = f"{row[key]:.0%}" if percent else f"{row[key]:.3f}"
         if f"{key}_difference" not in row:
@@ -421,16 +422,23 @@ def gguf_files_table(rows: list[dict]) -> list[str]:
         return f"{value} ({d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}])"
 
     penalty = next((row["with_repeat_penalty"]["repeat_penalty"] for row in rows if "with_repeat_penalty" in row), None)
-    extra = f" ROUGE-L / loops with repeat_penalty {penalty} |" if penalty is not None else ""
-    lines = ["| file | size | new tokens/s | answers identical to f32 | ROUGE-L (vs f32) | ends on EOS (vs f32) | "
-             f"loops (vs f32) |{extra}", "|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    header = ["file", "size", "new tokens/s", "answers identical to f32", "ROUGE-L (vs f32)", "ends on EOS (vs f32)",
+              "loops (vs f32)", *([f"ROUGE-L / loops with repeat_penalty {penalty}"] if penalty is not None else [])]
+    cells = []
     for row in rows:
         penalised = row.get("with_repeat_penalty")
-        tail = f" {penalised['rougeL']:.3f} / {penalised['loop_rate']:.0%} |" if penalised else (" — |" if extra else "")
-        lines.append(f"| `{row['file']}` ({row['type']}) | {row['bytes'] / 2**20:.0f} MiB | "
-                     f"{row['new_tokens_per_second']:.0f} | {row['identical_share']:.0%} | {cell(row, 'rougeL', False)} | "
-                     f"{cell(row, 'eos_stop_rate', True)} | {cell(row, 'loop_rate', True)} |{tail}")
-    return lines
+        extra = ([f"{penalised['rougeL']:.3f} / {penalised['loop_rate']:.0%}" if penalised else "—"]
+                 if penalty is not None else [])
+        cells.append([f"`{row['file']}` ({row['type']})", f"{row['bytes'] / 2**20:.0f} MiB",
+                      f"{row['new_tokens_per_second']:.0f}", f"{row['identical_share']:.0%}", cell(row, "rougeL", False),
+                      cell(row, "eos_stop_rate", True), cell(row, "loop_rate", True), *extra])
+    return header, cells
+
+
+def gguf_files_table(rows: list[dict]) -> list[str]:
+    """``gguf_files_cells`` as Markdown table lines."""
+    header, cells = gguf_files_cells(rows)
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in cells)]
 
 
 def chat_parity_line(parity: dict) -> str:

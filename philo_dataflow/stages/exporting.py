@@ -11,6 +11,7 @@ a freshly loaded fp32 copy of the base model. The files are written by ``saving`
 """
 
 import copy
+import html
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,7 @@ from hamilton.function_modifiers import tag
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..lib import html_report
 from ..lib.artifacts import GGUF_FILE, library_versions
 from ..lib.generation import GREEDY, generate_answers
 from ..lib.gguf_export import (
@@ -28,6 +30,7 @@ from ..lib.gguf_export import (
     GGUF_OUTTYPE,
     NO_REPEAT_STAND_IN,
     gguf_answers,
+    gguf_files_cells,
     chat_parity_line,
     gguf_logits,
     gguf_prompts,
@@ -412,3 +415,19 @@ def export_report_markdown(export_report: dict) -> str:
     elif files["status"] != "none":
         lines.append(f"- Quantized GGUF files: {files['status']}: {files.get('reason', '')}")
     return "\n".join(lines) + "\n"
+
+
+def export_report_html(export_report: dict, export_report_markdown: str) -> str:
+    """``export_report.html``: the export's report as one offline page (``lib.html_report``): the checks of
+    ``export_report_markdown`` and the GGUF files' table (``lib.gguf_export.gguf_files_cells``)."""
+    items = [line[2:] for line in export_report_markdown.splitlines() if line.startswith("- ")]
+    body = "<h1>Export</h1>\n" + "<ul>\n" + "".join(f"<li>{html.escape(item)}</li>\n" for item in items) + "</ul>\n"
+    files = export_report.get("gguf_files", {"status": "none"})
+    if files["status"] == "ok":
+        header, cells = gguf_files_cells(files["files"])
+        body += html_report.section(
+            "GGUF files", f"<p>{html.escape(str(files['questions']))} hold-out questions; "
+                          f"{html.escape(files['decoding'])}; differences against the f32 file with paired bootstrap "
+                          "95% CIs.</p>\n" + html_report.table(header, [[c.replace("`", "") for c in row] for row in cells],
+                                                                table_id="gguf-files"), "gguf-files-section")
+    return html_report.page("philo_dataflow export", body)

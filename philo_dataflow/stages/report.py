@@ -505,6 +505,7 @@ _CARD_PROMPTS = {
     "alpaca": ('inputs = tokenizer(ALPACA.format(instruction=question), return_tensors="pt")'),
     "template": ('inputs = tokenizer(PROMPT_TEMPLATE.format(**record), return_tensors="pt")  '
                  '# record: your record\'s keys'),
+    "plain": 'inputs = tokenizer(question, return_tensors="pt")  # the encoder reads the question alone',
 }
 
 
@@ -594,7 +595,7 @@ def _card_loading_lines(run_manifest: dict, run_metrics: dict) -> list[str]:
         from ..lib.prompts import ALPACA_PROMPT
 
         constants = [f"ALPACA = {ALPACA_PROMPT!r}"]
-    elif prompt_format != "chat_template":
+    elif prompt_format == "template":
         constants = [f"PROMPT_TEMPLATE = {run_manifest.get('prompt_template')!r}"]
     if run_manifest.get("finetuning_method") == "full":  # this directory holds the whole fine-tuned model
         loading = [f"from transformers import {auto}, AutoTokenizer", "", 'model_dir = "path/to/this/directory"',
@@ -614,7 +615,9 @@ def _card_loading_lines(run_manifest: dict, run_metrics: dict) -> list[str]:
         f"    {prompt}",
         f"    output = model.generate(**inputs, max_new_tokens={inputs.get('max_new_tokens', 160)}, {decoding},",
         "                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)",
-        '    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()',
+        ('    return tokenizer.decode(output[0], skip_special_tokens=True).strip()  # the decoder\'s tokens only'
+         if auto == "AutoModelForSeq2SeqLM" else
+         '    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()'),
         "",
         "",
         f"print(answer({'What is the good life?'!r}))",

@@ -420,15 +420,19 @@ def saved_merged_model_card(merged_model_card: Optional[str], saved_merged_model
 
 @tag(output="export")
 @datasaver()
-def saved_export_report(export_report: dict, export_report_markdown: str, saved_merged_model: dict) -> dict:
-    """Writes ``export_report`` as ``export_report.json`` and ``export_report_markdown`` as ``export_report.md``
-    into the merged model's directory.
+def saved_export_report(
+    export_report: dict, export_report_markdown: str, export_report_html: str, saved_merged_model: dict,
+) -> dict:
+    """Writes ``export_report`` as ``export_report.json``, ``export_report_markdown`` as ``export_report.md`` and
+    ``export_report_html`` as ``export_report.html`` into the merged model's directory.
 
-    :return: ``{"json": path, "markdown": path, "files": [file_metadata, ...]}``.
+    :return: ``{"json": path, "markdown": path, "html": path, "files": [file_metadata, ...]}``.
     """
     directory = Path(saved_merged_model["merged_dir"])
     paths = {
         "json": write_text_atomically(directory / EXPORT_REPORT_FILE, json.dumps(export_report, indent=2, default=str)),
         "markdown": write_text_atomically(directory / EXPORT_REPORT_MARKDOWN_FILE, export_report_markdown),
+        "html": write_text_atomically(directory / EXPORT_REPORT_MARKDOWN_FILE.replace(".md", ".html"),
+                                      export_report_html),
     }
     return {**paths, "files": [file_metadata(path) for path in paths.values()]}
