@@ -413,6 +413,7 @@ def test_the_merged_directory_gets_the_runs_card_with_its_own_loading_and_the_gg
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert "AutoModelForCausalLM.from_pretrained(model_dir)" in code and "PeftModel" not in code
     assert "## Verdict" in text and "Chat template parity" in text and "PARAMETER" not in code
+    assert text.index("## How to load it") < text.index("```python") < text.index("## This directory")
     assert "| `model.q8_0.gguf` (q8_0) |" in text and "repeat_penalty 1.1" in text
     assert "/tmp/" not in text
 

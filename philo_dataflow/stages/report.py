@@ -744,9 +744,10 @@ def merged_model_card(run_model_card: Optional[str], run_manifest: dict, export_
     merged, files = export_report["merged_model"], export_report.get("gguf_files", {"status": "none"})
     export_lines = [
         "## This directory", "",
-        f"The LoRA adapter merged into its base ({export_report['merge']}): a plain transformers model. Its greedy "
-        f"answers have token ids identical to the adapter's on {merged['identical_token_ids']} of "
-        f"{merged['questions']} hold-out questions, so the verdict above holds for it.", "",
+        f"This directory holds {'' if export_report['merge'].startswith('the ') else 'the '}{export_report['merge']}: "
+        "a plain transformers model. Its greedy answers have "
+        f"token ids identical to the adapter's on {merged['identical_token_ids']} of {merged['questions']} hold-out "
+        "questions, so the verdict above holds for it.", "",
         "## llama.cpp and Ollama", "",
         f"- {chat_parity_line(export_report['chat_parity'])}",
         "- `Modelfile` (`ollama create NAME -f Modelfile`) carries the prompt format, the stop token"
@@ -758,6 +759,6 @@ def merged_model_card(run_model_card: Optional[str], run_manifest: dict, export_
         export_lines += ["", f"GGUF files, each answering the {files['questions']} hold-out questions through llama.cpp "
                              f"({files['decoding']}), against the f32 file (paired bootstrap 95% CIs):", "",
                          *gguf_files_table(files["files"])]
-    body = text[:start] + "\n".join(loading) + "\n\n" + "\n".join(export_lines) + "\n\n" + text[end:] \
+    body = text[:start] + "\n".join(["## How to load it", "", *loading, "", *export_lines]) + "\n\n" + text[end:] \
         if start >= 0 and end > start else text + "\n" + "\n".join(export_lines) + "\n"
     return f"---\n{card.data.to_yaml()}\n---\n{body}"
