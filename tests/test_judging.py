@@ -323,10 +323,14 @@ def llama_judged_runs(llama_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("llama-judged")
     rows = _synthetic_rows(LLAMA_ROWS)
     inputs = {**LLAMA_SETTINGS, "judge_base_url": llama_server.base_url, "judge_cache_dir": str(work / "cache")}
+    # The server is the session's (tests/conftest.py): other modules' requests came before these.
+    before, failed_before = llama_server.chat_requests_logged(), llama_server.chat_requests_logged("500")
     first = _judged_run(work / "first", rows, **inputs)
-    after_first = llama_server.chat_requests_logged()
+    after_first = llama_server.chat_requests_logged() - before
+    failed = llama_server.chat_requests_logged("500") - failed_before
     second = _judged_run(work / "second", rows, **inputs)
-    return {"first": first, "second": second, "work": work, "requests": (after_first, llama_server.chat_requests_logged())}
+    return {"first": first, "second": second, "work": work, "failed_requests": failed,
+            "requests": (after_first, llama_server.chat_requests_logged() - before)}
 
 
 def test_llama_cpp_judged_run_completes(llama_judged_runs):
@@ -369,7 +373,7 @@ def test_llama_cpp_rerun_is_served_from_the_cache(llama_judged_runs, llama_serve
     first, second = llama_judged_runs["first"], llama_judged_runs["second"]
     # the server saw each reply once, plus the probe: json_schema rejected on each try, json_object accepted
     assert after_first == first["judge_metrics"]["calls"]["replies"] + judge_client._PROBE_TRIES + 1
-    assert llama_server.chat_requests_logged("500") == judge_client._PROBE_TRIES
+    assert llama_judged_runs["failed_requests"] == judge_client._PROBE_TRIES
     assert after_second == after_first, "the second identical run sent requests"
     assert second["judge_metrics"]["calls"]["replies_from_cache"] == second["judge_metrics"]["calls"]["replies"]
     strip = lambda calls: [{k: v for k, v in c.items() if k != "attempts"} for c in calls]  # noqa: E731

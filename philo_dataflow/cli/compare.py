@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..lib.artifacts import COMPARISON_FILE, COMPARISON_FILES
+from ..lib.artifacts import COMPARISON_FILE, COMPARISON_FILES, output_dir_lock
 from ..lib.inputs import BY_NAME, DEFAULTS, JUDGE_INPUTS, hyperparameter_problems
 from ..lib.problems import InputProblems, Problem
 from .common import configure_logging
@@ -219,8 +219,9 @@ def main(argv: list[str]) -> int:
                   "generation_batch_size": args.generation_batch_size,
                   "no_repeat_ngram_size": args.no_repeat_ngram_size, "seed": args.seed,
                   "train_data": args.train_data, "judge_inputs": judge_inputs, "output_dir": args.output_dir}
-        done = build_comparison_driver().execute(
-            list(COMPARISON_OUTPUTS), inputs={name: value for name, value in inputs.items() if value is not None})
+        with output_dir_lock(args.output_dir):
+            done = build_comparison_driver().execute(
+                list(COMPARISON_OUTPUTS), inputs={name: value for name, value in inputs.items() if value is not None})
         result, paths = done["comparison"], done["saved_comparison"]["paths"]
     except (ValueError, OSError) as error:
         if args.debug:

@@ -22,6 +22,7 @@ from ..lib.artifacts import (
     MANIFEST_FILE,
     MANIFEST_INPUTS,
     QUANTIZATION_TYPES,
+    output_dir_lock,
     read_manifest,
 )
 from .common import configure_logging
@@ -167,7 +168,8 @@ def main(argv: list[str]) -> int:
         else:
             overrides = {"gguf_checked_questions": list(range(args.gguf_questions))}
         started = time.time()
-        result = dr.execute(outputs, inputs=inputs, overrides=overrides)
+        with output_dir_lock(inputs["output_dir"]):
+            result = dr.execute(outputs, inputs=inputs, overrides=overrides)
     except (_Refused, ValueError, FileNotFoundError) as error:
         if args.debug:
             raise

@@ -15,6 +15,7 @@ inputs' names, and flags and --set override them.
 """
 
 import argparse
+import contextlib
 import difflib
 import os
 import shutil
@@ -31,6 +32,7 @@ from ..lib.artifacts import (
     CONFIG_FILE,
     DATAFLOW_FILE,
     MANIFEST_INPUTS,
+    output_dir_lock,
     read_manifest,
 )
 from ..lib.inputs import (
@@ -402,6 +404,14 @@ def _hamilton_ui_tracker(driver_inputs: dict, config: dict, inputs: dict):
 
 
 def main(argv: Optional[list] = None) -> int:
+    """``philo-dataflow``: the main job; returns the exit status (2: a problem with the command line, the
+    input or the output directory, one ``error:`` line each). The output directory is locked
+    (``lib.artifacts.output_dir_lock``) from the end of the checks until the run ends."""
+    with contextlib.ExitStack() as locks:
+        return _run(argv, locks)
+
+
+def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     configure_logging(args.debug)
     # torch, transformers and Hamilton only now: --help and a bad flag answer without them.
@@ -440,6 +450,8 @@ def main(argv: Optional[list] = None) -> int:
         # With several processes (torchrun, accelerate launch) every one has checked the output directory
         # before any writes to it; from here on only the main process writes and prints.
         wait_for_everyone()
+        if is_main_process():
+            locks.enter_context(output_dir_lock(inputs["output_dir"], flag("output_dir")))
         graph_note = None
         if not args.no_graph and is_main_process():
             try:

@@ -2,9 +2,12 @@
 reader of an adapter's manifest, and atomic writing (by the main process only, when several run).
 Imports ``distributed`` only."""
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -171,3 +174,37 @@ def read_manifest(presaved_model_dir: str) -> dict:
             "give the 'adapter' directory written by save_best_models."
         )
     return manifest
+
+
+#: The file an output directory's lock is taken on (``output_dir_lock``); it holds the holder's pid and command.
+LOCK_FILE = ".philo_dataflow.lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, flag: str = "--output-dir"):
+    """Holds an exclusive OS-level lock (``fcntl.flock``) on ``output_dir`` (created if need be) for the
+    ``with`` block, so that two runs never write one directory. The kernel releases the lock when its
+    process ends, killed or not, so a crashed run leaves no stale lock; ``LOCK_FILE`` only says who holds it.
+
+    :raises ValueError: another process holds the lock (one line naming its pid and command, and ``flag``).
+    """
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = " ".join(handle.read().split()) or "another process"
+        handle.close()
+        raise ValueError(f"{flag} {output_dir}: another run is writing there ({holder}); wait for it to end, or "
+                         f"give another {flag}.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -29,6 +29,26 @@ def _broken_manifest(work: Path) -> str:
     return str(work / "broken")
 
 
+#: Locks held by the cases for the rest of the session (a lock goes with its open file).
+_HELD_LOCKS = []
+
+
+def _locked(work: Path) -> str:
+    """A directory whose lock (``lib.artifacts.output_dir_lock``) another holder has: an open file of this
+    process, which ``flock`` treats as another holder."""
+    import fcntl
+
+    from philo_dataflow.lib.artifacts import LOCK_FILE
+
+    (work / "busy").mkdir()
+    handle = open(work / "busy" / LOCK_FILE, "w", encoding="utf-8")
+    handle.write("pid 4242: philo-dataflow --output-dir busy\n")
+    handle.flush()
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD_LOCKS.append(handle)
+    return str(work / "busy")
+
+
 def _one_long_answer(work: Path) -> str:
     """The good records and one more whose answer (~400 tokens) cannot fit ``--max-seq-length 128``."""
     long_answer = {"instruction": "Why does Seneca write letters?", "output": "Because. " * 200, "school": "Stoicism"}
@@ -105,6 +125,11 @@ COMMAND_CASES = (
         "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
         "--judge-model", "judge-c", "--judge-base-url", env.judge_url, "--output-dir", str(work / "cmp")],
                 (("judge_model='judge-c' (--judge-model):", "does not list it"),)),
+    CommandCase("compare_output_dir_locked", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"), "--overwrite",
+        "--output-dir", _locked(work)],
+                (("another run is writing there (pid 4242: philo-dataflow --output-dir busy)",
+                  "wait for it to end, or give another --output-dir"),)),
     CommandCase("compare_bad_max_new_tokens", lambda env, work: [
         "compare", env.adapter, env.other_adapter, "--max-new-tokens", "0",
         "--output-dir", str(work / "cmp")],
