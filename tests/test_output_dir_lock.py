@@ -12,16 +12,15 @@ from pathlib import Path
 from conftest import FAST_INPUTS, REPO, cli_flags
 
 from philo_dataflow import cli
-from philo_dataflow.lib.artifacts import LOCK_FILE, output_dir_lock
+from philo_dataflow.lib.artifacts import output_dir_lock, output_dir_lock_holder
 from philo_dataflow.testing import example_subset
 
 
 def _holder_pid(out: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Waits until ``process`` holds the lock on ``out`` (its pid in the lock file)."""
+    """Waits until ``process`` holds the lock on ``out`` (the kernel's lock table says so)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
-        lock = out / LOCK_FILE
-        if lock.is_file() and lock.read_text().startswith(f"pid {process.pid}:"):
+        if out.is_dir() and (output_dir_lock_holder(str(out)) or "").startswith(f"pid {process.pid}:"):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
@@ -54,8 +53,10 @@ def test_a_second_run_export_or_comparison_into_a_running_runs_directory_is_refu
         printed, _ = first.communicate(timeout=600)
     assert first.returncode == 0, printed[-3000:]
     assert (out / "metrics.json").is_file() and "philo_dataflow finished" in printed
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no lock file, nothing left over
+    assert output_dir_lock_holder(str(out)) is None
     with output_dir_lock(str(out)):  # released when the run ended
-        pass
+        assert output_dir_lock_holder(str(out)).startswith(f"pid {os.getpid()}:")
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
@@ -76,6 +77,6 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     finally:
         if holder.poll() is None:
             holder.kill()
-    assert (out / LOCK_FILE).is_file()  # the file stays; the lock went with the process
+    assert output_dir_lock_holder(str(out)) is None  # the lock went with the process
     with output_dir_lock(str(out)):
-        assert (out / LOCK_FILE).read_text().startswith(f"pid {os.getpid()}:")
+        assert output_dir_lock_holder(str(out)).startswith(f"pid {os.getpid()}:")

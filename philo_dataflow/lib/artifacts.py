@@ -7,10 +7,10 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Optional
 
 from .distributed import is_main_process
 
@@ -176,35 +176,48 @@ def read_manifest(presaved_model_dir: str) -> dict:
     return manifest
 
 
-#: The file an output directory's lock is taken on (``output_dir_lock``); it holds the holder's pid and command.
-LOCK_FILE = ".philo_dataflow.lock"
+def output_dir_lock_holder(output_dir: str) -> Optional[str]:
+    """Who holds ``output_dir_lock`` on ``output_dir``: ``"pid N: command line"`` read from the kernel's lock
+    table (``/proc/locks``, Linux) and ``/proc/N/cmdline``; None when nobody does (or it cannot be told)."""
+    try:
+        info = os.stat(output_dir)
+        wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+        with open("/proc/locks", encoding="utf-8") as table:
+            pids = [fields[4] for fields in map(str.split, table) if len(fields) > 5 and fields[1] == "FLOCK"
+                    and fields[5] == wanted]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                arguments = handle.read().decode("utf-8", errors="replace").split("\0")
+        except OSError:
+            continue
+        command = " ".join(" ".join([Path(arguments[0]).name, *arguments[1:]]).split())  # one line
+        return f"pid {pid}: {command[:300]}"
+    return None
 
 
 @contextlib.contextmanager
 def output_dir_lock(output_dir: str, flag: str = "--output-dir"):
-    """Holds an exclusive OS-level lock (``fcntl.flock``) on ``output_dir`` (created if need be) for the
-    ``with`` block, so that two runs never write one directory. The kernel releases the lock when its
-    process ends, killed or not, so a crashed run leaves no stale lock; ``LOCK_FILE`` only says who holds it.
+    """Holds an exclusive OS-level lock (``fcntl.flock`` on the directory itself, created if need be) on
+    ``output_dir`` for the ``with`` block, so that two runs never write one directory. The kernel releases
+    the lock when its process ends, killed or not: no lock file is written, so none is ever stale.
 
-    :raises ValueError: another process holds the lock (one line naming its pid and command, and ``flag``).
+    :raises ValueError: another process holds the lock (one line naming ``flag`` and the holder,
+        ``output_dir_lock_holder``).
     """
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(output_dir, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = " ".join(handle.read().split()) or "another process"
-        handle.close()
+        os.close(descriptor)
+        holder = output_dir_lock_holder(output_dir) or "another process"
         raise ValueError(f"{flag} {output_dir}: another run is writing there ({holder}); wait for it to end, or "
                          f"give another {flag}.") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}\n")
-    handle.flush()
     try:
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
