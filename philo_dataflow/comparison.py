@@ -35,7 +35,7 @@ from .lib.artifacts import (
     sha256_of_file,
 )
 from .lib.formatting import fmt, one_line, pct
-from .lib.generation import GREEDY
+from .lib.generation import GREEDY, answer_columns
 from .lib.inputs import DEFAULTS
 from .lib.judge_protocol import pairwise_metrics
 from .lib.near_duplicates import leaked_questions
@@ -238,8 +238,7 @@ def comparison_scores(hold_out: list[dict], answers: dict, seed: int) -> dict:
         ``most_changed`` questions written out, ``{"won": [...], "lost": [...]}``, each ``{"question",
         "category", "rougeL_a", "rougeL_b", "answer_a", "answer_b"}``.
     """
-    given = {name: {"texts": [g["text"] for g in gens], "ended_on_eos": [g["ended_on_eos"] for g in gens],
-                     "new_tokens": [len(g["token_ids"]) for g in gens]} for name, gens in answers.items()}
+    given = {name: answer_columns(gens) for name, gens in answers.items()}
     scored = verdict([row["reference"] for row in hold_out], [row["category"] for row in hold_out], given, seed,
                      TIE_TOLERANCE, MOST_CHANGED_QUESTIONS)
     rouge_l = scored["rougeL_per_question"]

@@ -125,3 +125,10 @@ def generate_answers(
                     "ended_on_eos": ended,
                 }
     return results
+
+
+def answer_columns(generations: list[dict]) -> dict:
+    """``generate_answers``' (or ``lib.gguf_export.gguf_answers``') dicts as the columns
+    ``lib.scores.verdict`` scores: ``{"texts", "ended_on_eos", "new_tokens"}``, in question order."""
+    return {"texts": [g["text"] for g in generations], "ended_on_eos": [g["ended_on_eos"] for g in generations],
+            "new_tokens": [len(g["token_ids"]) for g in generations]}

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..lib import html_report
 from ..lib.artifacts import GGUF_FILE, library_versions
-from ..lib.generation import GREEDY, generate_answers
+from ..lib.generation import GREEDY, answer_columns, generate_answers
 from ..lib.gguf_export import (
     GGUF_CHECKED_QUESTIONS,
     GGUF_OUTTYPE,
@@ -44,7 +44,7 @@ from ..lib.gguf_export import (
 )
 from ..lib.model_sources import from_pretrained, refuse_pickle_weights, resolve_model_path
 from ..lib.prompts import CHAT_TEMPLATE, question_prompt_ids
-from ..lib.scores import answer_summary, mean, rouge_per_example, verdict
+from ..lib.scores import mean, verdict
 from ..lib.switches import when
 
 
@@ -335,19 +335,15 @@ def gguf_files_report(
                                       bool(prompt_template_in_use), seed)
         speed[name] = sum(len(g["token_ids"]) for g in generations) / max(time.perf_counter() - started, 1e-9)
         answers[name] = generations
-    given = {name: {"texts": [g["text"] for g in gens], "ended_on_eos": [g["ended_on_eos"] for g in gens],
-                    "new_tokens": [len(g["token_ids"]) for g in gens]} for name, gens in answers.items()}
-    scored = verdict(list(hold_out_set["output_text"]), list(hold_out_set["category"]), given, seed)
+    references, categories = list(hold_out_set["output_text"]), list(hold_out_set["category"])
+    scored = verdict(references, categories, {name: answer_columns(gens) for name, gens in answers.items()}, seed)
     against_f32 = {pair["b"]: pair for pair in scored["pairs"] if pair["a"] == GGUF_OUTTYPE}
     penalised = {}
     if generation_settings.get("no_repeat_ngram_size") and generation_settings.get("repetition_penalty", 1.0) == 1.0:
         for name, written in files.items():
             generations, _ = gguf_answers(written["path"], questions, contexts, max_new_tokens,
                                           bool(prompt_template_in_use), seed, NO_REPEAT_STAND_IN)
-            texts = [g["text"] for g in generations]
-            summary = answer_summary(texts, [g["ended_on_eos"] for g in generations],
-                                     [len(g["token_ids"]) for g in generations],
-                                     rouge_per_example(texts, list(hold_out_set["output_text"])))
+            summary = verdict(references, categories, {name: answer_columns(generations)}, seed)["models"][name]
             penalised[name] = {"repeat_penalty": NO_REPEAT_STAND_IN,
                                **{key: summary[key] for key in ("rougeL", "eos_stop_rate", "loop_rate")}}
     rows = []
