@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: The kinds of model ``compare`` takes (see the module docstring).
 KINDS = ("run", "adapter", "model", "gguf")
+#: How a transformers model's answers are made, as ``comparison.json`` records it (GGUF files: llama.cpp's).
+TRANSFORMERS_DECODING = "transformers generate"
 #: What ``compare`` accepts, for its messages.
 ACCEPTED = ("a run's output_dir, a PEFT adapter directory, a model directory, a hub id in the local cache "
             "or a .gguf file")
@@ -247,4 +249,4 @@ def answers_of(model: Model, base: str, hold_out_set: Dataset, inputs: dict, see
         return generations, {"prompt_format": prompt_format, "decoding": "llama.cpp greedy (no repeat penalty)"}
     adapter_dir = model.path if model.kind == "adapter" else None
     generations, prompt_format = hf_answers(base if adapter_dir else model.path, adapter_dir, hold_out_set, inputs)
-    return generations, {"prompt_format": prompt_format, "decoding": "transformers generate"}
+    return generations, {"prompt_format": prompt_format, "decoding": TRANSFORMERS_DECODING}

@@ -21,7 +21,7 @@ from datasets import Dataset
 from hamilton.function_modifiers import datasaver, extract_fields, tag
 
 from .. import comparison as compare_lib
-from ..compared_models import Model, answers_of, base_and_problems, hf_answers, model_of
+from ..compared_models import TRANSFORMERS_DECODING, Model, answers_of, base_and_problems, hf_answers, model_of
 from ..lib.artifacts import (
     COMPARISON_ANSWERS_FILE,
     COMPARISON_FILE,
@@ -34,9 +34,6 @@ from ..lib.inputs import DEFAULTS
 from ..lib.scores import TIE_TOLERANCE
 
 logger = logging.getLogger(__name__)
-
-#: What the base model's answers are made with when a transformers model answers.
-_TRANSFORMERS = "transformers generate"
 
 
 def compared_models(models: list[str]) -> list[Model]:
@@ -169,7 +166,7 @@ def model_generations(
         logger.info("answering with the base model %s", comparison_base_model_id)
         answers[compare_lib.BASE], prompt_format = hf_answers(comparison_base_model_id, None, comparison_hold_out_set,
                                                               inputs)
-        answering[compare_lib.BASE] = {"prompt_format": prompt_format, "decoding": _TRANSFORMERS}
+        answering[compare_lib.BASE] = {"prompt_format": prompt_format, "decoding": TRANSFORMERS_DECODING}
     for index, (label, model) in enumerate(zip(model_labels, compared_models)):
         logger.info("answering with %s (%s, %s)", label, model.kind, model.path)
         if model.run is None:
@@ -179,7 +176,7 @@ def model_generations(
         generations = compare_lib.model_answers(model.run, comparison_hold_out_set, generation["max_new_tokens"],
                                                 generation["generation_batch_size"], with_base=index == 0,
                                                 decoding=generation["settings"])
-        trained = {"prompt_format": model.run.manifest.get("prompt_format"), "decoding": _TRANSFORMERS}
+        trained = {"prompt_format": model.run.manifest.get("prompt_format"), "decoding": TRANSFORMERS_DECODING}
         if index == 0:
             answers[compare_lib.BASE], answering[compare_lib.BASE] = generations[compare_lib.BASE], dict(trained)
         answers[label], answering[label] = generations["finetuned"], trained
