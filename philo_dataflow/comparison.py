@@ -38,7 +38,7 @@ from .lib.formatting import fmt, one_line, pct
 from .lib.generation import GREEDY, answer_columns
 from .lib.inputs import DEFAULTS
 from .lib.judge_protocol import pairwise_metrics
-from .lib.near_duplicates import leaked_questions
+from .lib.near_duplicates import conversation_text, leaked_questions
 from .lib.records import read_records
 from .lib.scores import REPETITION_MEASURES, ROUGE_TYPES, TIE_TOLERANCE, has_loop, verdict
 from .lib.trainer import ready_for_generation
@@ -388,6 +388,17 @@ def _leakage_html(comparison: dict) -> str:
         ["a", "b", "ROUGE-L b − a", "b wins / ties / loses"], rows, table_id="pairs-without-leaked")
 
 
+def _detectable_note(pair: dict) -> str:
+    """``"; smallest detectable difference 0.031"``, or that the pair's verdict is not conclusive
+    (``lib.scores.conclusiveness``); ``""`` for a comparison written without it."""
+    conclusion = pair.get("rougeL_verdict")
+    if conclusion is None:
+        return ""
+    if not conclusion["conclusive"]:
+        return f"; NOT CONCLUSIVE: {conclusion['reason']}"
+    return f"; smallest detectable difference {fmt(conclusion['detectable_difference'])} (95% level, 80% power)"
+
+
 def _most_changed_html(comparison: dict) -> str:
     """Per pair, the questions b won and lost by most, both answers side by side (``comparison_scores``)."""
     columns = [("category", "category"), ("question", "question"), ("answer_a", "answer of a"),
@@ -458,10 +469,11 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
         "<p>The runs' recorded settings agree.</p>\n" if settings else "<p>No run of ours is compared: no recorded "
                                                                        "training settings.</p>\n")
     pair_rows = [[pair["a"], pair["b"], *(_interval(pair[f"{m}_difference"]) for m in ("rougeL", *REPETITION_MEASURES)),
-                  _outcome_cell(pair)]
+                  _outcome_cell(pair), _detectable_note(pair).removeprefix("; ")]
                  for pair in comparison["pairs"]]
     pairs_table = html_report.table(["a", "b", "ROUGE-L b − a", "loop rate b − a", "distinct-1 b − a",
-                                     "distinct-2 b − a", "b wins / ties / loses"], pair_rows, table_id="pairs")
+                                     "distinct-2 b − a", "b wins / ties / loses", "ROUGE-L verdict"], pair_rows,
+                                    table_id="pairs")
     categories = comparison["per_category"]
     category_table = html_report.table(
         ["category", "questions", *names],
@@ -496,26 +508,32 @@ def report_html(comparison: dict, rows: list[dict]) -> str:
 
 
 def train_questions(train_data: str) -> list[str]:
-    """The questions of the data a model was tuned on (any format ``stages.loading.instruction_records``
-    reads, keys detected), for ``leakage``.
+    """The conversations of the data a model was tuned on (any format ``stages.loading.instruction_records``
+    reads, keys detected), each its earlier turns and question (``lib.near_duplicates.conversation_text``;
+    a single-turn record's is its question), for ``leakage``.
 
     :raises ValueError: the file cannot be read or holds no question/answer records (one line per problem,
         naming the file).
     """
-    return [pair["input_text"] for pair in instruction_records(read_records(train_data), train_data, None)]
+    return [conversation_text(pair["input_text"], pair["context"])
+            for pair in instruction_records(read_records(train_data), train_data, None)]
 
 
 def leakage(hold_out: list[dict], answers: dict, seed: int, train_data: str, questions: list[str],
-            threshold: float) -> dict:
+            threshold: float, hold_out_texts: Optional[list[str]] = None) -> dict:
     """The hold-out questions with an exact or near duplicate among ``questions`` (the training data of the
-    compared models: content-word Jaccard ``threshold`` or more, ``lib.near_duplicates.leaked_questions``, the
-    split's own measure) and every pair's verdict on the other questions.
+    compared models, ``train_questions``: content-word Jaccard ``threshold`` or more,
+    ``lib.near_duplicates.leaked_questions``, the split's own measure) and every pair's verdict on the other
+    questions.
+
+    :param hold_out_texts: what is compared of each hold-out question, its conversation
+        (``lib.near_duplicates.conversation_text``); default: each row's ``question``.
 
     :return: ``{"train_data", "threshold", "questions": [indices], "count", "pairs_without": [...]}``;
         ``pairs_without`` is ``comparison_scores``' ``pairs`` on the questions left (empty when none is
         left or none leaked).
     """
-    leaked = leaked_questions([row["question"] for row in hold_out], questions, threshold)
+    leaked = leaked_questions(hold_out_texts or [row["question"] for row in hold_out], questions, threshold)
     kept = [index for index in range(len(hold_out)) if index not in set(leaked)]
     pairs_without = comparison_scores([hold_out[i] for i in kept], {name: [gens[i] for i in kept]
                                                                     for name, gens in answers.items()},
@@ -567,7 +585,7 @@ def summary_lines(comparison: dict) -> list[str]:
         outcomes = pair["rougeL_outcomes"]
         lines.append(f"ROUGE-L {pair['b']} minus {pair['a']}: {_interval(pair['rougeL_difference'])}; question by "
                      f"question {outcomes['wins']} won, {outcomes['ties']} tied, {outcomes['losses']} lost "
-                     f"(±{outcomes['tolerance']:g})")
+                     f"(±{outcomes['tolerance']:g}){_detectable_note(pair)}")
     for pair in comparison.get("judge", {}).get("pairs", []):
         lines.append(f"judge {comparison['judge']['model']}, {pair['b']} against {pair['a']}: {pair['wins']} won, "
                      f"{pair['ties']} tied, {pair['losses']} lost of {pair['judged']} judged in both orders "

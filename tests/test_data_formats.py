@@ -33,6 +33,7 @@ from philo_dataflow.stages.loading import (
     prompt_template_in_use__base,
     prompt_template_in_use__presaved,
     raw_records,
+    records_left_out,
 )
 from philo_dataflow.stages.splitting import data_splits
 
@@ -49,6 +50,12 @@ PREPARED_ID, SNAPSHOT_ID = "philo-tests/stoic_qa", "philo-tests/snapshot_qa"
 
 def _load(path, prompt_template=None, **inputs) -> list:
     return instruction_records(raw_records(str(path))[0], str(path), prompt_template, **inputs)
+
+
+def _left_out(path, prompt_template=None, **inputs) -> dict:
+    """``records_left_out``'s reasons with a count, as ``{reason: (count, indices)}``."""
+    summary = records_left_out(raw_records(str(path))[0], str(path), prompt_template, **inputs)
+    return {reason: (done["count"], done["records"]) for reason, done in summary["reasons"].items() if done["count"]}
 
 
 def _example(question, answer, category="Stoicism", context=(), group="") -> dict:
@@ -77,8 +84,9 @@ def _rows(path: Path) -> list:
 
 
 def test_messages_single_and_multi_turn_keep_the_system_prompt(caplog):
+    examples = _load(MESSAGES)
     with caplog.at_level("WARNING"):
-        examples = _load(MESSAGES)
+        assert _left_out(MESSAGES) == {"trailing_user_turn": (1, [3])}
     assert examples == [
         _example("What did the Stoics mean by virtue?",
                  "For the Stoics virtue is the only good: wisdom, justice, courage and moderation.", context=[SYSTEM]),
@@ -95,7 +103,7 @@ def test_messages_single_and_multi_turn_keep_the_system_prompt(caplog):
         _example("What is wu wei in Taoism?", "Acting without forcing, like water that finds its way around the stone.",
                  category="Taoism"),
     ]
-    assert "dropped the trailing user turn (no answer to learn) of 1 conversation(s)" in caplog.text
+    assert "1 ending on a user turn with no answer (that turn dropped, the conversation kept) (record 3)" in caplog.text
 
 
 def test_sharegpt_conversations_become_openai_roles():
@@ -154,10 +162,12 @@ OASST_EXAMPLES = [
 
 
 def test_oasst_trees_follow_the_best_ranked_reply_of_every_path(caplog):
+    examples = _load(OASST)
     with caplog.at_level("WARNING"):
-        examples = _load(OASST)
+        left_out = _left_out(OASST)
     assert examples == OASST_EXAMPLES
-    assert "dropped 1 OASST tree(s) whose first prompt has no assistant reply left" in caplog.text  # tree-g
+    assert left_out == {"oasst_tree_without_reply": (1, [6])}  # tree-g
+    assert "1 OASST tree(s) whose first prompt has no assistant reply (record 6)" in caplog.text
 
 
 def test_oasst_lang_keeps_the_trees_of_one_language():

@@ -5,7 +5,7 @@ import pytest
 from conftest import EXAMPLE_DATA, SHARED_DATA
 
 from philo_dataflow.lib.records import SCHOOLS_OF_THOUGHT
-from philo_dataflow.stages.loading import instruction_records, raw_records
+from philo_dataflow.stages.loading import instruction_records, raw_records, records_left_out
 from philo_dataflow.stages.splitting import data_splits
 
 
@@ -68,11 +68,17 @@ def test_empty_pairs_dropped_and_duplicate_prompts_kept_once(tmp_path, caplog):
         {"instruction": "Q4", "output": "A4"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = _load(path)
     with caplog.at_level("WARNING"):
-        pairs = _load(path)
+        left_out = records_left_out(raw_records(str(path))[0], str(path), None)
     assert [p["input_text"] for p in pairs] == ["Q1 Stoic?", "Q4"]
-    assert "dropped 2 record(s) with an empty" in caplog.text
-    assert "dropped 1 record(s) repeating" in caplog.text
+    assert left_out["records"] == 5 and left_out["examples"] == 2
+    assert {reason: (done["count"], done["records"]) for reason, done in left_out["reasons"].items()} == {
+        "empty_question_or_answer": (2, [1, 2]), "repeated_prompt": (1, [3]), "trailing_user_turn": (0, []),
+        "oasst_tree_without_reply": (0, []), "other_language": (0, [])}
+    assert caplog.text.count("\n") == 1  # one line
+    assert ("5 record(s) read, 2 example(s) kept; left out: 2 with an empty or null question or answer (records 1, 2); "
+            "1 repeating an earlier prompt (same earlier turns and question) (record 3).") in caplog.text
 
 
 @pytest.mark.parametrize(

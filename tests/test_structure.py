@@ -18,7 +18,7 @@ from philo_dataflow.lib.inputs import BY_NAME, DRIVER_INPUTS, INPUTS, REQUIRED, 
 
 #: Every node of ``build_driver({"start": "base"})``: a helper that turns into a node shows up here.
 BASE_NODES = {
-    "raw_records", "raw_records.loader", "data_source", "prompt_template_in_use", "instruction_records", "data_splits", "train_set", "validation_set",
+    "raw_records", "raw_records.loader", "data_source", "prompt_template_in_use", "instruction_records", "records_left_out", "data_splits", "train_set", "validation_set",
     "hold_out_set",
     "near_duplicate_groups", "split_summary", "prompt_format", "tokenized_train", "tokenized_validation",
     "tokenized_hold_out", "tokenization_stats", "device", "base_model_id", "tokenizer", "base_model", "lora_config",

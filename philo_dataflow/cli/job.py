@@ -51,7 +51,7 @@ from ..lib.problems import InputProblems, Problem, flag
 from .common import PROG, SUBCOMMANDS, configure_logging
 
 #: Nodes computed (and so validated) before any model is loaded, then handed to the full run as overrides.
-DATA_NODES = ("instruction_records", "train_set", "validation_set", "hold_out_set")
+DATA_NODES = ("instruction_records", "records_left_out", "train_set", "validation_set", "hold_out_set")
 #: Keys a config file may hold besides the inputs: the driver's ``start`` config and run options.
 RUN_KEYS = ("start", "finetuning_method", "outputs", "overwrite")
 #: ``--help`` sections of the inputs table's groups.
@@ -340,6 +340,11 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     metrics = result.get("run_metrics")
     if metrics is None:
         return
+    from ..lib.records import left_out_line
+
+    left_out = left_out_line(metrics["left_out"])
+    if left_out:
+        print(f"\nRecords: {left_out}")
     base, tuned = metrics["hold_out"]["base"], metrics["hold_out"]["finetuned"]
     diff = metrics["hold_out"]["rougeL_difference"]
     print(f"\nHold-out ({base['count']} questions)     base    fine-tuned")
@@ -349,6 +354,12 @@ def _print_summary(result: dict, output_dir: str, seconds: float) -> None:
     print(f"  answers that loop            {base['loop_rate']:.0%}    {tuned['loop_rate']:.0%}"
           "   (some 4-word sequence 3+ times)")
     print(f"  ROUGE-L difference {diff['mean']:+.3f}, bootstrap 95% CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]")
+    conclusion = metrics["hold_out"]["rougeL_verdict"]
+    if not conclusion["conclusive"]:
+        print(f"  verdict NOT CONCLUSIVE: {conclusion['reason']}")
+    if conclusion["detectable_difference"] is not None:
+        print(f"  smallest ROUGE-L difference these questions could detect: {conclusion['detectable_difference']:.3f} "
+              f"({conclusion['confidence']:.0%} level, {conclusion['power']:.0%} power)")
     outcomes = metrics["hold_out"]["rougeL_outcomes"]
     print(f"  question by question: fine-tuned wins {outcomes['wins']}, ties {outcomes['ties']}, loses "
           f"{outcomes['losses']} (ROUGE-L difference beyond ±{outcomes['tolerance']:g})")
@@ -416,6 +427,7 @@ def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
     configure_logging(args.debug)
     # torch, transformers and Hamilton only now: --help and a bad flag answer without them.
     from hamilton.plugins import h_tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     import philo_dataflow
 
@@ -459,6 +471,8 @@ def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
             except UserError as error:
                 graph_note = f"not drawn: {error}"
         started = time.time()
+        # Warnings (records left out, say) are written above the progress bars, each on its own line.
+        locks.enter_context(logging_redirect_tqdm())
         # The data is loaded, checked and split before any model is loaded: a bad file fails in seconds.
         splits = dr.execute(list(DATA_NODES), inputs=inputs)
         if driver_inputs.get("hamilton_ui_url") and is_main_process():

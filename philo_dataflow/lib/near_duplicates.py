@@ -9,6 +9,7 @@ wu wei in Taoism?" have the content words {explain, wu, wei, taoism} and {wu, we
 Imports nothing of the package.
 """
 
+import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -40,6 +41,19 @@ MINHASH_SEED = 1
 LSH_MISS_PROBABILITY = 1e-4
 
 _WORD = re.compile(r"[^\W_]+")
+
+
+def conversation_text(question: str, context: str = "[]") -> str:
+    """What near-duplicate grouping, leakage and duplicate checks compare of a record: the conversation
+    that leads to its answer, i.e. the contents of its earlier user and assistant turns then ``question``,
+    one a line. A system message is left out (one shared by every record would make them all alike).
+
+    :param question: the last user turn (a record's ``input_text``).
+    :param context: JSON of the ``{"role", "content"}`` messages before it (``"[]"`` for a single-turn
+        record, whose text is then ``question`` itself).
+    """
+    turns = [message["content"] for message in json.loads(context or "[]") if message.get("role") != "system"]
+    return "\n".join(turns + [question])
 
 
 def content_words(text: str) -> frozenset:

@@ -25,7 +25,7 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, Repository
 
 from .artifacts import file_metadata
 from .inputs import DATA_FORMATS
-from .problems import capped_lines, flag, listed
+from .problems import MAX_LISTED_RECORDS, capped_lines, flag, listed
 
 #: Keys of an alpaca record (Taori et al. 2023, Stanford Alpaca); ``input`` is optional.
 ALPACA_KEYS = ("instruction", "input", "output")
@@ -415,6 +415,48 @@ class NormalisedPairs:
     other_languages: list = field(default_factory=list)
     #: indices of OASST trees whose first prompt has no assistant reply left (none, or all deleted)
     unanswered: list = field(default_factory=list)
+
+
+#: Why ``normalised_pairs`` leaves a record out, in the order they are reported: the reason's key in
+#: ``left_out_summary`` and the ``NormalisedPairs`` field holding its record indices.
+LEFT_OUT_REASONS = {
+    "empty_question_or_answer": "empty",
+    "repeated_prompt": "duplicates",
+    "trailing_user_turn": "trailing_user_turns",
+    "oasst_tree_without_reply": "unanswered",
+    "other_language": "other_languages",
+}
+_REASON_WORDS = {
+    "empty_question_or_answer": "with an empty or null question or answer",
+    "repeated_prompt": "repeating an earlier prompt (same earlier turns and question)",
+    "trailing_user_turn": "ending on a user turn with no answer (that turn dropped, the conversation kept)",
+    "oasst_tree_without_reply": "OASST tree(s) whose first prompt has no assistant reply",
+    "other_language": "OASST tree(s) in another language than lang",
+}
+
+
+def left_out_summary(found: NormalisedPairs, record_count: int) -> dict:
+    """What ``normalised_pairs`` left out, by reason: ``{"records": n, "examples": k, "reasons": {reason:
+    {"count": c, "records": [i, ...]}}}``, every reason of ``LEFT_OUT_REASONS`` (count 0 included), with the
+    0-based indices of the first ``MAX_LISTED_RECORDS`` records in the source's records."""
+    reasons = {reason: {"count": len(getattr(found, name)), "records": getattr(found, name)[:MAX_LISTED_RECORDS]}
+               for reason, name in LEFT_OUT_REASONS.items()}
+    return {"records": record_count, "examples": len(found.pairs), "reasons": reasons}
+
+
+def left_out_line(summary: dict) -> str:
+    """One line naming the records left out by reason with their first indices (``left_out_summary``;
+    ``""`` when none was)."""
+    parts = []
+    for reason, done in summary["reasons"].items():
+        if done["count"]:
+            more = ", ..." if done["count"] > len(done["records"]) else ""
+            parts.append(f"{done['count']} {_REASON_WORDS[reason]} (record{'s' if done['count'] > 1 else ''} "
+                         f"{', '.join(map(str, done['records']))}{more})")
+    if not parts:
+        return ""
+    return (f"{summary['records']} record(s) read, {summary['examples']} example(s) kept; left out: "
+            + "; ".join(parts) + ".")
 
 
 class _BadRecord(Exception):

@@ -6,6 +6,7 @@ import itertools
 import math
 import random
 import re
+import statistics
 
 from rouge_score import rouge_scorer
 
@@ -51,6 +52,62 @@ def bootstrap_mean_difference_ci(
     means = sorted(mean([differences[rng.randrange(n)] for _ in range(n)]) for _ in range(samples))
     tail = (1 - confidence) / 2
     return means[int(tail * samples)], means[min(samples - 1, int((1 - tail) * samples))]
+
+
+#: Level of every confidence interval of this module.
+CONFIDENCE = 0.95
+#: Power at which ``detectable_difference`` is stated: the convention of Cohen (1988), *Statistical Power
+#: Analysis for the Behavioral Sciences*, 2nd ed., §2.4.
+POWER = 0.8
+
+
+def minimum_questions(confidence: float = CONFIDENCE) -> int:
+    """The fewest paired questions on which any outcome can be told from chance at ``confidence``: the
+    smallest ``n`` with ``2 * 0.5**n < 1 - confidence``, where an exact two-sided sign test (Conover 1999,
+    *Practical Nonparametric Statistics*, 3rd ed., §3.4) could reject "no difference" even when one model
+    wins every question. 6 at 95%: on 5 questions, 5 wins out of 5 have p = 0.0625."""
+    n = 1
+    while 2 * 0.5**n >= 1 - confidence:
+        n += 1
+    return n
+
+
+#: Hold-out questions below which a verdict is not conclusive (``minimum_questions`` at ``CONFIDENCE``).
+MIN_HOLD_OUT_QUESTIONS = minimum_questions()
+
+
+def detectable_difference(differences: list[float], confidence: float = CONFIDENCE, power: float = POWER):
+    """The smallest mean paired difference that ``len(differences)`` questions detect at ``confidence``
+    (two-sided) with ``power``, from the observed spread of the differences: the minimum detectable effect
+    ``(z[1 - (1 - confidence) / 2] + z[power]) * s / sqrt(n)`` of Bloom (1995), "Minimum detectable
+    effects", *Evaluation Review* 19(5), with ``s`` the sample standard deviation (n - 1) of the paired
+    differences; 2.80 s / sqrt(n) at 95% and 80%. In the differences' units (ROUGE-L: 0-1).
+
+    :return: the difference, or None for fewer than two questions (no spread to measure).
+    """
+    if len(differences) < 2:
+        return None
+    normal = statistics.NormalDist()
+    z = normal.inv_cdf(1 - (1 - confidence) / 2) + normal.inv_cdf(power)
+    return z * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def conclusiveness(differences: list[float]) -> dict:
+    """Whether a paired verdict on these questions can conclude, and what it could detect.
+
+    :return: ``{"conclusive": bool, "reason": str or None, "questions": n, "minimum_questions":
+        MIN_HOLD_OUT_QUESTIONS, "detectable_difference": detectable_difference(differences) (None below
+        two questions), "confidence": CONFIDENCE, "power": POWER}``; ``reason`` says why not when not.
+    """
+    n = len(differences)
+    reason = None
+    if n < MIN_HOLD_OUT_QUESTIONS:
+        reason = (f"{n} question(s) are fewer than {MIN_HOLD_OUT_QUESTIONS}: on so few even a model that won every "
+                  f"question could not be told from chance at the {CONFIDENCE:.0%} level (exact two-sided sign test, "
+                  f"p = 2 * 0.5^{n} = {2 * 0.5**n:.3g})")
+    return {"conclusive": reason is None, "reason": reason, "questions": n,
+            "minimum_questions": MIN_HOLD_OUT_QUESTIONS, "detectable_difference": detectable_difference(differences),
+            "confidence": CONFIDENCE, "power": POWER}
 
 
 #: A "loop": some word 4-gram occurring 3 or more times in one answer (the issue's measure of answers that
@@ -222,11 +279,13 @@ def verdict(references: list[str], categories: list[str], answers: dict, seed: i
     :return: ``{"models": {name: answer_summary}, "per_category": {category: {name: answer_summary}}
         (categories sorted), "pairs": [...], "rougeL_per_question": {name: [...]}}``. Each pair ``{"a",
         "b", "rougeL_difference", "eos_stop_rate_difference", "loop_rate_difference", "distinct_1_difference",
-        "distinct_2_difference", "rougeL_outcomes", "most_changed"}`` holds ``b`` minus ``a``: the mean
+        "distinct_2_difference", "rougeL_outcomes", "most_changed", "rougeL_verdict"}`` holds ``b`` minus ``a``: the mean
         per-question ROUGE-L difference and EOS-stop difference (1 or 0 per answer) with their paired
         percentile bootstrap 95% CIs (``bootstrap_mean_difference_ci``), the
         ``repetition_difference``, the wins, ties and losses of ``b`` (``per_question_outcomes``) and the
-        indices of the questions ``b`` won and lost by most (``most_changed``).
+        indices of the questions ``b`` won and lost by most (``most_changed``), and whether the ROUGE-L
+        verdict can conclude on so many questions and the smallest difference they could detect
+        (``conclusiveness``).
     """
     scores = {name: rouge_per_example(given["texts"], references) for name, given in answers.items()}
 
@@ -250,7 +309,8 @@ def verdict(references: list[str], categories: list[str], answers: dict, seed: i
                       "eos_stop_rate_difference": {"mean": mean(stops), "ci95_low": stop_low, "ci95_high": stop_high},
                       **{f"{measure}_difference": repetition[measure] for measure in REPETITION_MEASURES},
                       "rougeL_outcomes": per_question_outcomes(differences, categories, tolerance),
-                      "most_changed": most_changed(differences, changed_count)})
+                      "most_changed": most_changed(differences, changed_count),
+                      "rougeL_verdict": conclusiveness(differences)})
     everything = list(range(len(references)))
     return {
         "models": {name: summary(name, everything) for name in answers},

@@ -31,6 +31,7 @@ from ..lib.artifacts import (
     write_text_atomically,
 )
 from ..lib.inputs import DEFAULTS
+from ..lib.near_duplicates import conversation_text
 from ..lib.scores import TIE_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def comparison_scores(hold_out_questions: list[dict], model_generations: dict, s
 
 def comparison_leakage(
     hold_out_questions: list[dict],
+    comparison_hold_out_set: Dataset,
     model_generations: dict,
     compared_models: list[Model],
     seed: int = 42,
@@ -199,7 +201,8 @@ def comparison_leakage(
 ) -> Optional[dict]:
     """With ``train_data`` (the data the models were tuned on), the hold-out questions with an exact or near
     duplicate in it and every pair's verdict without them (``comparison.leakage``, at the first run's
-    ``near_duplicate_threshold``, else the default); None without.
+    ``near_duplicate_threshold``, else the default), each question compared by its conversation (earlier
+    turns and question, ``lib.near_duplicates.conversation_text``); None without.
 
     :raises ValueError: ``train_data`` cannot be read or holds no question/answer records.
     """
@@ -208,8 +211,10 @@ def comparison_leakage(
     first = compared_models[0].run
     threshold = (first.manifest["inputs"] if first is not None else {}).get(
         "near_duplicate_threshold", DEFAULTS["near_duplicate_threshold"])
+    conversations = [conversation_text(question, context) for question, context in
+                     zip(comparison_hold_out_set["input_text"], comparison_hold_out_set["context"])]
     return compare_lib.leakage(hold_out_questions, model_generations["answers"], seed, train_data,
-                               compare_lib.train_questions(train_data), threshold)
+                               compare_lib.train_questions(train_data), threshold, conversations)
 
 
 def comparison_judgments(

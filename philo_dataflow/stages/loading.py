@@ -5,18 +5,18 @@ Nodes: ``raw_records`` (the source's records, untouched; a Hamilton data loader,
 ``data_source``), ``prompt_template_in_use`` (the input
 ``prompt_template``, or under ``start="presaved"`` the one the adapter was trained with) and
 ``instruction_records`` (normalised ``{"input_text", "output_text", "category", "context", "group"}`` dicts,
-empty pairs dropped, duplicate prompts kept once). Every bad record is reported, not only the first
+empty pairs dropped, duplicate prompts kept once) and ``records_left_out`` (what was dropped, by reason). Every bad record is reported, not only the first
 (``lib.records``).
 """
 
 import logging
 from typing import Optional
 
-from hamilton.function_modifiers import cache, dataloader, inject, source
+from hamilton.function_modifiers import cache, dataloader, inject, source, tag
 
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import flag
-from ..lib.records import normalised_pairs, read_records, source_metadata
+from ..lib.records import left_out_line, left_out_summary, normalised_pairs, read_records, source_metadata
 from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def instruction_records(
     A conversation alternates user and assistant turns after an optional leading system message; its last
     user turn is ``input_text``, its last assistant turn ``output_text``, and the turns before that last
     user turn (system message first) are ``context``, JSON of ``{"role", "content"}`` messages (``"[]"`` for
-    single-turn records). A trailing user turn, with no answer to learn, is dropped and counted in the log.
+    single-turn records). A trailing user turn, with no answer to learn, is dropped (``records_left_out`` counts it).
     An OASST tree gives one conversation per path: at each prompter message its best-ranked assistant reply
     (lowest ``rank``; unranked after ranked, then file order), then every prompter reply to it, deleted
     messages skipped; ``lang`` keeps the trees whose first message has that language; every example of a
@@ -112,8 +112,9 @@ def instruction_records(
 
     The category is ``record[category_key]`` when present, else the first school of thought named in the
     question (then the answer), else ``"unknown"``. Examples with an empty (or null) question or answer are
-    dropped and counted in the log; a prompt seen before (same context, same question up to case and
-    whitespace) is kept once, at its first occurrence.
+    dropped; a prompt seen before (same context, same question up to case and
+    whitespace) is kept once, at its first occurrence. ``records_left_out`` counts what was dropped, by
+    reason.
 
     :param raw_records: the source's records (see ``raw_records``).
     :param data_path: where they came from, named in errors.
@@ -129,23 +130,49 @@ def instruction_records(
         fit the format, no pair is left. The message has one line per problem, naming the file, the first
         bad record with its key or turn, and the others by index (the first ``lib.problems.MAX_LISTED_RECORDS``).
     """
-    raise_hyperparameter_problems(data_format=data_format, prompt_template=prompt_template_in_use, lang=lang)
-    found = normalised_pairs(raw_records, data_path, input_text_key, output_text_key, category_key, data_format,
-                             prompt_template_in_use, lang)
-    if found.problems:
-        raise ValueError("\n".join(found.problems))
-    if found.empty:
-        logger.warning("%s: dropped %d record(s) with an empty question or answer", data_path, len(found.empty))
-    if found.duplicates:
-        logger.warning("%s: dropped %d record(s) repeating an earlier prompt", data_path, len(found.duplicates))
-    if found.trailing_user_turns:
-        logger.warning("%s: dropped the trailing user turn (no answer to learn) of %d conversation(s)", data_path,
-                       len(found.trailing_user_turns))
-    if found.unanswered:
-        logger.warning("%s: dropped %d OASST tree(s) whose first prompt has no assistant reply left", data_path,
-                       len(found.unanswered))
-    if found.other_languages:
-        logger.info("%s: left out %d OASST tree(s) in other languages than %r", data_path,
-                    len(found.other_languages), lang)
+    found = _normalised(raw_records, data_path, prompt_template_in_use, input_text_key, output_text_key, category_key,
+                        data_format, lang)
     logger.info("%s: %d %s examples", data_path, len(found.pairs), found.data_format)
     return found.pairs
+
+
+def _normalised(raw_records: list[dict], data_path: str, prompt_template: Optional[str], input_text_key: Optional[str],
+                output_text_key: Optional[str], category_key: str, data_format: str, lang: Optional[str]):
+    """``lib.records.normalised_pairs`` with the inputs checked first; raises its problems (one a line)."""
+    raise_hyperparameter_problems(data_format=data_format, prompt_template=prompt_template, lang=lang)
+    found = normalised_pairs(raw_records, data_path, input_text_key, output_text_key, category_key, data_format,
+                             prompt_template, lang)
+    if found.problems:
+        raise ValueError("\n".join(found.problems))
+    return found
+
+
+@tag(output="final")
+def records_left_out(
+    raw_records: list[dict],
+    data_path: str,
+    prompt_template_in_use: Optional[str],
+    input_text_key: Optional[str] = None,
+    output_text_key: Optional[str] = None,
+    category_key: str = "school",
+    data_format: str = "auto",
+    lang: Optional[str] = None,
+) -> dict:
+    """What ``instruction_records`` left out of ``raw_records``, by reason (``lib.records.LEFT_OUT_REASONS``), logged as
+    one warning line; ``metrics.json`` (``left_out``), ``report.md`` and the report page show it.
+
+    :return: ``{"records": n, "examples": k, "reasons": {reason: {"count": c, "records": [i, ...]}}}``: the
+        ``n`` records read, the ``k`` examples kept, and for every reason (all of them, count 0 included)
+        how many records it left out with the 0-based indices, in the file's records, of the first
+        ``lib.problems.MAX_LISTED_RECORDS``. A ``trailing_user_turn`` record is kept without its last turn;
+        the other reasons leave the whole record (an OASST tree: the tree) out.
+    :raises ValueError: as ``instruction_records``.
+    """
+    found = _normalised(raw_records, data_path, prompt_template_in_use, input_text_key, output_text_key, category_key,
+                        data_format, lang)
+    summary = left_out_summary(found, len(raw_records))
+    line = left_out_line(summary)
+    if line:
+        logger.warning("%s: %s", data_path, line)
+    return summary
+

@@ -30,7 +30,9 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42, t
         answer (ROUGE-L difference beyond ``tie_tolerance``), overall and per category; ``most_changed``
         holds the ``most_changed_questions`` questions won and lost by most, ``{"won": [...], "lost":
         [...]}``, each ``{"question", "category", "reference", "base_prediction", "finetuned_prediction",
-        "base_rougeL", "finetuned_rougeL", "rougeL_difference"}``.
+        "base_rougeL", "finetuned_rougeL", "rougeL_difference"}``. ``rougeL_verdict``
+        (``lib.scores.conclusiveness``) says whether so many questions can give a verdict (at least
+        ``lib.scores.MIN_HOLD_OUT_QUESTIONS``) and the smallest ROUGE-L difference they could detect.
     """
     rows = hold_out_set_predictions
     answers = {m: {"texts": [r[f"{m}_prediction"] for r in rows], "ended_on_eos": [r[f"{m}_ended_on_eos"] for r in rows],
@@ -43,6 +45,7 @@ def hold_out_set_metrics(hold_out_set_predictions: list[dict], seed: int = 42, t
     result["rougeL_difference"] = pair["rougeL_difference"]
     result["repetition_difference"] = {measure: pair[f"{measure}_difference"] for measure in REPETITION_MEASURES}
     result["rougeL_outcomes"] = pair["rougeL_outcomes"]
+    result["rougeL_verdict"] = pair["rougeL_verdict"]
     base_rouge_l, finetuned_rouge_l = (scored["rougeL_per_question"][m] for m in MODELS)
     result["most_changed"] = {kind: [_changed_question(rows[i], base_rouge_l[i], finetuned_rouge_l[i]) for i in indices]
                               for kind, indices in pair["most_changed"].items()}

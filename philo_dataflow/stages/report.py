@@ -18,6 +18,7 @@ from ..lib import html_report
 from ..lib.artifacts import MODEL_CARD_FILE, file_metadata
 from ..lib.formatting import fmt, one_line, pct
 from ..lib.judge_protocol import CRITERIA
+from ..lib.records import left_out_line
 from ..lib.scores import LOOP_MIN_COUNT, LOOP_NGRAM, REPETITION_MEASURES, ROUGE_TYPES
 from ..lib.switches import when
 
@@ -44,12 +45,13 @@ def run_metrics(
     data_path: str,
     generation_settings: dict,
     overlong_records: dict,
+    records_left_out: dict,
     judge_results: Optional[dict],
 ) -> dict:
     """Everything ``metrics.json`` holds: validation loss and training facts, hold-out ROUGE / EOS /
     length for base and fine-tuned (overall, per category, ROUGE-L difference CI), the model summary,
     tokenization and split statistics, the generation settings, what ``overlong_policy`` did
-    (``overlong``), and ``judge`` (``judging.judge_metrics``) when the run was judged."""
+    (``overlong``), the records loading left out (``left_out``, ``loading.records_left_out``), and ``judge`` (``judging.judge_metrics``) when the run was judged."""
     metrics = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_id": base_model_id,
@@ -60,6 +62,7 @@ def run_metrics(
         "splits": split_summary,
         "generation_settings": generation_settings,
         "overlong": overlong_records,
+        "left_out": records_left_out,
     }
     if judge_results is not None:
         metrics["judge"] = judge_results
@@ -87,6 +90,17 @@ def _overlong_lines(overlong: dict) -> list:
         return []
     return ["", f"Examples above max_seq_length (overlong_policy {overlong['policy']!r}): " + "; ".join(parts)
             + ". The hold-out answers were generated from the whole questions."]
+
+
+def _left_out_lines(left_out: Optional[dict]) -> list:
+    """What loading left out (``loading.records_left_out``), by reason with the first record indices; none
+    for metrics written before it was recorded."""
+    if left_out is None:
+        return []
+    line = left_out_line(left_out)
+    if not line:
+        return ["", f"Records: {left_out['records']} read, {left_out['examples']} examples kept; none left out."]
+    return ["", f"Records: {line}"]
 
 
 def _near_duplicate_lines(splits: dict) -> list:
@@ -135,12 +149,32 @@ def _repetition_line(difference: dict) -> str:
 
 def _verdict_line(hold_out: dict, bold: str = "**") -> str:
     diff = hold_out["rougeL_difference"]
+    figures = (f"difference {fmt(diff['mean'])} (bootstrap 95% CI {fmt(diff['ci95_low'])} to "
+               f"{fmt(diff['ci95_high'])})")
+    conclusion = hold_out.get("rougeL_verdict") or {"conclusive": True}
+    if not conclusion["conclusive"]:
+        return (f"On {hold_out['base']['count']} hold-out questions the verdict is {bold}not conclusive{bold}: "
+                f"{conclusion['reason']}. ROUGE-L {figures}; give more hold-out questions (more data, or a "
+                f"larger hold_out_fraction).")
     verdict = (
         "better than" if diff["ci95_low"] > 0 else "worse than" if diff["ci95_high"] < 0 else "not distinguishable from"
     )
     return (f"On {hold_out['base']['count']} hold-out questions the fine-tuned model is {bold}{verdict}{bold} the base "
-            f"model by ROUGE-L: difference {fmt(diff['mean'])} (bootstrap 95% CI {fmt(diff['ci95_low'])} to "
-            f"{fmt(diff['ci95_high'])}).")
+            f"model by ROUGE-L: {figures}.")
+
+
+def _detectable_line(hold_out: dict) -> str:
+    """The smallest ROUGE-L difference the hold-out set could detect (``lib.scores.detectable_difference``);
+    ``""`` for metrics without it."""
+    conclusion = hold_out.get("rougeL_verdict")
+    if conclusion is None:
+        return ""
+    if conclusion["detectable_difference"] is None:
+        return "One question has no spread of differences: no difference is detectable."
+    return (f"The smallest ROUGE-L difference these {conclusion['questions']} questions could detect: "
+            f"{conclusion['detectable_difference']:.3f} ({conclusion['confidence']:.0%} level, "
+            f"{conclusion['power']:.0%} power, from the spread of the paired differences; Bloom 1995); a smaller "
+            f"true difference would likely read as not distinguishable.")
 
 
 def _validation_line(validation: dict) -> str:
@@ -165,9 +199,11 @@ def report_markdown(run_metrics: dict, hold_out_set_predictions: list[dict], rep
         + f". Created {run_metrics['created']}.",
         "",
         _decoding_line(run_metrics["generation_settings"]),
+        *_left_out_lines(run_metrics.get("left_out")),
         *_overlong_lines(run_metrics["overlong"]),
         "",
         _verdict_line(hold_out),
+        *([_detectable_line(hold_out)] if _detectable_line(hold_out) else []),
         "",
         *_markdown_table(_HOLD_OUT_HEADER, [_hold_out_row(name, hold_out[model]) for model, name in _MODEL_NAMES]),
         "",
@@ -358,7 +394,8 @@ def _hold_out_html(hold_out: dict, rouge_comparison_figure: go.Figure) -> str:
              fmt(pair["finetuned"]["eos_stop_rate"], 2), fmt(pair["base"]["mean_answer_words"], 1),
              fmt(pair["finetuned"]["mean_answer_words"], 1), fmt(pair["base"]["loop_rate"], 2),
              fmt(pair["finetuned"]["loop_rate"], 2)] for category, pair in hold_out["per_category"].items()]
-    return (_paragraph(_verdict_line(hold_out, bold="")) + summary
+    detectable = _detectable_line(hold_out)
+    return (_paragraph(_verdict_line(hold_out, bold="")) + (_paragraph(detectable) if detectable else "") + summary
             + html_report.figure_div(rouge_comparison_figure, "rouge-comparison")
             + "<h3>Per category</h3>\n" + html_report.table(header, rows, table_id="per-category"))
 
@@ -446,6 +483,7 @@ def _report_page(
                      + ", ".join(f"{name} {s['total']}" for name, s in run_metrics["splits"].items())
                      + f". Created {run_metrics['created']}.")
         + _paragraph(_decoding_line(run_metrics["generation_settings"]))
+        + "".join(_paragraph(line) for line in _left_out_lines(run_metrics.get("left_out")) if line)
         + "".join(_paragraph(line) for line in _overlong_lines(run_metrics["overlong"]) if line)
         + "<nav>" + "".join(f'<a href="#{key}">{html.escape(name)}</a>' for key, name, _ in sections)
         + "</nav>\n"
@@ -555,7 +593,8 @@ def _card_verdict_lines(hold_out: dict) -> list[str]:
                       pct(pair["base"]["loop_rate"]), pct(pair["finetuned"]["loop_rate"]),
                       "{wins} / {ties} / {losses}".format(**outcomes["per_category"][category])]
                      for category, pair in hold_out["per_category"].items()]
-    return [_verdict_line(hold_out), "",
+    detectable = _detectable_line(hold_out)
+    return [_verdict_line(hold_out), *([detectable] if detectable else []), "",
             *_markdown_table(["hold-out", "base", "fine-tuned", "difference, bootstrap 95% CI"], rows), "",
             _outcomes_line(outcomes), "",
             *_markdown_table(["category", "questions", "ROUGE-L base", "ROUGE-L fine-tuned", "EOS base",

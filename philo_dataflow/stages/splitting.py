@@ -1,7 +1,8 @@
 """Splitting: a seeded, category-stratified train / validation / hold-out split of groups of records.
 
-Prompts are unique after ``instruction_records`` (duplicates are kept once), and near-duplicate questions
-(content-word Jaccard at or above ``near_duplicate_threshold``, ``lib.near_duplicates``) and records of
+Prompts are unique after ``instruction_records`` (duplicates are kept once), and near-duplicate conversations
+(earlier turns and question; content-word Jaccard at or above ``near_duplicate_threshold``,
+``lib.near_duplicates``) and records of
 one ``group`` (one conversation, say) land in one split, so no question is held out whose rewording was
 trained on. Every category with at least ``MIN_CATEGORY_RECORDS`` records (in two groups or more) is
 represented in the validation and hold-out sets.
@@ -15,7 +16,8 @@ from datasets import Dataset
 from hamilton.function_modifiers import extract_fields, tag
 
 from ..lib.inputs import raise_hyperparameter_problems
-from ..lib.near_duplicates import groups_of, leaked_questions, near_duplicate_pairs
+from ..lib.near_duplicates import conversation_text, groups_of, leaked_questions, near_duplicate_pairs
+from ..lib.problems import flag
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,19 @@ def _members(roots: list) -> list:
     return list(members.values())
 
 
+def _grouping_cause(groups: list, threshold: float) -> str:
+    """The part of the too-few-records message that names what the grouping joined, or ``""`` when every
+    group is one record."""
+    joined = [group for group in groups if len(group) > 1]
+    if not joined:
+        return ""
+    records = sum(map(len, joined))
+    return (f": the grouping joined {records} of them into {len(joined)} group(s) (largest {max(map(len, joined))}), "
+            f"each kept whole in one split (near-duplicate conversations at near_duplicate_threshold={threshold} "
+            f"({flag('near_duplicate_threshold')}), and records of one group key such as an OASST tree), leaving "
+            f"{len(groups)} group(s) in all")
+
+
 @extract_fields(
     {"train_set": Dataset, "validation_set": Dataset, "hold_out_set": Dataset, "near_duplicate_groups": dict}
 )
@@ -82,8 +97,10 @@ def data_splits(
     """Splits the pairs into ``train_set``, ``validation_set`` and ``hold_out_set``, each group of records
     whole in one of them, and names the near-duplicate groups (``near_duplicate_groups``).
 
-    Groups join, transitively, the questions of content-word Jaccard ``near_duplicate_threshold`` or more
-    (``lib.near_duplicates.near_duplicate_pairs``) and the records of one non-empty ``group`` key; every
+    Groups join, transitively, the records whose conversations (earlier user and assistant turns and the
+    question, ``lib.near_duplicates.conversation_text``: for a single-turn record its question) have a
+    content-word Jaccard of ``near_duplicate_threshold`` or more (``lib.near_duplicates.near_duplicate_pairs``),
+    so chats that share only a generic follow-up stay apart, and the records of one non-empty ``group`` key; every
     other record is a group of one. A group's category is its first record's. Within each category the
     groups are shuffled with ``random.Random(seed)``; in that order each group goes to the first of
     hold-out and validation that is still empty or that it brings closer to its count, else to train. The
@@ -102,14 +119,17 @@ def data_splits(
         one group; 1 joins only questions with identical content words.
     :return: dict of three ``datasets.Dataset`` with the columns ``SPLIT_COLUMNS``, and
         ``near_duplicate_groups``: ``{"threshold": t, "groups": [[question, ...], ...]}``, the
-        near-duplicate groups of two or more questions, in record order.
+        near-duplicate groups of two or more records, in record order, each record by its conversation
+        text (its question for a single-turn record).
     :raises lib.problems.InputProblems: (a ValueError) a fraction outside (0, 1), fractions summing to 1 or
         more, a seed outside [0, 2**32), a threshold outside (0, 1].
-    :raises ValueError: too few records to give every split one record.
+    :raises ValueError: too few records to give every split one record; the message says how many records
+        the grouping joined and into how many groups.
     """
     raise_hyperparameter_problems(validation_fraction=validation_fraction, hold_out_fraction=hold_out_fraction,
                                   seed=seed, near_duplicate_threshold=near_duplicate_threshold)
-    questions = [record["input_text"] for record in instruction_records]
+    questions = [conversation_text(record["input_text"], record.get("context") or "[]")
+                 for record in instruction_records]
     duplicate_pairs = near_duplicate_pairs(questions, near_duplicate_threshold)
     near_duplicates = [group for group in _members(groups_of(len(questions), duplicate_pairs)) if len(group) > 1]
     groups = _members(groups_of(len(questions), duplicate_pairs + _group_key_pairs(instruction_records)))
@@ -131,10 +151,11 @@ def data_splits(
             splits[name] += [instruction_records[index] for index in group]
     empty = [name for name, records in splits.items() if not records]
     if empty:
-        raise ValueError(
-            f"{data_path}: {len(instruction_records)} usable record(s) are too few to fill "
-            f"{', '.join(empty)}; give at least {MIN_CATEGORY_RECORDS} records of one category (10 or more recommended)."
-        )
+        cause = _grouping_cause(groups, near_duplicate_threshold)
+        advice = ("add records that are not rewordings of these, or raise near_duplicate_threshold to join fewer"
+                  if cause else f"give at least {MIN_CATEGORY_RECORDS} records of one category (10 or more recommended)")
+        raise ValueError(f"{data_path}: {len(instruction_records)} usable record(s) are too few to fill "
+                         f"{', '.join(empty)}{cause}; {advice}.")
     logger.info(
         "split %s: train %d, validation %d, hold-out %d; %d near-duplicate group(s) of %d questions",
         data_path, *(len(splits[name]) for name in SPLIT_NAMES), len(near_duplicates), sum(map(len, near_duplicates)),
@@ -161,8 +182,8 @@ def split_summary(
     :return: ``{"train_set": {"total": n, "per_category": {...}, "near_duplicate_groups": {"groups": g,
         "records": r}}, "validation_set": {...}, "hold_out_set": {..., "leakage": {"threshold": t,
         "questions": k, "share": k / n}}}``: ``g`` groups of two or more near-duplicate questions with
-        ``r`` records in all; ``k`` hold-out questions with a near-duplicate (content-word Jaccard >= t)
-        in the train split (``lib.near_duplicates.leaked_questions``), 0 when the groups were kept whole.
+        ``r`` records in all; ``k`` hold-out questions whose conversation has a near-duplicate
+        (content-word Jaccard >= t of ``lib.near_duplicates.conversation_text``) in the train split (``lib.near_duplicates.leaked_questions``), 0 when the groups were kept whole.
     """
     group_of = {question: number for number, group in enumerate(near_duplicate_groups["groups"]) for question in group}
     summary = {}
@@ -170,7 +191,8 @@ def split_summary(
         per_category = defaultdict(int)
         for category in dataset["category"]:
             per_category[category] += 1
-        grouped = [group_of[question] for question in dataset["input_text"] if question in group_of]
+        texts = [conversation_text(question, context) for question, context in zip(dataset["input_text"], dataset["context"])]
+        grouped = [group_of[text] for text in texts if text in group_of]
         summary[name] = {
             "total": len(dataset),
             "per_category": dict(sorted(per_category.items())),
@@ -178,7 +200,8 @@ def split_summary(
             "overlong": overlong_records[name],
         }
     threshold = near_duplicate_groups["threshold"]
-    leaked = leaked_questions(hold_out_set["input_text"], train_set["input_text"], threshold)
+    leaked = leaked_questions(*([conversation_text(q, c) for q, c in zip(split["input_text"], split["context"])]
+                                for split in (hold_out_set, train_set)), threshold)
     share = len(leaked) / len(hold_out_set) if len(hold_out_set) else 0.0
     summary["hold_out_set"]["leakage"] = {"threshold": threshold, "questions": len(leaked), "share": share}
     return summary

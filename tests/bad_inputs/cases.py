@@ -350,6 +350,12 @@ CASES = (
           "category 'Stoicism' (key 'school') has 1 record(s) (record 1)",
           "category 'Taoism' (key 'school') has 1 record(s) (record 0)"),
          graph=("train_set",), graph_expected="2 usable record(s) are too few to fill"),
+    Case("reworded_questions_only", _with("reworded_questions_only.jsonl"),
+         (("5 usable record(s) are too few to fill train_set, validation_set: the grouping joined 5 of them into 1 "
+           "group(s) (largest 5), each kept whole in one split (near-duplicate conversations at "
+           "near_duplicate_threshold=0.8 (--near-duplicate-threshold)", "leaving 1 group(s) in all; add records that "
+           "are not rewordings of these, or raise near_duplicate_threshold to join fewer."),),
+         graph=("train_set",), graph_expected="the grouping joined 5 of them into 1 group(s)"),
     Case("school_with_one_record", _with("school_with_one_record.jsonl"),
          (("category 'Cynicism' (key 'school') has 1 record(s) (record 15)", "add records, correct the label"),)),
     Case("two_records", _with("two_records.jsonl"),
