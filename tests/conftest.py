@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Llama model (2 layers, hidden 32) with the embedded model's real tokenizer,
 built in seconds, so every stage is tested on CPU without a download."""
 
+import contextlib
 import os
 
 # Tests never reach a hub. Set before anything imports huggingface_hub, which reads it once at import: set
@@ -174,3 +175,39 @@ def llama_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def small_filesystem(mount_point: Path, size_bytes: int):
+    """A real filesystem of ``size_bytes`` (a tmpfs) for the ``with`` block, mounted at ``mount_point`` in a
+    user and mount namespace of its own (``unshare -r -m``: no root needed where unprivileged user
+    namespaces are allowed, and nothing is mounted for the rest of the machine), held by a sleeping process.
+    Yields the path through which this process reaches it: ``/proc/PID/root`` + ``mount_point``. Skips the
+    test where ``unshare`` or the mount is not permitted.
+    """
+    import shutil
+    import subprocess
+    import time
+
+    if shutil.which("unshare") is None:
+        pytest.skip("a small real filesystem needs util-linux's unshare, which is not installed")
+    mount_point = mount_point.absolute()
+    mount_point.mkdir(parents=True, exist_ok=True)
+    ready = mount_point.with_name(mount_point.name + ".mounted")
+    script = f'mount -t tmpfs -o size={size_bytes} tmpfs "$1" && touch "$2" && exec sleep 3600'
+    holder = subprocess.Popen(["unshare", "-r", "-m", "sh", "-c", script, "sh", str(mount_point), str(ready)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if holder.poll() is not None:
+                pytest.skip("a small real filesystem needs a tmpfs mounted in a user and mount namespace, which is "
+                            f"not permitted here: {holder.stderr.read().strip()[:200]}")
+            assert time.monotonic() < deadline, "unshare never mounted the tmpfs"
+            time.sleep(0.05)
+        yield Path(f"/proc/{holder.pid}/root{mount_point}")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stderr.close()
+        ready.unlink(missing_ok=True)

@@ -1,10 +1,14 @@
 """Fault injection: training SIGKILLed in the middle of an epoch resumes to the same result; a judge
 server SIGKILLed mid-run loses no judgment it made, and a re-run asks only for the missing ones; an error
-while saving (a full disk) leaves the previous outputs byte-identical and no temporary file behind."""
+while saving (a full disk) leaves the previous outputs byte-identical and no temporary file behind; a full
+disk, real (a small tmpfs) or injected at each write point, is one line naming the file and the bytes, with
+what was complete kept and named."""
 
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import FAST_INPUTS, REPO, cli_flags, small_filesystem
 from judge_servers import JudgeServerProcess
 
 import philo_dataflow
+from philo_dataflow import cli
 from philo_dataflow.stages import saving
 from philo_dataflow.lib import artifacts
+from philo_dataflow.lib.disk_space import NoSpaceLeft
+from philo_dataflow.lib.gguf_export import GGUFConversionError
 from philo_dataflow.lib.judge_protocol import PAIR_ORDERS
 from philo_dataflow.testing import tree
 from philo_dataflow.stages.training import resume_checkpoint_dir
@@ -253,13 +260,14 @@ class _FaultyOs:
 
 @pytest.fixture(scope="module")
 def saving_objects(tiny_model_dir):
-    """A small PEFT model and tokenizer, and what each saver writes: ``(saver, keyword arguments)``."""
+    """A small PEFT model, the plain model (what a merge gives) and the tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(tiny_model_dir)}
+    return {"model": model, "plain": AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            "tokenizer": AutoTokenizer.from_pretrained(tiny_model_dir)}
 
 
 def _savers(objects: dict, version: str) -> dict:
@@ -285,6 +293,17 @@ _FAULTS = [
     ("adapter", "rename into place fails"),
     *[(name, "disk full") for name in ("predictions", "metrics", "report_html", "report", "judgments", "run_config")],
 ]
+#: The file a full disk's line names, per output of ``_savers``.
+_FULL_FILES = {"adapter": "adapter/tokenizer.json", "predictions": "hold_out_predictions.jsonl",
+               "metrics": "metrics.json", "report_html": "report.html", "report": "report.md",
+               "judgments": "judgments.jsonl", "run_config": "config.yaml"}
+
+
+def _assert_full_disk_line(line: str, path, *also: str) -> None:
+    """``line`` is a full disk's: it names ``path``, the bytes needed and the bytes free, and holds ``also``."""
+    assert f"no space left on device writing {path}: " in line, line
+    assert re.search(r"needs (about )?[\d,]+ bytes", line) and re.search(r"[\d,]+ bytes( \([\d.]+ [kMG]B\))? are free", line), line
+    assert "\n" not in line and all(part in line for part in also), line
 
 
 @pytest.mark.parametrize("output, fault", _FAULTS)
@@ -307,8 +326,10 @@ def test_an_error_while_saving_leaves_the_previous_outputs_intact(tmp_path, savi
         faulty_os = _FaultyOs(full_disk=True) if fault == "disk full" else _FaultyOs(rename_of=f".{artifacts.ADAPTER_DIR}.")
         monkeypatch.setattr(saving, "os", faulty_os)
         monkeypatch.setattr(artifacts, "os", faulty_os)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError if fault == "rename into place fails" else NoSpaceLeft) as raised:
         saver(**arguments, output_dir=str(out))
+    if fault != "rename into place fails":
+        _assert_full_disk_line(str(raised.value), out / _FULL_FILES[output])
     assert tree(out) == previous  # byte-identical, and no temporary file or directory left
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
@@ -326,3 +347,260 @@ def test_saved_outputs_get_the_usual_permissions_not_owner_only(tmp_path, saving
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~artifacts.UMASK}
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~artifacts.UMASK
+
+
+# --- a full disk at each of the other write points (injected) ---------------------------------
+
+def _half_written(path: Path) -> None:
+    """Writes part of ``path``, then fails as a full disk does."""
+    path.write_bytes(b"\0" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _model_card(objects: dict, out: Path) -> tuple:
+    saving.save_best_models(objects["model"], objects["tokenizer"], {"inputs": {"model_id": "tiny"}}, [], str(out))
+    faulty_os = _FaultyOs(full_disk=True)
+    return (lambda: saving.saved_model_card("# card\n", {"adapter_dir": str(out / "adapter")}),
+            [(artifacts, "os", faulty_os)], out / "adapter" / "README.md", ())
+
+
+def _merged(objects: dict, out: Path) -> dict:
+    return saving.saved_merged_model(objects["plain"], objects["tokenizer"], {}, 8, str(out))
+
+
+def _merged_model(objects: dict, out: Path) -> tuple:
+    model = objects["plain"]
+    save = lambda directory, **kwargs: _half_written(Path(directory) / "model.safetensors")  # noqa: E731
+    return (lambda: _merged(objects, out), [(model, "save_pretrained", save)], out / "merged" / "model.safetensors", ())
+
+
+def _gguf(objects: dict, out: Path) -> tuple:
+    merged = _merged(objects, out)
+    faults = [(saving, "converter_missing", lambda: None),
+              (saving, "convert_to_gguf", lambda directory, outfile, outtype: _half_written(outfile))]
+    return (lambda: saving.saved_gguf_model(merged, "FROM ./model.gguf\n"), faults, out / "merged" / "model.gguf", ())
+
+
+def _quantized(objects: dict, out: Path) -> tuple:
+    merged = _merged(objects, out)
+    source = out / "merged" / "model.gguf"
+    source.write_bytes(b"\0" * 4000)  # stands in for the f32 file: the quantizer is replaced too
+
+    def quantize(source_path, outfile, quantization):  # the first copy is made, the second meets a full disk
+        if quantization == "q8_0":
+            Path(outfile).write_bytes(b"\0" * 1000)
+        else:
+            _half_written(Path(outfile))
+
+    gguf = {"status": "ok", "gguf": str(source), "bytes": source.stat().st_size, "merged_dir": merged["merged_dir"]}
+    return (lambda: saving.saved_quantized_gguf_models(gguf, ["q8_0", "q4_0"]), [(saving, "quantize_gguf", quantize)],
+            out / "merged" / "model.q4_0.gguf", ("merged/model.q8_0.gguf",))
+
+
+def _export_report(objects: dict, out: Path) -> tuple:
+    merged = _merged(objects, out)
+    return (lambda: saving.saved_export_report({"version": 1}, "# export\n", "<p>export</p>\n", merged),
+            [(artifacts, "os", _FaultyOs(full_disk=True))], out / "merged" / "export_report.json", ())
+
+
+def _merged_model_card(objects: dict, out: Path) -> tuple:
+    merged = _merged(objects, out)
+    return (lambda: saving.saved_merged_model_card("# merged\n", merged), [(artifacts, "os", _FaultyOs(full_disk=True))],
+            out / "merged" / "README.md", ())
+
+
+@pytest.mark.parametrize("write_point", [_model_card, _merged_model, _gguf, _quantized, _export_report,
+                                         _merged_model_card], ids=lambda make: make.__name__.strip("_"))
+def test_a_full_disk_at_each_write_point_is_one_line_and_leaves_what_was_complete(
+        tmp_path, saving_objects, monkeypatch, write_point):
+    """Where a disk cannot really be filled, each writer fails as a full disk does (``ENOSPC`` after part of
+    the file): one ``NoSpaceLeft`` line naming the file and the bytes, nothing half-written, the rest kept."""
+    out = tmp_path / "out"
+    save, faults, failing, made = write_point(saving_objects, out)
+    before = tree(out)
+    for owner, name, value in faults:
+        monkeypatch.setattr(owner, name, value)
+    with pytest.raises(NoSpaceLeft) as raised:
+        save()
+    monkeypatch.undo()
+    _assert_full_disk_line(str(raised.value), failing)
+    after = tree(out)
+    # What was complete (the adapter, the merged model) is as it was; what was made whole (the q8_0 copy) stays.
+    assert sorted(set(after) - set(before)) == list(made) and {k: after[k] for k in before} == before
+
+
+# --- a full disk in a whole run --------------------------------------------------------------------
+
+#: The full-disk runs' filesystem: the preflight estimates the tiny run at about 16 MB (two checkpoints of
+#: 3.7 MB, mostly the tokenizer, the adapter, the report page's plotly.js), so it lets the run start.
+_FILESYSTEM_BYTES = 32 * 2**20
+
+
+def _fill(filesystem: Path, leave: int) -> None:
+    """Writes a ballast file on ``filesystem`` so that about ``leave`` bytes stay free."""
+    with open(filesystem / "ballast", "ab") as handle:
+        handle.write(b"\0" * max(0, shutil.disk_usage(filesystem).free - leave))
+
+
+def _allocated(directory: Path, names) -> int:
+    return sum((directory / name).stat().st_blocks * 512 for name in names)
+
+
+def _tiny_run(out: Path, tiny_model_dir: str, data: str, cache: Path, *extra: str) -> list:
+    return [*cli_flags({**FAST_INPUTS, "model_id": tiny_model_dir, "data_path": data, "output_dir": str(out)}),
+            "--no-graph", "--cache-dir", str(cache), *extra]
+
+
+def _error_line(capsys) -> str:
+    """The run's one ``error:`` line (progress bars share stderr); no traceback."""
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def _half_written_entries(out: Path) -> list:
+    return [str(path) for path in out.rglob("*") if path.name.startswith(".")
+            or (path.parent.name == "checkpoints" and not artifacts.is_complete_checkpoint(path))]
+
+
+def test_a_disk_filling_up_during_a_checkpoint_removes_it_and_keeps_the_complete_one(
+        tmp_path, tiny_model_dir, small_jsonl, capsys, monkeypatch, one_torch_thread):
+    """A real full disk while checkpoint-2 is saved, met by ``torch.save`` (which reports no errno): its
+    weights and tokenizer fit, its optimizer state does not."""
+    from transformers import Trainer
+
+    save_checkpoint = Trainer._save_checkpoint
+
+    def filling_before_the_second(self, model, trial):
+        if self.state.global_step == 2:
+            first = Path(self.args.output_dir) / "checkpoint-1"
+            fitting = [p.name for p in first.iterdir() if p.name not in ("optimizer.pt", "scheduler.pt",
+                                                                         "rng_state.pth", "trainer_state.json")]
+            _fill(filesystem, _allocated(first, fitting) + 16384)
+        return save_checkpoint(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", filling_before_the_second)
+    with small_filesystem(tmp_path / "fs", _FILESYSTEM_BYTES) as filesystem:
+        out = filesystem / "out"
+        assert cli.main(_tiny_run(out, tiny_model_dir, small_jsonl, tmp_path / "cache")) == 2
+        line = _error_line(capsys)
+        checkpoints = out / "checkpoints"
+        _assert_full_disk_line(line, checkpoints / "checkpoint-2" / "optimizer.pt", "a checkpoint needs",
+                               "the cut-off checkpoint-2 was removed", f"complete and kept in {out}: checkpoints/checkpoint-1;",
+                               "then run again with --resume-from-checkpoint last to continue from checkpoint-1.")
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]
+        assert _half_written_entries(out) == []
+
+
+def test_a_disk_filling_up_while_the_adapter_is_saved_keeps_the_checkpoints_and_the_weights_in_the_cache(
+        tmp_path, tiny_model_dir, small_jsonl, capsys, monkeypatch, one_torch_thread):
+    """A real full disk while the adapter is saved (the tokenizer's or safetensors' Rust writer: "os error
+    28"), after training: the line says the trained weights are in the cache, and the same command, once
+    there is room, does not train again."""
+    swap_in = saving._swap_in_directory
+
+    def filling_first(target, *args, **kwargs):
+        _fill(filesystem, 2**20)
+        return swap_in(target, *args, **kwargs)
+
+    monkeypatch.setattr(saving, "_swap_in_directory", filling_first)
+    with small_filesystem(tmp_path / "fs", _FILESYSTEM_BYTES) as filesystem:
+        out = filesystem / "out"
+        argv = _tiny_run(out, tiny_model_dir, small_jsonl, tmp_path / "cache")
+        assert cli.main(argv) == 2
+        line = _error_line(capsys)
+        failed = re.search(r"writing (\S+): ", line).group(1)
+        assert Path(failed).parent == out / "adapter", line
+        _assert_full_disk_line(line, failed, "the adapter needs about", f"complete and kept in {out}: ",
+                               "checkpoints/checkpoint-2", f"then run again: the trained weights are in the cache "
+                               f"{tmp_path / 'cache'}", "so the same command does not train again.")
+        assert not (out / "adapter").exists() and _half_written_entries(out) == []
+
+        monkeypatch.undo()
+        (filesystem / "ballast").unlink()
+        again = argv + (["--overwrite"] if "--overwrite" in line else [])
+        assert cli.main(again) == 0
+        assert "the trained weights came from it" in capsys.readouterr().out
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_after_the_adapter_names_it_kept(tmp_path, tiny_model_dir, small_jsonl, capsys, monkeypatch,
+                                                     one_torch_thread):
+    """Injected (runs everywhere): the predictions meet a full disk once the adapter is saved."""
+    write = saving.write_text_atomically
+
+    def full_for_predictions(path, text):
+        if Path(path).name != artifacts.PREDICTIONS_JSONL_FILE:
+            return write(path, text)
+        real_os, artifacts.os = artifacts.os, _FaultyOs(full_disk=True)
+        try:
+            return write(path, text)
+        finally:
+            artifacts.os = real_os
+
+    monkeypatch.setattr(saving, "write_text_atomically", full_for_predictions)
+    out = tmp_path / "out"
+    assert cli.main(_tiny_run(out, tiny_model_dir, small_jsonl, tmp_path / "cache", "--no-cache")) == 2
+    line = _error_line(capsys)
+    _assert_full_disk_line(line, out / artifacts.PREDICTIONS_JSONL_FILE, "the file needs",
+                           f"complete and kept in {out}: adapter, ")
+    assert "cache" not in line.split("complete and kept")[1]  # --no-cache: nothing to reuse there
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and _half_written_entries(out) == []
+    assert not (out / artifacts.PREDICTIONS_JSONL_FILE).exists()
+
+
+def test_a_full_disk_injected_into_a_checkpoint_is_one_line_and_removes_it(
+        tmp_path, tiny_model_dir, small_jsonl, capsys, monkeypatch, one_torch_thread):
+    """Injected (runs everywhere): checkpoint-2's RNG state meets a full disk."""
+    from transformers import Trainer
+
+    save_rng_state = Trainer._save_rng_state
+
+    def full_at_the_second(self, output_dir):
+        if self.state.global_step == 2:
+            _half_written(Path(output_dir) / "rng_state.pth")
+        return save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", full_at_the_second)
+    out = tmp_path / "out"
+    assert cli.main(_tiny_run(out, tiny_model_dir, small_jsonl, tmp_path / "cache")) == 2
+    checkpoints = out / "checkpoints"
+    _assert_full_disk_line(_error_line(capsys), checkpoints / "checkpoint-2" / "rng_state.pth",
+                           "the cut-off checkpoint-2 was removed", f"complete and kept in {out}: checkpoints/checkpoint-1;")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"] and _half_written_entries(out) == []
+
+
+# --- the GGUF writers on a real full disk ---------------------------------------------------------
+
+def test_the_gguf_converter_on_a_full_disk_is_one_line_and_keeps_the_merged_model(tmp_path, saving_objects):
+    from philo_dataflow.lib.gguf_export import converter_missing
+
+    if converter_missing():
+        pytest.skip(converter_missing())
+    with small_filesystem(tmp_path / "fs", 12 * 2**20) as filesystem:  # the merged model (~10 MB) fits, its GGUF copy does not
+        merged = _merged(saving_objects, filesystem)
+        before = tree(filesystem / "merged")
+        with pytest.raises(NoSpaceLeft) as raised:
+            saving.saved_gguf_model(merged, "FROM ./model.gguf\n")
+        _assert_full_disk_line(str(raised.value), filesystem / "merged" / "model.gguf", "the GGUF file needs about")
+        assert tree(filesystem / "merged") == before
+
+
+def test_the_quantizer_on_a_full_disk_is_one_line_though_it_names_no_errno(tmp_path, saving_objects):
+    """llama.cpp's quantizer says only "basic_ios::clear: iostream error": the disk's free space tells."""
+    from philo_dataflow.lib.gguf_export import convert_to_gguf, converter_missing
+
+    if converter_missing():
+        pytest.skip(converter_missing())
+    source = tmp_path / "model.gguf"
+    convert_to_gguf(Path(_merged(saving_objects, tmp_path)["merged_dir"]), source, "f32")
+    with small_filesystem(tmp_path / "fs", source.stat().st_size + 2**20) as filesystem:  # the q8_0 copy does not fit
+        shutil.copy(source, filesystem / "model.gguf")
+        gguf = {"status": "ok", "gguf": str(filesystem / "model.gguf"), "bytes": source.stat().st_size}
+        with pytest.raises(NoSpaceLeft) as raised:
+            saving.saved_quantized_gguf_models(gguf, ["q8_0"])
+        assert isinstance(raised.value.__cause__, GGUFConversionError)
+        _assert_full_disk_line(str(raised.value), filesystem / "model.q8_0.gguf", "the q8_0 copy needs about")
+        assert sorted(p.name for p in filesystem.iterdir()) == ["model.gguf"]

@@ -22,9 +22,11 @@ from ..lib.artifacts import (
     MANIFEST_FILE,
     MANIFEST_INPUTS,
     QUANTIZATION_TYPES,
+    completed_outputs,
     output_dir_lock,
     read_manifest,
 )
+from ..lib.disk_space import full_disk_line, is_out_of_space
 from .common import configure_logging
 
 #: Exit status of a bad command line or bad input files (as ``philo-dataflow``'s).
@@ -135,9 +137,11 @@ def main(argv: list[str]) -> int:
 
     :return: 0 when the export was written (the GGUF step may be skipped, its line says why), 1 when the
         GGUF conversion failed (the merged model is written), 2 for a bad command line or input (one
-        ``error:`` line each on stderr, nothing written).
+        ``error:`` line each on stderr, nothing written) or a full disk (one ``error:`` line naming the file,
+        the bytes and what was kept).
     """
     args = build_parser().parse_args(argv)
+    inputs, started = {}, time.time()
     configure_logging(args.debug)
     from hamilton.plugins import h_tqdm  # Hamilton, torch and the models: only once the flags are parsed
 
@@ -170,10 +174,17 @@ def main(argv: list[str]) -> int:
         started = time.time()
         with output_dir_lock(inputs["output_dir"]):
             result = dr.execute(outputs, inputs=inputs, overrides=overrides)
-    except (_Refused, ValueError, FileNotFoundError) as error:
+    except Exception as error:
         if args.debug:
             raise
-        for line in str(error).splitlines() or [type(error).__name__]:
+        if is_out_of_space(error):  # a full disk, whatever wrote: one line, and what was kept
+            output_dir = inputs.get("output_dir", args.output_dir or ".")
+            lines = [full_disk_line(error, output_dir, completed_outputs(output_dir, started))]
+        elif isinstance(error, (_Refused, ValueError, FileNotFoundError)):
+            lines = str(error).splitlines() or [type(error).__name__]
+        else:
+            raise
+        for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return USAGE_ERROR
     return _print_summary(result, time.time() - started)

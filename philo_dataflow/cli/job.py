@@ -32,9 +32,12 @@ from ..lib.artifacts import (
     CONFIG_FILE,
     DATAFLOW_FILE,
     MANIFEST_INPUTS,
+    PREVIOUS_RUN_FILES,
+    completed_outputs,
     output_dir_lock,
     read_manifest,
 )
+from ..lib.disk_space import full_disk_line, is_out_of_space
 from ..lib.inputs import (
     BY_NAME,
     DRIVER_INPUTS,
@@ -414,9 +417,26 @@ def _hamilton_ui_tracker(driver_inputs: dict, config: dict, inputs: dict):
     return hamilton_ui_tracker(driver_inputs["hamilton_ui_url"], project, user, tags=run_tags(config, inputs))
 
 
+def _full_disk_line(error: BaseException, output_dir: str, since: float, dr) -> str:
+    """The one line of a full disk met by the run (``lib.disk_space.full_disk_line``): the file, the bytes,
+    what the run completed and kept (``lib.artifacts.completed_outputs``), and, when the trained weights
+    reached Hamilton's cache, that the same command will not train again."""
+    rerun = ""
+    if dr is not None and dr.cache is not None:
+        from hamilton.caching.adapter import CachingEventType
+
+        stored = (CachingEventType.SET_RESULT, CachingEventType.GET_RESULT)
+        if any(event.event_type in stored for run_id in dr.cache.run_ids[-2:]
+               for event in dr.cache.logs(run_id=run_id, level="debug").get("trained_parameters", [])):
+            overwrite = " with --overwrite" if any((Path(output_dir) / name).exists() for name in PREVIOUS_RUN_FILES) else ""
+            rerun = (f": the trained weights are in the cache {dr.cache.result_store.path}, so the same "
+                     f"command{overwrite} does not train again")
+    return full_disk_line(error, output_dir, completed_outputs(output_dir, since), flag("output_dir"), rerun)
+
+
 def main(argv: Optional[list] = None) -> int:
     """``philo-dataflow``: the main job; returns the exit status (2: a problem with the command line, the
-    input or the output directory, one ``error:`` line each). The output directory is locked
+    input or the output directory, or a full disk, one ``error:`` line each). The output directory is locked
     (``lib.artifacts.output_dir_lock``) from the end of the checks until the run ends."""
     with contextlib.ExitStack() as locks:
         return _run(argv, locks)
@@ -434,6 +454,7 @@ def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
     from .. import preflight
     from ..lib.distributed import is_main_process, wait_for_everyone
 
+    begun, dr, inputs = time.time(), None, {}
     try:
         settings = resolved_settings(args)
         start, given = settings["start"], settings["given"]
@@ -485,10 +506,16 @@ def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
         # run_metrics (what metrics.json holds) is asked for too, so the summary is printed from it.
         summarised = [*outputs, "run_metrics"] if "saved_metrics" in outputs else outputs
         result = dr.execute(summarised, inputs=inputs, overrides=splits)
-    except (UserError, ValueError, FileNotFoundError) as error:
+    except Exception as error:
         if args.debug:
             raise
-        for line in str(error).splitlines() or [type(error).__name__]:
+        if is_out_of_space(error):  # a full disk, whatever wrote: one line, and what was kept
+            lines = [_full_disk_line(error, inputs.get("output_dir", BY_NAME["output_dir"].default), begun, dr)]
+        elif isinstance(error, (UserError, ValueError, FileNotFoundError)):
+            lines = str(error).splitlines() or [type(error).__name__]
+        else:
+            raise
+        for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
     if not is_main_process():

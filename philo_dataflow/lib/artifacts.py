@@ -1,6 +1,6 @@
 """What a run writes and where: the file names under ``output_dir`` and in an adapter directory, the one
-reader of an adapter's manifest, and atomic writing (by the main process only, when several run).
-Imports ``distributed`` only."""
+reader of an adapter's manifest, atomic writing (by the main process only, when several run), and what a
+run left complete. Imports ``distributed`` and ``disk_space`` only."""
 
 import contextlib
 import fcntl
@@ -12,11 +12,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
+from .disk_space import raise_if_out_of_space
 from .distributed import is_main_process
 
 # Files and directories under ``output_dir``.
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+#: The Trainer writes this file last into a checkpoint (after the weights, optimizer, scheduler and RNG
+#: states); a checkpoint without a readable one was cut off while being saved.
+TRAINER_STATE_FILE = "trainer_state.json"
 PREDICTIONS_JSONL_FILE = "hold_out_predictions.jsonl"
 PREDICTIONS_CSV_FILE = "hold_out_predictions.csv"
 METRICS_FILE = "metrics.json"
@@ -132,6 +136,8 @@ def write_text_atomically(path: Path, text: str) -> str:
     same path.
 
     :return: ``str(path)``.
+    :raises lib.disk_space.NoSpaceLeft: (a ValueError) the disk is full; the line names ``path``, the bytes of
+        ``text`` and the bytes free.
     """
     if not is_main_process():
         return str(path)
@@ -142,10 +148,44 @@ def write_text_atomically(path: Path, text: str) -> str:
             stream.write(text)
         os.chmod(temporary, 0o666 & ~UMASK)
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        raise_if_out_of_space(error, path, len(text.encode("utf-8")),
+                              cleanup=lambda: Path(temporary).unlink(missing_ok=True))
         raise
     return str(path)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Whether the Trainer checkpoint directory ``path`` was saved whole: its ``TRAINER_STATE_FILE``, written
+    last, is there and reads as JSON."""
+    try:
+        json.loads((Path(path) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def completed_outputs(output_dir: str, since: float) -> list:
+    """What a run that began at ``since`` (a ``time.time()``) left complete in ``output_dir``: the entries
+    written since then (every file is renamed into place whole, every saved directory swapped in whole;
+    a second's margin, as file systems stamp times coarsely), hidden temporary ones left out, with the
+    checkpoints directory given as its complete checkpoints.
+
+    :return: paths, sorted (``[]`` when the directory is missing).
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    kept = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.stat().st_mtime < since - 1:
+            continue
+        if entry.name == CHECKPOINTS_DIR and entry.is_dir():
+            kept += [str(path) for path in sorted(entry.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+                     if is_complete_checkpoint(path)]
+        else:
+            kept.append(str(entry))
+    return kept
 
 
 def read_manifest(presaved_model_dir: str) -> dict:

@@ -80,7 +80,8 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = GGUF_OUTTYPE)
 
     :param outtype: the converter's ``--outtype`` (``f32``, ``f16``, ``bf16``, ``q8_0``).
     :raises GGUFConversionError: no converter (``converter_missing``'s line), or the converter failed (an
-        architecture or pre-tokenizer it does not know, say); the message holds its last line.
+        architecture or pre-tokenizer it does not know, a full disk, say); the message holds the exception it
+        ended on, else its last line.
     """
     script = converter_script()
     if script is None:
@@ -93,7 +94,9 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = GGUF_OUTTYPE)
     process = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
     if process.returncode != 0:
         lines = [line.strip() for line in (process.stdout + process.stderr).splitlines() if line.strip()]
-        last = lines[-1][:300] if lines else "no output"
+        # The exception a traceback ends on, rather than a progress bar redrawn after it.
+        raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+        last = (raised or lines)[-1][:300] if lines else "no output"
         raise GGUFConversionError(f"llama.cpp's {CONVERTER_SCRIPT} failed on {model_dir} (exit {process.returncode}): {last}")
 
 

@@ -1,13 +1,13 @@
 """The training machinery behind the ``training`` stage: the ``Trainer`` subclass whose loss is computed
 over supervised tokens only (``cross_entropy``), regional compilation of the decoder layers and the
-eager-attention switch while compiled, the compiler and bf16 probes, the memory-saving callback, and the
-search for a complete checkpoint to resume from.
+eager-attention switch while compiled, the compiler and bf16 probes, the memory-saving callback, the
+search for a complete checkpoint to resume from, and the removal of one cut off by a full disk.
 """
 
 import contextlib
 import functools
-import json
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +16,12 @@ from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .artifacts import CHECKPOINTS_DIR
+from .artifacts import CHECKPOINTS_DIR, TRAINER_STATE_FILE, is_complete_checkpoint
+from .disk_space import newest_file, raise_if_out_of_space, tokenizer_bytes, training_run_bytes
+from .distributed import is_main_process
+from .problems import flag
 from .cross_entropy import (
     LOSS_CHUNK_TOKENS,
     supervised_causal_lm_loss,
@@ -26,11 +30,6 @@ from .cross_entropy import (
 
 #: ``resume_from_checkpoint`` value meaning "the newest complete checkpoint in ``<output_dir>/checkpoints``".
 LAST_CHECKPOINT = "last"
-
-
-#: The Trainer writes this file last into a checkpoint (after adapter, optimizer, scheduler and RNG
-#: states); a checkpoint without a readable one was cut off while being saved.
-_TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def has_fast_bf16(device: torch.device) -> bool:
@@ -250,12 +249,40 @@ def ready_for_generation(model: PeftModel) -> PeftModel:
     return model
 
 
-def _is_complete_checkpoint(path: Path) -> bool:
-    try:
-        json.loads((path / _TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
+def raise_for_full_disk_while_checkpointing(trainer: Trainer, error: BaseException) -> None:
+    """What a failed ``trainer.train()`` left of the checkpoint it was saving: when the checkpoint of the
+    current step is incomplete (``lib.artifacts.is_complete_checkpoint``), it is removed (with the checkpoints
+    directory, if that is left empty), and if ``error`` is a full disk this raises it as one line. Returns
+    otherwise; with several processes only the main one, which writes the checkpoints, does anything.
+
+    :raises lib.disk_space.NoSpaceLeft: naming the file being written, the bytes of a checkpoint (those of
+        the newest complete one, else ``disk_space.training_run_bytes``' estimate) and the bytes free, and
+        how to continue from the newest complete checkpoint, if any.
+    """
+    checkpoints = Path(trainer.args.output_dir)
+    cut_off = checkpoints / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    if not is_main_process() or not cut_off.is_dir() or is_complete_checkpoint(cut_off):
+        return
+    complete = sorted((path for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                       if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", path.name) and is_complete_checkpoint(path)),
+                      key=lambda path: int(path.name.split("-")[1]))
+    rerun = ""
+    if complete:
+        needed = sum(path.stat().st_size for path in complete[-1].rglob("*") if path.is_file())
+        rerun = f" with {flag('resume_from_checkpoint')} {LAST_CHECKPOINT} to continue from {complete[-1].name}"
+    else:
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        needed = training_run_bytes(trainable, tokenizer_bytes(trainer.processing_class), 0, 1, 1)["checkpoint"]
+
+    def remove_cut_off() -> None:
+        shutil.rmtree(cut_off, ignore_errors=True)
+        if not complete:
+            with contextlib.suppress(OSError):
+                checkpoints.rmdir()  # only when empty
+
+    raise_if_out_of_space(error, newest_file(cut_off) or cut_off, needed, "a checkpoint",
+                          f"the cut-off {cut_off.name} was removed", rerun, where=checkpoints.parent,
+                          cleanup=remove_cut_off)
 
 
 def checked_resume_checkpoint(output_dir: str = "outputs", resume_from_checkpoint: Optional[str] = None) -> Optional[str]:
@@ -276,7 +303,7 @@ def checked_resume_checkpoint(output_dir: str = "outputs", resume_from_checkpoin
         checkpoints = Path(output_dir) / CHECKPOINTS_DIR
         complete = [
             path for path in checkpoints.glob("checkpoint-*")
-            if re.fullmatch(r"checkpoint-\d+", path.name) and _is_complete_checkpoint(path)
+            if re.fullmatch(r"checkpoint-\d+", path.name) and is_complete_checkpoint(path)
         ]
         if not complete:
             raise ValueError(f"resume_from_checkpoint='last': {checkpoints} holds no complete checkpoint to resume from.")
@@ -284,9 +311,9 @@ def checked_resume_checkpoint(output_dir: str = "outputs", resume_from_checkpoin
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint directory.")
-    if not _is_complete_checkpoint(path):
+    if not is_complete_checkpoint(path):
         raise ValueError(
-            f"resume_from_checkpoint={resume_from_checkpoint!r} has no readable {_TRAINER_STATE_FILE}: the run "
+            f"resume_from_checkpoint={resume_from_checkpoint!r} has no readable {TRAINER_STATE_FILE}: the run "
             f"was stopped while saving it. Resume from an earlier checkpoint, or pass '{LAST_CHECKPOINT}' for the "
             "newest complete one."
         )

@@ -3,13 +3,15 @@
 (path, bytes, and a file's SHA-256: ``lib.artifacts.file_metadata``), which Hamilton's trackers
 (the Hamilton UI) record as the node's metadata. Every file is written to a temporary name and renamed into place, and the adapter
 directory is built in a temporary directory and swapped in, so a failed run never leaves a half-written
-output or a previous run's files half-overwritten.
+output or a previous run's files half-overwritten. A full disk is raised as ``lib.disk_space.NoSpaceLeft``
+(a ValueError), one line naming the file, the bytes it needed and the bytes free.
 """
 
 import csv
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -18,6 +20,7 @@ from typing import Optional
 
 import yaml
 from hamilton.function_modifiers import cache, datasaver, tag
+from peft import PeftModel, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from ..lib.artifacts import (
@@ -44,6 +47,7 @@ from ..lib.artifacts import (
     file_metadata,
     write_text_atomically,
 )
+from ..lib.disk_space import GGUF_BITS_PER_WEIGHT, newest_file, raise_if_out_of_space, tokenizer_bytes
 from ..lib.distributed import is_main_process, wait_for_everyone
 from ..lib.generation import generation_config
 from ..lib.gguf_export import (
@@ -144,18 +148,24 @@ def save_best_models(
 
     :return: ``{"status": "success", "adapter_dir": path, "files": [names], "path", "bytes", "file_bytes"}``
         (``lib.artifacts.saved_directory_metadata``).
+    :raises lib.disk_space.NoSpaceLeft: the disk is full (the bytes needed: the weights', the tokenizer's and
+        the manifest's and log's).
     """
     target = Path(output_dir) / ADAPTER_DIR
+    manifest = json.dumps(run_manifest, indent=2, default=str)
+    history = json.dumps(training_log_history, indent=2)
 
     def build(staging: Path) -> None:
         finetuned_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _portable_adapter_config(staging, run_manifest["inputs"]["model_id"])
         (staging / MODEL_CARD_FILE).unlink(missing_ok=True)  # PEFT's blank template: saved_model_card writes ours
-        (staging / MANIFEST_FILE).write_text(json.dumps(run_manifest, indent=2, default=str), encoding="utf-8")
-        (staging / LOG_HISTORY_FILE).write_text(json.dumps(training_log_history, indent=2), encoding="utf-8")
+        (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")
+        (staging / LOG_HISTORY_FILE).write_text(history, encoding="utf-8")
 
-    _swap_in_directory(target, build)
+    needed = _weights_bytes(finetuned_model) + tokenizer_bytes(tokenizer) + len(manifest) + len(history)
+    what = "the adapter" if isinstance(finetuned_model, PeftModel) else "the fine-tuned model"
+    _swap_in_directory(target, build, needed, what)
     logger.info("saved adapter to %s", target)
     return {"status": "success", "adapter_dir": str(target), "files": sorted(p.name for p in target.iterdir()),
             **saved_directory_metadata(str(target))}
@@ -254,10 +264,20 @@ def saved_run_config(run_config: dict, output_dir: str = "outputs") -> dict:
     return file_metadata(write_text_atomically(Path(output_dir) / CONFIG_FILE, text))
 
 
-def _swap_in_directory(target: Path, build) -> None:
+def _weights_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the tensors ``model.save_pretrained`` writes: a PEFT model's adapter weights, else its state
+    dict with tied tensors once."""
+    tensors = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+    unique = {(t.device, t.data_ptr()): t for t in tensors.values()} if tensors else {}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _swap_in_directory(target: Path, build, needed: int, what: str) -> None:
     """Builds a directory with ``build(staging)`` in a temporary directory beside ``target``, then puts it in
     ``target``'s place by two renames (a previous ``target`` is restored if the second fails), so an error
-    leaves the previous directory as it was and no temporary one.
+    leaves the previous directory as it was and no temporary one. A full disk is raised as
+    ``lib.disk_space.NoSpaceLeft`` naming the file being written (under ``target``), ``what`` and its
+    ``needed`` bytes.
 
     With several processes (torchrun, accelerate launch) only the main one builds and writes; every
     process then waits for the others (``lib.distributed.wait_for_everyone``, also when building fails),
@@ -265,12 +285,12 @@ def _swap_in_directory(target: Path, build) -> None:
     """
     try:
         if is_main_process():
-            _build_and_swap_in(target, build)
+            _build_and_swap_in(target, build, needed, what)
     finally:
         wait_for_everyone()
 
 
-def _build_and_swap_in(target: Path, build) -> None:
+def _build_and_swap_in(target: Path, build, needed: int, what: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -291,8 +311,10 @@ def _build_and_swap_in(target: Path, build) -> None:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        failed = newest_file(staging)
+        raise_if_out_of_space(error, target / failed.relative_to(staging) if failed else target, needed, what,
+                              where=target.parent, cleanup=lambda: shutil.rmtree(staging, ignore_errors=True))
         raise
 
 
@@ -313,6 +335,7 @@ def saved_merged_model(
     GGUF file and report too) is replaced whole or left as it was.
 
     :return: ``{"merged_dir": path, "files": [names], "path", "bytes", "file_bytes"}``.
+    :raises lib.disk_space.NoSpaceLeft: the disk is full.
     """
     def build(staging: Path) -> None:
         merged_model.save_pretrained(staging)
@@ -320,7 +343,7 @@ def saved_merged_model(
         generation_config(tokenizer, max_new_tokens, generation_settings).save_pretrained(staging)
 
     target = Path(output_dir) / MERGED_DIR
-    _swap_in_directory(target, build)
+    _swap_in_directory(target, build, _weights_bytes(merged_model) + tokenizer_bytes(tokenizer), "the merged model")
     logger.info("saved the merged model to %s", target)
     return {"merged_dir": str(target), "files": sorted(p.name for p in target.iterdir()),
             **saved_directory_metadata(str(target))}
@@ -339,6 +362,8 @@ def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architectu
         "architecture", "pre_tokenizer", "tensors"}``; writing nothing, ``{"status": "skipped", "reason": line}`` (no converter here, the line
         says how to get it; an encoder-decoder model) or ``{"status": "failed", "reason": line}`` (the
         converter's last line: an architecture or pre-tokenizer it does not know, say).
+    :raises lib.disk_space.NoSpaceLeft: the disk filled up (the temporary file is removed; the merged model
+        stays).
     """
     if architecture == "seq2seq":
         return {"status": "skipped", "reason": "GGUF export covers decoder-only models; this one is an "
@@ -348,19 +373,20 @@ def saved_gguf_model(saved_merged_model: dict, ollama_modelfile: str, architectu
         logger.warning("GGUF export skipped: %s", missing)
         return {"status": "skipped", "reason": missing}
     directory = Path(saved_merged_model["merged_dir"])
+    merged_bytes = saved_directory_metadata(str(directory))["bytes"]  # the f32 file holds the same weights
     handle, temporary = tempfile.mkstemp(prefix=f".{GGUF_FILE}.", dir=directory)
     os.close(handle)
     try:
         convert_to_gguf(directory, Path(temporary), GGUF_OUTTYPE)
         os.chmod(temporary, 0o666 & ~UMASK)
         os.replace(temporary, directory / GGUF_FILE)
-    except GGUFConversionError as error:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        raise_if_out_of_space(error, directory / GGUF_FILE, merged_bytes, "the GGUF file",
+                              cleanup=lambda: Path(temporary).unlink(missing_ok=True))
+        if not isinstance(error, GGUFConversionError):
+            raise
         logger.error("GGUF export failed: %s", error)
         return {"status": "failed", "reason": str(error)}
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     modelfile = write_text_atomically(directory / MODELFILE_FILE, ollama_modelfile)
     return {"status": "ok", "gguf": str(directory / GGUF_FILE), "modelfile": modelfile,
             "bytes": (directory / GGUF_FILE).stat().st_size, "outtype": GGUF_OUTTYPE,
@@ -377,6 +403,7 @@ def saved_quantized_gguf_models(saved_gguf_model: dict, quantization_types: list
     :return: ``{"status": "ok", "files": {type: lib.artifacts.file_metadata}}``; ``{"status": "none", "files":
         {}}`` when none is asked for; ``{"status": "skipped" | "failed", "reason": line, "files": {...}}`` when
         there is no f32 file or the quantizer failed (the copies made before are kept and listed).
+    :raises lib.disk_space.NoSpaceLeft: the disk filled up (the copies made before are kept).
     """
     if not quantization_types:
         return {"status": "none", "files": {}}
@@ -393,13 +420,15 @@ def saved_quantized_gguf_models(saved_gguf_model: dict, quantization_types: list
             quantize_gguf(source, Path(temporary), quantization)
             os.chmod(temporary, 0o666 & ~UMASK)
             os.replace(temporary, target)
-        except GGUFConversionError as error:
-            Path(temporary).unlink(missing_ok=True)
+        except BaseException as error:
+            needed = math.ceil(saved_gguf_model["bytes"] * GGUF_BITS_PER_WEIGHT[quantization] / GGUF_BITS_PER_WEIGHT[GGUF_OUTTYPE])
+            # llama.cpp's quantizer logs no cause a caller can rely on ("basic_ios::clear: iostream error").
+            raise_if_out_of_space(error, target, needed, f"the {quantization} copy",
+                                  cleanup=lambda: Path(temporary).unlink(missing_ok=True), silent_writer=True)
+            if not isinstance(error, GGUFConversionError):
+                raise
             logger.error("GGUF quantization failed: %s", error)
             return {"status": "failed", "reason": str(error), "files": files}
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
         files[quantization] = file_metadata(str(target))
     return {"status": "ok", "files": files}
 

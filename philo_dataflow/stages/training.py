@@ -39,11 +39,16 @@ from ..lib.trainer import (
     checked_resume_checkpoint,
     compiler_problem,
     has_fast_bf16,
+    raise_for_full_disk_while_checkpointing,
     ready_for_generation,
     torch_compile_problems,
 )
 
 logger = logging.getLogger(__name__)
+
+#: Checkpoints the Trainer keeps (``save_total_limit``; the one of the lowest validation loss is never the
+#: one deleted, since ``load_best_model_at_end`` restores it).
+CHECKPOINTS_KEPT = 2
 
 
 @cache(behavior="recompute")  # it points TensorBoard at its directory (an environment variable): run it every time
@@ -124,7 +129,7 @@ def training_args(
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        save_total_limit=2,
+        save_total_limit=CHECKPOINTS_KEPT,
         train_sampling_strategy="group_by_length",
         neftune_noise_alpha=neftune_noise_alpha,
         bf16=bf16_autocast,
@@ -275,8 +280,15 @@ def trained_parameters__base(resume_checkpoint_dir: Optional[str], trainer: Trai
         every weight for full fine-tuning; CPU tensors by parameter name), ``eval_metrics`` (``eval_loss`` of
         the kept checkpoint, its path, steps and epochs done, whether early stopping ended the run) and
         ``log_history`` (the Trainer's log entries).
+    :raises lib.disk_space.NoSpaceLeft: (a ValueError) the disk filled up while a checkpoint was saved; the
+        cut-off checkpoint is removed, the complete ones are kept
+        (``lib.trainer.raise_for_full_disk_while_checkpointing``).
     """
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint_dir)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint_dir)
+    except Exception as error:
+        raise_for_full_disk_while_checkpointing(trainer, error)
+        raise
     eval_metrics = trainer.evaluate()
     state = trainer.state
     eval_metrics.update(
