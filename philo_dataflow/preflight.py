@@ -30,9 +30,11 @@ through a driver (``graph_values``), so a new ``@config.when`` variant needs no 
    renderable in the prompt format; with ``overlong_policy="error"``, every prompt shorter than
    ``max_seq_length`` so that each example keeps at least one supervised answer token;
 5. ``resume_from_checkpoint`` a complete checkpoint;
-6. the LLM judge, when ``judge_model`` is set: one process only (not under torchrun or accelerate
+6. when every check before it passed: free space on ``output_dir``'s filesystem for what the run will
+   write (``disk_space_problems``, from the model's weightless skeleton);
+7. the LLM judge, when ``judge_model`` is set: one process only (not under torchrun or accelerate
    launch), settings valid, endpoint reachable (``GET /models``), the model listed there;
-7. the Hamilton UI, when ``hamilton_ui_url`` is set: ``hamilton_sdk`` installed, the server answering
+8. the Hamilton UI, when ``hamilton_ui_url`` is set: ``hamilton_sdk`` installed, the server answering
    (``lib.hamilton_ui.server_problems``).
 
 The nodes of ``loading``, ``splitting``, ``tokenization``, ``modeling``, ``training`` and ``prediction``
@@ -43,20 +45,33 @@ there only after training). The output directory, the judge endpoint and the pro
 are checked here only.
 """
 
+import contextlib
 import difflib
 import functools
 import inspect
 import logging
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy
 import openai
+import torch
 
 from .dataflow import build_driver, resolved_config
-from .stages import modeling, splitting
+from .stages import modeling, splitting, training
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
+from .lib.disk_space import (
+    bytes_text,
+    checkpoints_saved,
+    export_bytes,
+    free_bytes,
+    human_bytes,
+    tokenizer_bytes,
+    training_run_bytes,
+)
 from .lib.distributed import launched_processes
 from .lib.inputs import (
     DEFAULTS,
@@ -67,6 +82,7 @@ from .lib.inputs import (
     raise_hyperparameter_problems,
 )
 from .lib.hamilton_ui import server_problems as hamilton_ui_server_problems
+from .lib.html_report import page_bytes
 from .lib.judge_client import JudgeClient, is_loopback, make_judge_client
 from .lib.judge_protocol import RESPONSE_FORMATS, check_judge_settings
 from .lib.model_sources import (
@@ -97,8 +113,8 @@ logger = logging.getLogger(__name__)
 JUDGE_PROBE_TIMEOUT_SECONDS = 10.0
 
 __all__ = [
-    "InputProblems", "Problem", "RULES", "check_run_inputs", "flag", "hyperparameter_problems", "library_defaults",
-    "preflight", "raise_hyperparameter_problems",
+    "InputProblems", "Problem", "RULES", "check_run_inputs", "disk_space_problems", "estimated_output_bytes", "flag",
+    "hyperparameter_problems", "library_defaults", "preflight", "raise_hyperparameter_problems",
 ]
 
 
@@ -288,18 +304,22 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
                                             prompt["prompt_template_in_use"])
 
 
-def graph_values(values: dict, start: str, names: tuple, overrides: Optional[dict] = None) -> dict:
+def graph_values(values: dict, start: str, names: tuple, overrides: Optional[dict] = None,
+                 finetuning_method: Optional[str] = None) -> dict:
     """The values of the dataflow's own nodes ``names`` (nodes that load no weights: the prompt format, the
-    template in use, the presaved manifest), computed by a driver built for ``start`` and the run's model
-    or presaved adapter (``dataflow.resolved_config``), so the preflight checks what the run will do.
+    template in use, the presaved manifest; the model summary of a weightless skeleton), computed by a
+    driver built for ``start`` and the run's model or presaved adapter (``dataflow.resolved_config``), so
+    the preflight checks what the run will do.
 
     :param values: the run's inputs, defaults filled in (None values are left out).
     :param overrides: values given for nodes instead of computing them (a tokenizer read without weights).
+    :param finetuning_method: the driver's config, when given (else read off the model or manifest).
     :raises ValueError: a node's own message; the model's config or the manifest cannot be read.
     """
     source = {"presaved_model_dir": values.get("presaved_model_dir")} if start == "presaved" else {
         "model_id": values.get("model_id"), "trust_remote_code": bool(values.get("trust_remote_code"))}
-    config = resolved_config({"start": start, **source})
+    chosen = {"finetuning_method": finetuning_method} if finetuning_method is not None else {}
+    config = resolved_config({"start": start, **chosen, **source})
     inputs = {name: value for name, value in values.items() if value is not None}
     # A node's error is the preflight's finding, not a crash: no Hamilton traceback banner in the log.
     hamilton_logger = logging.getLogger("hamilton")
@@ -331,6 +351,102 @@ def _lora_problems(values: dict, model_id: str, bad_inputs: set) -> list:
     except ValueError as error:
         problems.append(Problem("lora_layers_to_transform", str(error)))
     return problems
+
+
+@contextlib.contextmanager
+def _global_random_states_kept():
+    """Python's, numpy's and torch's global random states as they were before the ``with`` block."""
+    python, numpy_state = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python)
+    numpy.random.set_state(numpy_state)
+
+
+def disk_space_problems(values: dict, start: str, found: NormalisedPairs, finetuning_method: Optional[str] = None,
+                        export: Optional[dict] = None) -> list:
+    """``output_dir``'s filesystem (or its nearest existing parent's) with fewer bytes free
+    (``lib.disk_space.free_bytes``) than the run will write (``estimated_output_bytes``): one problem naming
+    ``output_dir``, both byte counts and the parts of the estimate. None where the estimate cannot be made
+    (what cannot be read is left to the run).
+
+    :param found: the run's records (``data_problems``).
+    :param finetuning_method: the driver's config (None: read off the model or manifest).
+    :param export: see ``estimated_output_bytes``.
+    """
+    try:
+        estimate = estimated_output_bytes(values, start, found, finetuning_method, export)
+        free = free_bytes(values["output_dir"])
+    except (ValueError, OSError) as error:
+        logger.info("preflight: disk space not estimated (%s)", error)
+        return []
+    total = estimate["total"]
+    if free >= total:
+        return []
+    if "checkpoint" in estimate:
+        count = estimate["checkpoints_at_peak"]
+        parts = [f"{count} checkpoint{'s' if count > 1 else ''} of {human_bytes(estimate['checkpoint'])} at the peak",
+                 f"the {estimate['saved']} {human_bytes(estimate['adapter'])}"]
+    elif "merged" in estimate:
+        parts = [f"the merged model {human_bytes(estimate['merged'])}"]
+        parts += [f"the f32 GGUF copy {human_bytes(estimate['gguf'])}"] if estimate["gguf"] else []
+        parts += [f"{kind} {human_bytes(size)}" for kind, size in estimate["quantized"].items()]
+    else:
+        parts = []
+    parts.append(f"the report page {human_bytes(estimate['page'])}")
+    writer = "the export" if "merged" in estimate else "the run"
+    return [Problem("output_dir", f"output_dir={values['output_dir']!r} ({flag('output_dir')}): {writer} will write "
+                                  f"about {total:,} bytes ({human_bytes(total)}: {', '.join(parts)}), but its "
+                                  f"filesystem has {bytes_text(free)} free; free space there, or give an output_dir "
+                                  "on a larger filesystem.")]
+
+
+def estimated_output_bytes(values: dict, start: str, found: NormalisedPairs, finetuning_method: Optional[str] = None,
+                           export: Optional[dict] = None) -> dict:
+    """The bytes a run will write under ``output_dir``, estimated without weights (the formulas:
+    ``lib.disk_space``).
+
+    A base run: its checkpoints, adapter (or whole model) and report page, ``lib.disk_space.training_run_bytes``
+    of the parameters it trains (the dataflow's own ``model_summary`` of the base model's weightless
+    skeleton: PEFT's ``get_peft_model`` for LoRA), its tokenizer's ``tokenizer.json`` and the checkpoints it
+    saves (``lib.disk_space.checkpoints_saved``, the train split taken as the records less the validation and
+    hold-out fractions; ``training.CHECKPOINTS_KEPT`` kept). A presaved run: its report page; with ``export``
+    (``{"gguf": bool, "quantizations": (type, ...)}``, what ``philo-dataflow export`` writes), the merged
+    model and GGUF files besides (``lib.disk_space.export_bytes``). Files already in ``output_dir`` are left
+    out: neither the room a run frees by overwriting them nor a resumed run's checkpoints count.
+
+    :param values: the run's inputs, defaults filled in.
+    :param found: the run's records (``data_problems``).
+    :param finetuning_method: the driver's config (None: read off the model or manifest).
+    :return: a base run's ``training_run_bytes`` with ``"saved"`` (``"adapter"`` or ``"fine-tuned model"``);
+        with ``export``, ``export_bytes``; else ``{"page", "total"}``; in bytes.
+    :raises ValueError: the model's config, tokenizer or the presaved manifest cannot be read.
+    """
+    trust_remote_code = bool(values.get("trust_remote_code"))
+    page = page_bytes()
+    if start == "base":
+        skeleton = model_skeleton(values["model_id"], trust_remote_code)
+        with _global_random_states_kept():  # peft_model seeds and draws them (the LoRA initialisation)
+            summary = graph_values(values, start, ("model_summary",), {"base_model": skeleton},
+                                   finetuning_method)["model_summary"]
+        shares = 1 - values["validation_fraction"] - values["hold_out_fraction"]
+        saves = checkpoints_saved(
+            round(len(found.pairs) * shares),
+            values["per_device_train_batch_size"] * values["gradient_accumulation_steps"] * launched_processes(),
+            values["num_train_epochs"], values["max_steps"], values["eval_steps"])
+        tokenizer = tokenizer_without_weights(values["model_id"], trust_remote_code)
+        estimate = training_run_bytes(summary["trainable_parameters"], tokenizer_bytes(tokenizer), page, saves,
+                                      training.CHECKPOINTS_KEPT)
+        return {**estimate, "saved": "adapter" if summary["trainable_share"] < 1 else "fine-tuned model"}
+    if export is None:
+        return {"page": page, "total": page}
+    adapter_dir = values["presaved_model_dir"]
+    manifest = read_manifest(adapter_dir)
+    full = manifest.get("finetuning_method") == "full"
+    skeleton = model_skeleton(adapter_dir if full else manifest["inputs"]["model_id"], trust_remote_code)
+    return export_bytes(sum(p.numel() for p in skeleton.parameters()),
+                        tokenizer_bytes(tokenizer_without_weights(adapter_dir, trust_remote_code)), page,
+                        export["gguf"], tuple(export.get("quantizations", ())))
 
 
 def resume_problems(values: dict) -> list:
@@ -406,7 +522,8 @@ def _judge_endpoint_problems(judge: JudgeClient, timeout: float) -> list:
                                    f"not list it among its {len(listed)} models; {hint}")]
 
 
-def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False) -> list:
+def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False,
+                     finetuning_method: Optional[str] = None, export: Optional[dict] = None) -> list:
     """Every problem of a run's inputs that can be found before a model is loaded (see the module
     docstring for the checks). Reads, never writes; loads no model weights.
 
@@ -414,6 +531,8 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
     :param start: the driver's ``start`` config, ``"base"`` or ``"presaved"``.
     :param overwrite: the run may replace another run's files in ``output_dir`` (implied by
         ``resume_from_checkpoint``).
+    :param finetuning_method: the driver's config, for the disk-space estimate (None: read off the model).
+    :param export: what ``philo-dataflow export`` writes besides (``disk_space_problems``), or None.
     :return: list of ``Problem``, empty when the inputs look right.
     """
     if start not in START_MODES:
@@ -425,9 +544,12 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
                                     values.get("presaved_model_dir") if start == "presaved" else None)
     if "report_to" not in {problem.input for problem in problems}:
         problems += [Problem("report_to", line) for line in missing_tracker_problems(values["report_to"])]
-    problems += _data_and_model_problems(values, start, {problem.input for problem in problems})
+    found_problems, found = _data_and_model_problems(values, start, {problem.input for problem in problems})
+    problems += found_problems
     if resuming:
         problems += resume_problems(values)
+    if not problems and found is not None:
+        problems += disk_space_problems(values, start, found, finetuning_method, export)
     problems += judge_problems(values)
     if values.get("hamilton_ui_url") is not None and "hamilton_ui_url" not in {problem.input for problem in problems}:
         problems += [Problem("hamilton_ui_url", line) for line in hamilton_ui_server_problems(values["hamilton_ui_url"])]
@@ -435,9 +557,9 @@ def check_run_inputs(inputs: dict, start: str = "base", overwrite: bool = False)
     return problems
 
 
-def _data_and_model_problems(values: dict, start: str, bad_inputs: set) -> list:
+def _data_and_model_problems(values: dict, start: str, bad_inputs: set) -> tuple:
     found_problems, found = data_problems(values, bad_inputs, start)
-    return found_problems + model_problems(values, start, found, bad_inputs)
+    return found_problems + model_problems(values, start, found, bad_inputs), found
 
 
 def check_data_and_model(inputs: dict, start: str = "base") -> list:
@@ -451,7 +573,7 @@ def check_data_and_model(inputs: dict, start: str = "base") -> list:
         return [Problem("start", f"start={start!r} ({flag('start')}): use one of {list(START_MODES)}.")]
     values = {**DEFAULTS, **inputs}
     problems = hyperparameter_problems(values)
-    return problems + _data_and_model_problems(values, start, {problem.input for problem in problems})
+    return problems + _data_and_model_problems(values, start, {problem.input for problem in problems})[0]
 
 
 def preflight(inputs: dict, start: str = "base", overwrite: bool = False) -> None:

@@ -2,6 +2,7 @@
 ``run.main`` in-process (exit code 2, one ``error:`` line per problem) and, where the dataflow checks
 the same input, through ``dr.execute``; none may write anything."""
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import torch
 
 from bad_inputs.cases import ACCEPTED, CASES, GOOD, JUDGE_MODELS, UNSET_KEY_VARIABLE, Case, Env
 from bad_inputs.commands import COMMAND_CASES
+from conftest import small_filesystem
 from judge_servers import FaultyJudgeServer, free_port
 
 import philo_dataflow
@@ -34,6 +36,10 @@ def _save_adapter(model, tokenizer_dir: str, target: Path, model_id: str) -> str
     return str(target)
 
 
+#: Why ``Env.small_filesystem`` is None, when it is.
+_NO_SMALL_FILESYSTEM = []
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -44,9 +50,15 @@ def env(tmp_path_factory, tiny_model_dir):
                             tiny_model_dir)
     wider = LlamaConfig.from_pretrained(tiny_model_dir, hidden_size=48, intermediate_size=96)
     other = _save_adapter(LlamaForCausalLM(wider), tiny_model_dir, root / "other-adapter", tiny_model_dir)
-    with FaultyJudgeServer(listed_models=JUDGE_MODELS) as server:
+    with contextlib.ExitStack() as stack:
+        try:
+            small = str(stack.enter_context(small_filesystem(root / "small", 3 * 2**20)))
+        except pytest.skip.Exception as reason:
+            small = None
+            _NO_SMALL_FILESYSTEM.append(str(reason))
+        server = stack.enter_context(FaultyJudgeServer(listed_models=JUDGE_MODELS))
         yield Env(tiny_model=tiny_model_dir, adapter=adapter, other_adapter=other, judge_url=server.base_url,
-                  closed_url=f"http://127.0.0.1:{free_port()}/v1")
+                  closed_url=f"http://127.0.0.1:{free_port()}/v1", small_filesystem=small)
 
 
 @pytest.fixture(autouse=True)
@@ -54,11 +66,13 @@ def _no_judge_key(monkeypatch):
     monkeypatch.delenv(UNSET_KEY_VARIABLE, raising=False)
 
 
-def _skip_if_not_applicable(case: Case) -> None:
-    if case.needs_non_root and os.geteuid() == 0:
+def _skip_if_not_applicable(case, env: Env) -> None:
+    if getattr(case, "needs_non_root", False) and os.geteuid() == 0:
         pytest.skip("running as root, which reads and writes whatever a file's permissions say")
-    if case.needs_no_cuda and torch.cuda.is_available():
+    if getattr(case, "needs_no_cuda", False) and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible")
+    if case.needs_small_filesystem and env.small_filesystem is None:
+        pytest.skip(_NO_SMALL_FILESYSTEM[0] if _NO_SMALL_FILESYSTEM else "no small filesystem")
 
 
 def _inputs(case: Case, env: Env, work: Path) -> dict:
@@ -98,7 +112,7 @@ def test_corpus_is_large_and_named_uniquely():
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path, capsys, monkeypatch):
-    _skip_if_not_applicable(case)
+    _skip_if_not_applicable(case, env)
     for name, value in case.environment:
         monkeypatch.setenv(name, value)
     inputs = _inputs(case, env, tmp_path)
@@ -119,6 +133,8 @@ def test_bad_input_fails_with_its_message_and_writes_nothing(case, env, tmp_path
     assert lines and all(line.startswith("error: ") for line in lines), stderr
     _assert_matches([line[len("error: "):] for line in lines], case.expected)
 
+    if env.small_filesystem:
+        assert list(Path(env.small_filesystem).iterdir()) == [], "a refused run wrote files"
     if case.graph:
         first = case.expected[0]
         expected = case.graph_expected or (first if isinstance(first, str) else first[0])
@@ -179,10 +195,13 @@ def test_generation_nodes_raise_the_preflights_lines_before_generating(output):
 
 @pytest.mark.parametrize("case", COMMAND_CASES, ids=lambda case: case.id)
 def test_bad_subcommand_input_is_one_line_per_problem_and_writes_nothing(case, env, tmp_path, capsys):
+    _skip_if_not_applicable(case, env)
     argv = case.argv(env, tmp_path)
-    before, adapter_before = tree(tmp_path), tree(Path(env.adapter))
+    small = Path(env.small_filesystem) if env.small_filesystem else tmp_path
+    before, adapter_before, small_before = tree(tmp_path), tree(Path(env.adapter)), tree(small)
     assert cli.main(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines and all(line.startswith("error: ") for line in lines), lines
     _assert_matches([line[len("error: "):] for line in lines], case.expected)
     assert tree(tmp_path) == before and tree(Path(env.adapter)) == adapter_before, "a refused command wrote files"
+    assert tree(small) == small_before, "a refused command wrote files"

@@ -81,13 +81,15 @@ def _inputs(model_dir: str, output_dir: Optional[str]) -> dict:
     return inputs
 
 
-def _problems(inputs: dict) -> list[str]:
+def _problems(inputs: dict, gguf: bool, quantizations: tuple) -> list[str]:
     """What stops the export, found before any model is loaded: the preflight of a presaved run (adapter,
-    base model, data file, settings); the output directory is only checked to be writable, since the
+    base model, data file, settings, and free space for the merged model and the GGUF files:
+    ``preflight.disk_space_problems``); the output directory is only checked to be writable, since the
     export adds ``merged`` to a run's directory."""
     from .. import preflight
 
-    return [str(problem) for problem in preflight.check_run_inputs(inputs, "presaved", overwrite=True)]
+    export = {"gguf": gguf, "quantizations": quantizations}
+    return [str(problem) for problem in preflight.check_run_inputs(inputs, "presaved", overwrite=True, export=export)]
 
 
 def _print_summary(result: dict, seconds: float) -> int:
@@ -154,7 +156,8 @@ def main(argv: list[str]) -> int:
         inputs = _inputs(args.model_dir, args.output_dir)
         from ..lib.gguf_export import quantization_problems
 
-        problems = _problems(inputs) + quantization_problems(args.quantize)
+        quantizations = tuple(kind.strip().lower() for kind in args.quantize.split(",") if kind.strip())
+        problems = _problems(inputs, not args.no_gguf, quantizations) + quantization_problems(args.quantize)
         if args.quantize and args.no_gguf:
             problems.append(f"--quantize {args.quantize} quantizes the GGUF file, which --no-gguf leaves out; drop one.")
         inputs["quantize"] = args.quantize

@@ -477,7 +477,8 @@ def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
             inputs["run_config"] = run_config(start, {**inputs, **driver_inputs}, config["finetuning_method"])
         # Every check that needs no model runs before anything is written, and all its problems are shown.
         problems = _setting_problems(given, outputs, {v.name for v in dr.list_available_variables()})
-        problems += preflight.check_run_inputs({**inputs, **driver_inputs}, start, settings["overwrite"])
+        problems += preflight.check_run_inputs({**inputs, **driver_inputs}, start, settings["overwrite"],
+                                               config["finetuning_method"])
         if problems:
             raise InputProblems(problems)
         # With several processes (torchrun, accelerate launch) every one has checked the output directory

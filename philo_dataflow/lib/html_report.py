@@ -66,6 +66,12 @@ def page(title: str, body_html: str) -> str:
     )
 
 
+def page_bytes() -> int:
+    """Bytes of an empty ``page``: what every report page takes before its content (mostly the inlined
+    plotly.js)."""
+    return len(page("", "").encode("utf-8"))
+
+
 def figure_div(figure: go.Figure, div_id: str) -> str:
     """``figure`` as a ``<div id=div_id>`` with the script that draws it, needing the plotly.js of ``page``."""
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)

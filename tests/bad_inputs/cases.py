@@ -41,6 +41,8 @@ class Env:
     other_adapter: str  # an adapter made on a Llama of another hidden size
     judge_url: str  # a loopback OpenAI-style endpoint listing JUDGE_MODELS
     closed_url: str  # a loopback URL where nothing listens
+    #: a real 3 MB filesystem (``conftest.small_filesystem``), None where one cannot be mounted here
+    small_filesystem: Optional[str] = None
 
     def adapter_copy(self, work: Path, source: Optional[str] = None) -> Path:
         target = work / "run" / "adapter"
@@ -66,6 +68,8 @@ class Case:
     needs_no_cuda: bool = False
     #: environment variables set for the case (``WORLD_SIZE`` as torchrun sets it, say)
     environment: tuple = ()
+    #: the case writes to ``Env.small_filesystem``: skipped where there is none
+    needs_small_filesystem: bool = False
 
 
 def _with(name: str, **inputs) -> Callable[[Env, Path], dict]:
@@ -143,6 +147,12 @@ def _output_dir_previous_run(env, work):
 def _output_dir_under_file(env, work):
     (work / "plain_file").write_text("x")
     return {"data_path": GOOD, "output_dir": str(work / "plain_file" / "out")}
+
+
+def _output_dir_on_a_small_filesystem(env, work):
+    """The tiny model's LoRA run (two checkpoints of 3.7 MB, mostly the tokenizer; the adapter; the report
+    page, about 16 MB in all) into a directory of a 3 MB filesystem."""
+    return {"data_path": GOOD, "output_dir": f"{env.small_filesystem}/{work.name}"}
 
 
 def _output_dir_read_only(env, work):
@@ -470,6 +480,10 @@ CASES = (
          ("holds another run's files (metrics.json); choose a new output_dir or pass overwrite (--overwrite)",)),
     Case("output_dir_under_a_file", _output_dir_under_file, (("cannot be created:", "plain_file is a file"),)),
     Case("output_dir_not_writable", _output_dir_read_only, ("locked is not writable",), needs_non_root=True),
+    Case("output_dir_filesystem_too_small", _output_dir_on_a_small_filesystem,
+         (("(--output-dir): the run will write about", "2 checkpoints of 3.7 MB at the peak, the adapter 3.6 MB, the "
+           "report page", "but its filesystem has 3,145,728 bytes (3.1 MB) free; free space there, or give an "
+           "output_dir on a larger filesystem."),), needs_small_filesystem=True),
     # -- the LLM judge
     # -- the Hamilton UI
     Case("hamilton_ui_unreachable", _judge(hamilton_ui_url=NOTHING_LISTENS),

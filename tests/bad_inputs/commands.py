@@ -16,6 +16,8 @@ class CommandCase:
     id: str
     argv: Callable[[Env, Path], list]
     expected: tuple
+    #: the case writes to ``Env.small_filesystem``: skipped where there is none
+    needs_small_filesystem: bool = False
 
 
 def _empty(work: Path) -> str:
@@ -85,6 +87,11 @@ COMMAND_CASES = (
     CommandCase("export_unknown_quantization", lambda env, work: ["export", "--model-dir", env.adapter,
                                                                    "--quantize", "q8_0,q3_x"],
                 (("--quantize q8_0,q3_x: unknown type(s) q3_x", "q4_k_m"),)),
+    CommandCase("export_filesystem_too_small", lambda env, work: [
+        "export", "--model-dir", env.adapter, "--quantize", "q8_0", "--output-dir", f"{env.small_filesystem}/{work.name}"],
+                (("(--output-dir): the export will write about", "the merged model 9.9 MB, the f32 GGUF copy 6.4 MB, "
+                  "q8_0 1.7 MB, the report page", "but its filesystem has 3,145,728 bytes (3.1 MB) free"),),
+                needs_small_filesystem=True),
     CommandCase("export_quantize_without_gguf", lambda env, work: ["export", "--model-dir", env.adapter,
                                                                     "--quantize", "q8_0", "--no-gguf"],
                 (("--quantize q8_0 quantizes the GGUF file", "--no-gguf"),)),
