@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -165,6 +166,14 @@ def is_complete_checkpoint(path: Path) -> bool:
     return True
 
 
+def complete_checkpoints(checkpoints_dir) -> list:
+    """The complete Trainer checkpoints (``checkpoint-N``, ``is_complete_checkpoint``) in ``checkpoints_dir``,
+    oldest step first ([] when it is missing)."""
+    found = [path for path in Path(checkpoints_dir).glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", path.name) and is_complete_checkpoint(path)]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
 def completed_outputs(output_dir: str, since: float) -> list:
     """What a run that began at ``since`` (a ``time.time()``) left complete in ``output_dir``: the entries
     written since then (every file is renamed into place whole, every saved directory swapped in whole;
@@ -181,8 +190,7 @@ def completed_outputs(output_dir: str, since: float) -> list:
         if entry.name.startswith(".") or entry.stat().st_mtime < since - 1:
             continue
         if entry.name == CHECKPOINTS_DIR and entry.is_dir():
-            kept += [str(path) for path in sorted(entry.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
-                     if is_complete_checkpoint(path)]
+            kept += [str(path) for path in complete_checkpoints(entry)]
         else:
             kept.append(str(entry))
     return kept

@@ -6,7 +6,6 @@ search for a complete checkpoint to resume from, and the removal of one cut off 
 
 import contextlib
 import functools
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .artifacts import CHECKPOINTS_DIR, TRAINER_STATE_FILE, is_complete_checkpoint
+from .artifacts import CHECKPOINTS_DIR, TRAINER_STATE_FILE, complete_checkpoints, is_complete_checkpoint
 from .disk_space import newest_file, raise_if_out_of_space, tokenizer_bytes, training_run_bytes
 from .distributed import is_main_process
 from .problems import flag
@@ -263,9 +262,7 @@ def raise_for_full_disk_while_checkpointing(trainer: Trainer, error: BaseExcepti
     cut_off = checkpoints / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     if not is_main_process() or not cut_off.is_dir() or is_complete_checkpoint(cut_off):
         return
-    complete = sorted((path for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                       if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", path.name) and is_complete_checkpoint(path)),
-                      key=lambda path: int(path.name.split("-")[1]))
+    complete = complete_checkpoints(checkpoints)
     rerun = ""
     if complete:
         needed = sum(path.stat().st_size for path in complete[-1].rglob("*") if path.is_file())
@@ -301,13 +298,10 @@ def checked_resume_checkpoint(output_dir: str = "outputs", resume_from_checkpoin
         return None
     if resume_from_checkpoint == LAST_CHECKPOINT:
         checkpoints = Path(output_dir) / CHECKPOINTS_DIR
-        complete = [
-            path for path in checkpoints.glob("checkpoint-*")
-            if re.fullmatch(r"checkpoint-\d+", path.name) and is_complete_checkpoint(path)
-        ]
+        complete = complete_checkpoints(checkpoints)
         if not complete:
             raise ValueError(f"resume_from_checkpoint='last': {checkpoints} holds no complete checkpoint to resume from.")
-        return str(max(complete, key=lambda path: int(path.name.split("-")[1])))
+        return str(complete[-1])
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint directory.")
