@@ -28,7 +28,9 @@ through a driver (``graph_values``), so a new ``@config.when`` variant needs no 
    presaved adapter intact and made for its base model;
    LoRA target modules and layers present in the model; 4-bit loading possible; every conversation
    renderable in the prompt format; with ``overlong_policy="error"``, every prompt shorter than
-   ``max_seq_length`` so that each example keeps at least one supervised answer token;
+   ``max_seq_length`` so that each example keeps at least one supervised answer token; the longest hold-out
+   or validation prompt plus ``max_new_tokens`` within the model's context window (``lib.context_window``:
+   its config's position limit, else its tokenizer's; ``max_seq_length`` above it is capped, not refused);
 5. ``resume_from_checkpoint`` a complete checkpoint;
 6. when every check before it passed: free space on ``output_dir``'s filesystem for what the run will
    write (``disk_space_problems``, from the model's weightless skeleton);
@@ -41,8 +43,8 @@ The nodes of ``loading``, ``splitting``, ``tokenization``, ``modeling``, ``train
 raise the same messages for the inputs they take, so ``dr.execute`` without a preflight fails with a
 ``ValueError`` there too, only later: ``training_args`` and the generation nodes check the Trainer's and
 generation's settings with ``lib.inputs.raise_hyperparameter_problems`` (a bad ``max_new_tokens`` is found
-there only after training). The output directory, the judge endpoint and the prompt lengths of every record at once
-are checked here only.
+there only after training, by ``hold_out_prompt_ids`` and ``validation_prompt_ids`` for the context window too).
+The output directory, the judge endpoint and the prompt lengths of every record at once are checked here only.
 """
 
 import contextlib
@@ -63,6 +65,7 @@ import torch
 from .dataflow import build_driver, resolved_config
 from .stages import modeling, splitting, training
 from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
+from .lib.context_window import ContextWindow, GenerationPrompt, answer_room_problems, capped_max_seq_length
 from .lib.disk_space import (
     bytes_text,
     checkpoints_saved,
@@ -102,7 +105,7 @@ from .lib.problems import (
     listed,
     problems_of,
 )
-from .lib.prompts import no_room_for_an_answer, prompt_token_ids
+from .lib.prompts import no_room_for_an_answer, prompt_token_ids, split_prompt_ids
 from .lib.records import NormalisedPairs, normalised_pairs, read_records
 from .lib.trackers import missing_tracker_problems
 from .lib.trainer import checked_resume_checkpoint, torch_compile_problems
@@ -293,15 +296,40 @@ def model_problems(values: dict, start: str, found: Optional[NormalisedPairs], b
         tokenizer = tokenizer_without_weights(tokenizer_source, trust_remote_code)
     except ValueError as error:
         return problems + problems_of("model_id", error)
-    if found is None or bad_inputs & {"max_seq_length", "overlong_policy"}:
+    if found is None:
         return problems
     try:
-        prompt = graph_values(values, start, ("prompt_format", "prompt_template_in_use"), {"tokenizer": tokenizer})
+        prompt = graph_values(values, start, ("prompt_format", "prompt_template_in_use", "model_context_window"),
+                              {"tokenizer": tokenizer})
     except ValueError as error:
         return problems + problems_of("model_id", error)
+    problems += _answer_room_problems(values, start, tokenizer, prompt["prompt_format"],
+                                      prompt["model_context_window"], bad_inputs)
+    if bad_inputs & {"max_seq_length", "overlong_policy"}:
+        return problems
+    max_seq_length, _ = capped_max_seq_length(values["max_seq_length"], prompt["model_context_window"])
     return problems + _supervision_problems(tokenizer, prompt["prompt_format"], found, values["data_path"],
-                                            values["max_seq_length"], values["overlong_policy"],
+                                            max_seq_length, values["overlong_policy"],
                                             prompt["prompt_template_in_use"])
+
+
+def _answer_room_problems(values: dict, start: str, tokenizer, prompt_format: str, window: ContextWindow,
+                          bad_inputs: set) -> list:
+    """``max_new_tokens`` and the prompts the run answers (hold-out and validation) against the model's context
+    window (``lib.context_window.answer_room_problems``, as ``prediction.hold_out_prompt_ids`` checks them):
+    one line for the two splits, naming the longest prompt of both. ``max_seq_length`` above the window is
+    no problem: ``max_seq_length_in_use`` caps it, with one warning line when the run tokenizes."""
+    if "max_new_tokens" in bad_inputs:
+        return []
+    try:
+        splits = graph_values(values, start, ("hold_out_set", "validation_set"), {"tokenizer": tokenizer})
+    except ValueError:
+        return []  # data_problems names what is wrong with the data or its split
+    prompts = [GenerationPrompt(name, index, question, len(ids))
+               for name in ("hold_out_set", "validation_set")
+               for index, (question, ids) in enumerate(zip(splits[name]["input_text"],
+                                                           split_prompt_ids(splits[name], tokenizer, prompt_format)))]
+    return [Problem(name, line) for name, line in answer_room_problems(window, prompts, values["max_new_tokens"])]
 
 
 def graph_values(values: dict, start: str, names: tuple, overrides: Optional[dict] = None,

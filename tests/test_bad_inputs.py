@@ -185,8 +185,9 @@ def test_trainer_node_raises_the_preflights_line_for_early_stopping_patience():
 def test_generation_nodes_raise_the_preflights_lines_before_generating(output):
     settings = {"max_new_tokens": 0, "generation_batch_size": -2}
     expected = [problem.message for problem in preflight.hyperparameter_problems(settings)]
-    # Nothing is generated: the models and data given are placeholders the check never reaches.
-    placeholders = {name: None for name in ("finetuned_model", "tokenizer", "hold_out_set", "validation_set")}
+    # Nothing is generated: the models, data and prompts given are placeholders the check never reaches.
+    placeholders = {name: None for name in ("finetuned_model", "tokenizer", "hold_out_set", "validation_set",
+                                            "hold_out_prompt_ids", "validation_prompt_ids")}
     with pytest.raises(ValueError) as raised:
         philo_dataflow.build_driver({"start": "base"}).execute(
             [output], inputs=settings, overrides={**placeholders, "prompt_format": "chat_template"})

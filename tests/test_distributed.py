@@ -142,8 +142,8 @@ SHARDED_GENERATION = textwrap.dedent("""
         pad_token_id=tokenizer.pad_token_id)).eval()
     questions = Dataset.from_dict({"input_text": [f"What did school {i} say about virtue? " * (1 + i % 3)
                                                   for i in range(7)]})
-    answers = _generations(questions, model, tokenizer, "chat_template", 6, 2, True, "sharded", {}, 42)
     prompts = question_prompt_ids(questions, model, tokenizer, "chat_template", 6)
+    answers = _generations(prompts, model, tokenizer, 6, 2, True, "sharded", {}, 42)
     alone = generate_answers(model, tokenizer, prompts, 6, 2)  # what one process answers
     assert answers == alone, (answers, alone)
     assert len({tuple(answer["token_ids"]) for answer in alone}) > 1

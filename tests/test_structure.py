@@ -22,6 +22,7 @@ BASE_NODES = {
     "hold_out_set",
     "near_duplicate_groups", "split_summary", "prompt_format", "tokenized_train", "tokenized_validation",
     "tokenized_hold_out", "tokenization_stats", "device", "base_model_id", "tokenizer", "base_model", "lora_config",
+    "model_context_window", "max_seq_length_in_use", "hold_out_prompt_ids", "validation_prompt_ids",
     "peft_model", "model_class", "trainable_model", "base_answer_model", "generation_settings", "overlong_records",
     "model_summary", "bf16_autocast", "compile_decoder_layers", "training_args", "data_collator", "trainer",
     "resume_checkpoint_dir", "fitted_and_evaluated_trainer", "fit_trainer", "fit_trainer_eval_metrics",

@@ -89,7 +89,7 @@ def test_truncation_is_counted_and_empty_supervision_is_an_error(chat_tokenizer)
     assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 3
     data = Dataset.from_dict({"input_text": ["ok?", QUESTION], "output_text": ["fine", ANSWER], "category": ["a", "b"]})
     with pytest.raises(ValueError, match=r"train_set record 1 \('How would a Stoic.*no answer token"):
-        tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length=n_prompt,
+        tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length_in_use=n_prompt,
                         overlong_policy="error")
 
 
@@ -186,10 +186,10 @@ def test_short_prompts_keep_todays_answer_cut_under_every_policy(chat_tokenizer)
 def test_tokenized_split_drops_or_shortens_and_reports_the_indices(chat_tokenizer):
     data = Dataset.from_dict({"input_text": ["ok?", LONG_QUESTION, "fine?"], "output_text": ["yes", ANSWER, "no"],
                               "category": ["a", "b", "a"], "context": ["[]"] * 3})
-    dropped = tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length=128,
+    dropped = tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length_in_use=128,
                               overlong_policy="drop")
     assert dropped["record_index"] == [0, 2]
-    shortened = tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length=128,
+    shortened = tokenized_split(data, "train_set", chat_tokenizer, CHAT_TEMPLATE, None, max_seq_length_in_use=128,
                                 overlong_policy="truncate_prompt")
     assert shortened["record_index"] == [0, 1, 2] and shortened["prompt_truncated"] == [False, True, False]
     summary = overlong_records(data, data, data, dropped, shortened, shortened, "drop")

@@ -105,6 +105,21 @@ def output_dir_problems(output_dir: str, overwrite: bool) -> list:
     return []
 
 
+def max_new_tokens_problems(base: str, max_new_tokens: int) -> list:
+    """``--max-new-tokens`` against the base model's context window (``lib.context_window``), read without
+    weights; every compared model shares its base's window. Each model's prompts are checked with it before
+    that model answers (``prediction.hold_out_prompt_ids``); none when the base cannot be read (``checked_models``
+    says why)."""
+    from ..lib.context_window import answer_room_problems
+    from ..lib.model_sources import context_window_of, tokenizer_without_weights
+
+    try:
+        window = context_window_of(base, tokenizer_without_weights(base))
+    except ValueError:
+        return []
+    return [Problem(name, line) for name, line in answer_room_problems(window, [], max_new_tokens)]
+
+
 def checked_models(paths: list[str], data_path: Optional[str], base: Optional[str] = None, whole: bool = False,
                    prompt_template: Optional[str] = None) -> tuple[list, Optional[str], list, list]:
     """The models of ``paths`` (``compared_models.model_of``), their base, and, when the first run's hold-out
@@ -195,6 +210,8 @@ def main(argv: list[str]) -> int:
         if args.max_new_tokens is not None:
             settings["max_new_tokens"] = args.max_new_tokens
         problems += hyperparameter_problems(settings)
+        if base is not None and args.max_new_tokens is not None and not problems:
+            problems += max_new_tokens_problems(base, args.max_new_tokens)
         problems += output_dir_problems(args.output_dir, args.overwrite)
         if args.train_data is not None:
             try:

@@ -49,6 +49,7 @@ from .artifacts import (
     TOKENIZER_FILES,
     read_manifest,
 )
+from .context_window import ContextWindow, context_window
 from .inputs import EMBEDDED_MODEL_ID
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,17 @@ def is_encoder_decoder(model_id: str, trust_remote_code: bool = False) -> bool:
     """
     path, kwargs = _source_without_converting(model_id)
     return bool(from_pretrained(AutoConfig, model_id, path, trust_remote_code, **kwargs).is_encoder_decoder)
+
+
+def context_window_of(model_id: str, tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                      trust_remote_code: bool = False) -> ContextWindow:
+    """``model_id``'s context window (``lib.context_window.context_window``: its config's position limit, else
+    ``tokenizer``'s ``model_max_length``), read without loading or converting weights.
+
+    :raises ValueError: its config cannot be read.
+    """
+    path, kwargs = _source_without_converting(model_id)
+    return context_window(from_pretrained(AutoConfig, model_id, path, trust_remote_code, **kwargs), tokenizer)
 
 
 def architecture_mismatch(model_id: str, encoder_decoder: bool) -> str:

@@ -289,14 +289,20 @@ def tokenize_seq2seq_example(
             "prompt_truncated": prompt_truncated}
 
 
-def question_prompt_ids(examples, model, tokenizer: PreTrainedTokenizerBase, prompt_format: str,
-                        max_new_tokens: int) -> list[list[int]]:
+def split_prompt_ids(examples, tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> list[list[int]]:
     """Token ids of each question's whole prompt (``examples``: a split with ``input_text`` and, for
     conversations, ``context``), as generation sees it (its conversation before it included), whatever the
-    ``overlong_policy``: only a prompt longer than the model's context less ``max_new_tokens`` loses its
-    oldest tokens, counted in the log."""
+    ``overlong_policy``."""
     contexts = examples["context"] if "context" in examples.column_names else ["[]"] * len(examples)
-    prompts = [prompt_token_ids(tokenizer, prompt_format, q, c) for q, c in zip(examples["input_text"], contexts)]
+    return [prompt_token_ids(tokenizer, prompt_format, q, c) for q, c in zip(examples["input_text"], contexts)]
+
+
+def question_prompt_ids(examples, model, tokenizer: PreTrainedTokenizerBase, prompt_format: str,
+                        max_new_tokens: int) -> list[list[int]]:
+    """``split_prompt_ids``, where only a prompt longer than the model's context less ``max_new_tokens`` loses
+    its oldest tokens, counted in the log (the dataflow's own generation refuses such prompts instead:
+    ``prediction.hold_out_prompt_ids``)."""
+    prompts = split_prompt_ids(examples, tokenizer, prompt_format)
     context_length = getattr(model.config, "max_position_embeddings", None)
     if context_length and not getattr(model.config, "is_encoder_decoder", False):
         room = max(context_length - max_new_tokens, 1)

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from ..lib.artifacts import MANIFEST_FILE, read_manifest, file_metadata
+from ..lib.context_window import ContextWindow
 from ..lib.distributed import launched_local_rank, launched_processes
 from ..lib.inputs import EMBEDDED_MODEL_ID, raise_hyperparameter_problems
 from ..lib.model_sources import (
@@ -41,6 +42,7 @@ from ..lib.model_sources import (
     quantization_problems,
     refuse_pickle_weights,
     architecture_mismatch,
+    context_window_of,
     is_encoder_decoder,
     resolve_model_path,
 )
@@ -116,6 +118,19 @@ def model_class__causal() -> type:
 def model_class__seq2seq() -> type:
     """The transformers auto class the base model loads with: ``AutoModelForSeq2SeqLM`` (T5, FLAN-T5, BART)."""
     return AutoModelForSeq2SeqLM
+
+
+def model_context_window(base_model_id: str, tokenizer: PreTrainedTokenizerBase,
+                         trust_remote_code: bool = False) -> ContextWindow:
+    """The base model's context window in tokens and where it is stated (``lib.context_window.ContextWindow``):
+    the smallest position limit in its config (``max_position_embeddings``, ``n_positions``...; an
+    encoder-decoder's encoder and decoder each), else ``tokenizer``'s ``model_max_length``. Read from the config
+    alone, no weights loaded: the limits checked against it (``max_seq_length_in_use``, the prompts of
+    ``hold_out_prompt_ids``) need no model loaded, and the preflight asks for it too.
+
+    :raises ValueError: the config cannot be read (``lib.model_sources.from_pretrained``'s line).
+    """
+    return context_window_of(base_model_id, tokenizer, trust_remote_code)
 
 
 def base_model(

@@ -25,17 +25,18 @@ from hamilton.function_modifiers import (
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..lib.context_window import ContextWindow, GenerationPrompt, answer_room_problems
 from ..lib.distributed import sharded_map
 from ..lib.generation import generate_answers
 from ..lib.inputs import raise_hyperparameter_problems
-from ..lib.prompts import question_prompt_ids
+from ..lib.problems import InputProblems, Problem
+from ..lib.prompts import split_prompt_ids
 
 
 def _generations(
-    examples: Dataset,
+    prompts: list[list[int]],
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompt_format: str,
     max_new_tokens: int,
     generation_batch_size: int,
     use_adapter: bool,
@@ -44,12 +45,44 @@ def _generations(
     seed: int,
 ) -> list[dict]:
     raise_hyperparameter_problems(max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size)
-    prompts = question_prompt_ids(examples, model, tokenizer, prompt_format, max_new_tokens)
     adapter_off = model.disable_adapter() if not use_adapter and isinstance(model, PeftModel) else contextlib.nullcontext()
     with adapter_off:
         # With several processes each answers its share of the prompts and all get every answer, in order.
         return sharded_map(prompts, lambda shard: generate_answers(
             model, tokenizer, shard, max_new_tokens, generation_batch_size, description, generation_settings, seed))
+
+
+@parameterize(
+    hold_out_prompt_ids={"examples": source("hold_out_set"), "split_name": value("hold_out_set")},
+    validation_prompt_ids={"examples": source("validation_set"), "split_name": value("validation_set")},
+)
+def generation_prompt_ids(
+    examples: Dataset,
+    split_name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_format: str,
+    model_context_window: ContextWindow,
+    max_new_tokens: int = 160,
+) -> list[list[int]]:
+    """Token ids of each question's whole prompt in the split (``lib.prompts.split_prompt_ids``: its
+    conversation before it included, whatever the ``overlong_policy``), one list per question in split order,
+    checked to leave room for ``max_new_tokens`` in the model's context window: a decoder-only model's longest
+    prompt plus ``max_new_tokens``, an encoder-decoder's prompts and ``max_new_tokens`` each in its own window
+    (``lib.context_window.answer_room_problems``; its module docstring says why refused, not capped).
+
+    :param max_new_tokens: cap on generated tokens per answer.
+    :raises lib.problems.InputProblems: (a ValueError) ``max_new_tokens`` out of range, or too large for the
+        window with the split's longest prompt (the line names the window, where it is stated, and the largest
+        value allowed), or a prompt that alone fills the window; the preflight's lines.
+    """
+    raise_hyperparameter_problems(max_new_tokens=max_new_tokens)
+    prompts = split_prompt_ids(examples, tokenizer, prompt_format)
+    found = [GenerationPrompt(split_name, index, question, len(ids))
+             for index, (question, ids) in enumerate(zip(examples["input_text"], prompts))]
+    problems = answer_room_problems(model_context_window, found, max_new_tokens)
+    if problems:
+        raise InputProblems([Problem(name, line) for name, line in problems])
+    return prompts
 
 
 def generation_settings(
@@ -90,10 +123,9 @@ def generation_settings(
                                      "description": value("base on hold-out")},
 )
 def hold_out_generations(
-    hold_out_set: Dataset,
+    hold_out_prompt_ids: list[list[int]],
     answering_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompt_format: str,
     use_adapter: bool,
     description: str,
     generation_settings: dict,
@@ -101,9 +133,9 @@ def hold_out_generations(
     generation_batch_size: int = 32,
     seed: int = 42,
 ) -> list[dict]:
-    """Answers to each ``hold_out_set`` question (greedy unless ``generation_settings`` sample), of the
-    fine-tuned model or of the base model (``base_answer_model``, its adapter disabled); see
-    ``generate_answers`` for the dict of each answer.
+    """Answers to each ``hold_out_set`` question (its prompt: ``hold_out_prompt_ids``; greedy unless
+    ``generation_settings`` sample), of the fine-tuned model or of the base model (``base_answer_model``, its
+    adapter disabled); see ``generate_answers`` for the dict of each answer.
 
     :param max_new_tokens: cap on generated tokens per answer.
     :param generation_batch_size: questions per batched ``generate`` call; answers are identical at any
@@ -111,7 +143,7 @@ def hold_out_generations(
     :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     return _generations(
-        hold_out_set, answering_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,
+        hold_out_prompt_ids, answering_model, tokenizer, max_new_tokens, generation_batch_size,
         use_adapter, description, generation_settings, seed,
     )
 
@@ -151,21 +183,22 @@ def hold_out_set_predictions(
 @extract_fields({"validation_predictions": list, "validation_references": list})
 def finetuned_model_on_validation_set(
     validation_set: Dataset,
+    validation_prompt_ids: list[list[int]],
     finetuned_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompt_format: str,
     generation_settings: dict,
     max_new_tokens: int = 160,
     generation_batch_size: int = 32,
     seed: int = 42,
 ) -> dict:
-    """Fine-tuned answers (greedy unless ``generation_settings`` sample) on ``validation_set`` and the reference answers (untruncated text).
+    """Fine-tuned answers (greedy unless ``generation_settings`` sample) to the ``validation_set`` questions
+    (their prompts: ``validation_prompt_ids``) and the reference answers (untruncated text).
 
     :return: ``validation_predictions`` and ``validation_references``, lists of strings in split order.
     :raises ValueError: ``max_new_tokens`` or ``generation_batch_size`` out of range (the preflight's lines).
     """
     generations = _generations(
-        validation_set, finetuned_model, tokenizer, prompt_format, max_new_tokens, generation_batch_size,
+        validation_prompt_ids, finetuned_model, tokenizer, max_new_tokens, generation_batch_size,
         True, "fine-tuned on validation", generation_settings, seed,
     )
     return {

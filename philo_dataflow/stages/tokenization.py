@@ -1,5 +1,6 @@
 """Tokenization: the prompt format and the three splits tokenized for causal-LM training, labels masked
-on the prompt (``lib.prompts``), over-long examples shortened or left out by ``overlong_policy``."""
+on the prompt (``lib.prompts``), over-long examples shortened or left out by ``overlong_policy``, within
+``max_seq_length`` capped to the model's context window."""
 
 import logging
 from typing import Optional
@@ -14,6 +15,7 @@ from hamilton.function_modifiers import (
 )
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
+from ..lib.context_window import ContextWindow, capped_max_seq_length
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.problems import capped_lines, listed
 from ..lib.prompts import (
@@ -48,6 +50,21 @@ def prompt_format__base(tokenizer: PreTrainedTokenizerBase, prompt_template_in_u
 def prompt_format__presaved(presaved_manifest: dict) -> str:
     """The prompt format the presaved adapter was trained with, read from its manifest."""
     return presaved_manifest["prompt_format"]
+
+
+def max_seq_length_in_use(model_context_window: ContextWindow, max_seq_length: int = 512) -> int:
+    """``max_seq_length`` capped to the model's context window (``lib.context_window.capped_max_seq_length``;
+    its module docstring says why capped rather than refused), with one warning line when it is capped.
+
+    :param max_seq_length: tokens per training example, prompt included (an encoder-decoder's prompt, and
+        its answer, each).
+    :raises lib.problems.InputProblems: (a ValueError) ``max_seq_length`` out of range.
+    """
+    raise_hyperparameter_problems(max_seq_length=max_seq_length)
+    value, note = capped_max_seq_length(max_seq_length, model_context_window)
+    if note:
+        logger.warning(note)
+    return value
 
 
 def _tokenized(examples: Dataset, split_name: str, tokenize, max_seq_length: int, overlong_policy: str) -> Dataset:
@@ -100,7 +117,7 @@ def tokenized_split__causal(
     tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
     prompt_template_in_use: Optional[str],
-    max_seq_length: int = 512,
+    max_seq_length_in_use: int,
     overlong_policy: str = "truncate_prompt",
 ) -> Dataset:
     """The split tokenized for causal-LM training: columns ``input_ids``, ``attention_mask``, ``labels``
@@ -108,23 +125,24 @@ def tokenized_split__causal(
     (the question was shortened) and ``record_index`` (the example's index in the split; examples left out
     by ``overlong_policy="drop"`` have none).
 
-    :param max_seq_length: tokens per example, prompt included; longer examples follow ``overlong_policy``.
+    :param max_seq_length_in_use: tokens per example, prompt included (``max_seq_length``, capped to the
+        model's window); longer examples follow ``overlong_policy``.
     :param overlong_policy: ``"truncate_prompt"`` (shorten the question so that the answer keeps its share
         of ``max_seq_length``, ``lib.prompts.ANSWER_SHARE``; answers of short prompts are cut to fit),
         ``"drop"`` (leave the example out) or ``"error"`` (cut answers, refuse prompts that leave no room);
         the hold-out generation always sees the whole question.
-    :raises lib.problems.InputProblems: (a ValueError) ``max_seq_length`` or ``overlong_policy`` out of range.
+    :raises lib.problems.InputProblems: (a ValueError) ``overlong_policy`` out of range.
     :raises ValueError: examples have no supervised token, or every example was left out; one line per
         record names the split and the record (the first ``lib.problems.MAX_LISTED_RECORDS``, then how many
         more).
     """
-    raise_hyperparameter_problems(max_seq_length=max_seq_length, overlong_policy=overlong_policy)
+    raise_hyperparameter_problems(overlong_policy=overlong_policy)
 
     def tokenize(instruction: str, response: str, context: str) -> dict:
-        return tokenize_example(tokenizer, prompt_format, instruction, response, max_seq_length, context,
+        return tokenize_example(tokenizer, prompt_format, instruction, response, max_seq_length_in_use, context,
                                 overlong_policy, prompt_template_in_use)
 
-    return _tokenized(examples, split_name, tokenize, max_seq_length, overlong_policy)
+    return _tokenized(examples, split_name, tokenize, max_seq_length_in_use, overlong_policy)
 
 
 @when(architecture="seq2seq")
@@ -139,23 +157,24 @@ def tokenized_split__seq2seq(
     split_name: str,
     tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
-    max_seq_length: int = 512,
+    max_seq_length_in_use: int,
     overlong_policy: str = "truncate_prompt",
 ) -> Dataset:
     """The split tokenized for an encoder-decoder model: ``input_ids``/``attention_mask`` the prompt,
     ``labels`` the answer's tokens (``lib.prompts.tokenize_seq2seq_example``); the other columns and the
     errors are those of ``tokenized_split__causal``.
 
-    :param max_seq_length: tokens of the encoder's prompt, and of the answer, each.
+    :param max_seq_length_in_use: tokens of the encoder's prompt, and of the answer, each (``max_seq_length``,
+        capped to the model's encoder and decoder windows).
     :param overlong_policy: see ``tokenized_split__causal``.
     """
-    raise_hyperparameter_problems(max_seq_length=max_seq_length, overlong_policy=overlong_policy)
+    raise_hyperparameter_problems(overlong_policy=overlong_policy)
 
     def tokenize(instruction: str, response: str, context: str) -> dict:
-        return tokenize_seq2seq_example(tokenizer, prompt_format, instruction, response, max_seq_length, context,
-                                        overlong_policy)
+        return tokenize_seq2seq_example(tokenizer, prompt_format, instruction, response, max_seq_length_in_use,
+                                        context, overlong_policy)
 
-    return _tokenized(examples, split_name, tokenize, max_seq_length, overlong_policy)
+    return _tokenized(examples, split_name, tokenize, max_seq_length_in_use, overlong_policy)
 
 
 @tag(output="final")
@@ -179,17 +198,17 @@ def overlong_records(
 
 
 @tag(output="final")
-def tokenization_stats(tokenized_train: Dataset, tokenized_validation: Dataset, max_seq_length: int = 512) -> dict:
+def tokenization_stats(tokenized_train: Dataset, tokenized_validation: Dataset, max_seq_length_in_use: int) -> dict:
     """Token-length statistics of the train split (only; no hold-out leakage) and truncation counts.
 
-    :return: dict with ``max_seq_length``, ``train_tokens`` (total), ``train_supervised_tokens``,
-        ``train_mean_length``, ``train_max_length`` (tokens per example) and ``truncated_examples``
-        per split.
+    :return: dict with ``max_seq_length`` (the one in use: ``max_seq_length_in_use``), ``train_tokens`` (total),
+        ``train_supervised_tokens``, ``train_mean_length``, ``train_max_length`` (tokens per example) and
+        ``truncated_examples`` per split.
     """
     lengths = [len(ids) for ids in tokenized_train["input_ids"]]
     supervised = sum(sum(1 for label in labels if label != IGNORE_INDEX) for labels in tokenized_train["labels"])
     return {
-        "max_seq_length": max_seq_length,
+        "max_seq_length": max_seq_length_in_use,
         "train_tokens": sum(lengths),
         "train_supervised_tokens": supervised,
         "train_mean_length": sum(lengths) / len(lengths),

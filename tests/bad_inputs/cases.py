@@ -161,6 +161,19 @@ def _output_dir_read_only(env, work):
     return {"data_path": GOOD, "output_dir": str(work / "locked" / "out")}
 
 
+def _questions_above_the_window(env, work):
+    """The good records and three of one more school whose questions (about 1,800 tokens each: 300 different
+    five-digit numbers) are longer than the tiny model's 1,024-token window; the hold-out and validation
+    splits each get one of them."""
+    import random
+
+    rng = random.Random(0)
+    long_rows = [{"instruction": f"Which of these numbers would Diogenes keep, case {i}? "
+                                 + " ".join(str(rng.randint(10_000, 99_999)) for _ in range(300)),
+                  "output": "None of them.", "school": "Cynicism"} for i in range(3)]
+    return {"data_path": _write_jsonl(work / "questions_above_the_window.jsonl", GOOD_ROWS + long_rows)}
+
+
 def _model_without_config(env, work):
     model = work / "model"
     shutil.copytree(env.tiny_model, model)
@@ -381,6 +394,19 @@ CASES = (
          (("good.jsonl: 15 of 15 prompts are max_seq_length=12 tokens or longer",
            "raise max_seq_length (--max-seq-length)"),),
          graph=TOKENIZED, graph_expected=NO_ANSWER_TOKEN),
+    # -- limits checked against the model's context window (the tiny model's max_position_embeddings: 1024)
+    Case("max_new_tokens_above_the_window", _good(max_new_tokens=10**9),
+         (("max_new_tokens=1000000000 (--max-new-tokens): the longest prompt answered, ", " record ",
+           "must fit the model's context window of 1024 tokens (max_position_embeddings in the model's config); "
+           "give max_new_tokens "),), graph=("hold_out_prompt_ids",)),
+    Case("presaved_max_new_tokens_above_the_window", _presaved(lambda adapter: None, max_new_tokens=10**9),
+         (("max_new_tokens=1000000000 (--max-new-tokens)", "context window of 1024 tokens", "give max_new_tokens "),),
+         start="presaved", graph=("validation_prompt_ids",)),
+    Case("question_above_the_window", _questions_above_the_window,
+         ((" record ", "its prompt is ", "which fills the model's context window of 1024 tokens (max_position_"
+           "embeddings in the model's config) and leaves no room for an answer; shorten that question or leave it "
+           "out of the data (--data-path)"),),
+         graph=("hold_out_prompt_ids",), graph_expected="which fills the model's context window of 1024 tokens"),
     Case("overlong_policy_not_a_choice", _good(overlong_policy="truncate"),
          ("overlong_policy='truncate' (--overlong-policy): must be one of ['truncate_prompt', 'drop', 'error']",),
          graph=("tokenized_train",)),
@@ -545,6 +571,7 @@ ACCEPTED = (
     Case("byte_order_mark_inside_joined_jsonl", _bom_joined, ()),
     Case("duplicate_prompts_are_dropped", _with("good_with_duplicates.jsonl"), ()),
     Case("one_mb_answer_is_truncated", _one_mb_answer, ()),
+    Case("max_seq_length_above_the_window_is_capped", _good(max_seq_length=100_000), ()),
     Case("long_prompt_is_shortened_by_default", _with("long_prompt.jsonl"), ()),
     Case("long_prompt_is_dropped", _with("long_prompt.jsonl", overlong_policy="drop"), ()),
     Case("previous_run_with_overwrite", _output_dir_previous_run, (), overwrite=True),

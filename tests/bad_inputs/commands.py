@@ -133,6 +133,11 @@ COMMAND_CASES = (
         "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"), "--overwrite",
         "--output-dir", _locked(work)],
                 (("busy: another run is writing there (pid ", "wait for it to end, or give another --output-dir"),)),
+    CommandCase("compare_max_new_tokens_above_the_window", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
+        "--max-new-tokens", "1000000000", "--output-dir", str(work / "cmp")],
+                (("max_new_tokens=1000000000 (--max-new-tokens)", "context window of 1024 tokens",
+                  "give max_new_tokens "),)),
     CommandCase("compare_bad_max_new_tokens", lambda env, work: [
         "compare", env.adapter, env.other_adapter, "--max-new-tokens", "0",
         "--output-dir", str(work / "cmp")],
