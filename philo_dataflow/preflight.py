@@ -52,7 +52,6 @@ import difflib
 import functools
 import inspect
 import logging
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -64,7 +63,7 @@ import torch
 
 from .dataflow import build_driver, resolved_config
 from .stages import modeling, splitting, training
-from .lib.artifacts import PREVIOUS_RUN_FILES, read_manifest
+from .lib.artifacts import PREVIOUS_RUN_FILES, output_dir_write_problem, read_manifest
 from .lib.context_window import ContextWindow, GenerationPrompt, answer_room_problems, capped_max_seq_length
 from .lib.disk_space import (
     bytes_text,
@@ -127,9 +126,10 @@ def library_defaults() -> dict:
 
 
 def output_dir_problems(output_dir: Any, overwrite: bool = False, presaved_model_dir: Optional[str] = None) -> list:
-    """Problems of the run directory: not a directory, not creatable or not writable, holding another
-    run's files (``PREVIOUS_RUN_FILES``) without ``overwrite``, or being the presaved adapter's own run.
-    Creates nothing."""
+    """Problems of the run directory: not a directory, not creatable or not writable (the filesystem asked by
+    making and removing an empty directory: ``_output_dir_write_problems``), holding another run's files
+    (``PREVIOUS_RUN_FILES``) without ``overwrite``, or being the presaved adapter's own run. Leaves nothing
+    behind."""
     where = f"output_dir={output_dir!r} ({flag('output_dir')})"
     if not isinstance(output_dir, str) or not output_dir.strip():
         return [Problem("output_dir", f"{where}: give the path of the run directory.")]
@@ -144,14 +144,19 @@ def output_dir_problems(output_dir: Any, overwrite: bool = False, presaved_model
         if previous and not overwrite:
             return [Problem("output_dir", f"{where} holds another run's files ({', '.join(previous)}); choose a new "
                                           f"output_dir or pass overwrite ({flag('overwrite')}).")]
-        existing = path
     else:
         existing = next(parent for parent in path.absolute().parents if parent.exists())
         if not existing.is_dir():
             return [Problem("output_dir", f"{where} cannot be created: {existing} is a file; give a directory path.")]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [Problem("output_dir", f"{where}: {existing} is not writable; choose a directory you can write to.")]
-    return []
+    return _output_dir_write_problems(output_dir, where)
+
+
+def _output_dir_write_problems(output_dir: str, where: str) -> list:
+    """What the filesystem says when a directory is made in ``output_dir`` (or where it would be created) and
+    removed again (``lib.artifacts.output_dir_write_problem``): permission denied, a read-only or a virtual
+    filesystem (``/proc``), each with its own advice; the permission bits alone tell root nothing."""
+    problem = output_dir_write_problem(output_dir, where)
+    return [Problem("output_dir", problem)] if problem else []
 
 
 def _sparse_category_problems(raw_records: list, found: NormalisedPairs, data_path: str,

@@ -18,12 +18,11 @@ the command line is reported before anything is loaded or written (exit status 2
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from ..lib.artifacts import COMPARISON_FILE, COMPARISON_FILES, output_dir_lock
+from ..lib.artifacts import COMPARISON_FILE, COMPARISON_FILES, output_dir_lock, output_dir_write_problem
 from ..lib.inputs import BY_NAME, DEFAULTS, JUDGE_INPUTS, hyperparameter_problems
 from ..lib.problems import InputProblems, Problem
 from .common import configure_logging
@@ -97,8 +96,9 @@ def output_dir_problems(output_dir: str, overwrite: bool) -> list:
         existing = existing.parent
     if not existing.is_dir():
         return [Problem("output_dir", f"{where}: cannot be created, {existing} is a file; give another directory.")]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [Problem("output_dir", f"{where}: {existing} is not writable; give a directory you can write to.")]
+    unwritable = output_dir_write_problem(output_dir, where)  # permissions, read-only and virtual filesystems
+    if unwritable:
+        return [Problem("output_dir", unwritable)]
     if path.is_dir() and any(path.iterdir()) and not (path / COMPARISON_FILE).is_file() and not overwrite:
         return [Problem("output_dir", f"{where}: holds other files and no previous {COMPARISON_FILE}; "
                                       "give an empty or new directory, or pass --overwrite.")]

@@ -3,6 +3,7 @@ reader of an adapter's manifest, atomic writing (by the main process only, when 
 run left complete. Imports ``distributed`` and ``disk_space`` only."""
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -224,6 +225,45 @@ def read_manifest(presaved_model_dir: str) -> dict:
     return manifest
 
 
+def output_dir_error(error: OSError, place: Path, where: str) -> str:
+    """One line for an ``OSError`` met creating or writing an output directory: ``where`` (the directory and its
+    flag, e.g. ``"--output-dir /proc/out"``), what the filesystem said of ``place`` (the directory it was
+    created or written in), and what to do, by ``error.errno``."""
+    code = error.errno
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"{where}: cannot be created or written in {place} (permission denied); choose a directory you can "
+                "write to.")
+    if code == errno.EROFS:
+        return f"{where}: {place} is on a read-only filesystem; give a directory on a writable disk."
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return f"{where}: {place} is a file, not a directory; give a directory path."
+    if code == errno.ENOENT:
+        return (f"{where}: cannot be created in {place}, which takes no new directories (a virtual filesystem such "
+                "as /proc or /sys); give a directory on a disk you can write to.")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: no space left on the disk of {place}; free some space or give a directory on another disk."
+    if code == errno.ENAMETOOLONG:
+        return f"{where}: the path is too long for the filesystem; give a shorter one."
+    reason = error.strerror or type(error).__name__
+    return f"{where}: cannot be created or written in {place} ({reason}); give another directory."
+
+
+def output_dir_write_problem(output_dir: str, where: str) -> Optional[str]:
+    """Why ``output_dir`` cannot be created, or written when it exists, found by making and removing an empty
+    directory in it (or in its nearest existing parent): permission bits say nothing to root, nor of a
+    read-only or virtual filesystem (``/proc``). Leaves nothing behind; ``output_dir_error``'s line, or None."""
+    path = Path(output_dir).absolute()
+    place = path if path.exists() else next((parent for parent in path.parents if parent.exists()), Path(path.anchor))
+    if not place.is_dir():
+        return output_dir_error(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), place, where)
+    try:
+        probe = tempfile.mkdtemp(prefix=".philo_dataflow-probe-", dir=place)
+    except OSError as error:
+        return output_dir_error(error, place, where)
+    os.rmdir(probe)
+    return None
+
+
 def output_dir_lock_holder(output_dir: str) -> Optional[str]:
     """Who holds ``output_dir_lock`` on ``output_dir``: ``"pid N: command line"`` read from the kernel's lock
     table (``/proc/locks``, Linux) and ``/proc/N/cmdline``; None when nobody does (or it cannot be told)."""
@@ -253,10 +293,15 @@ def output_dir_lock(output_dir: str, flag: str = "--output-dir"):
     the lock when its process ends, killed or not: no lock file is written, so none is ever stale.
 
     :raises ValueError: another process holds the lock (one line naming ``flag`` and the holder,
-        ``output_dir_lock_holder``).
+        ``output_dir_lock_holder``); the directory cannot be created or opened (``output_dir_error``'s line).
     """
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(output_dir, os.O_RDONLY)
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(output_dir, os.O_RDONLY)
+    except OSError as error:
+        failed = Path(error.filename) if error.filename else Path(output_dir)
+        place = failed if error.errno == errno.EEXIST else failed.parent  # EEXIST: a file stands there
+        raise ValueError(output_dir_error(error, place, f"{flag} {output_dir}")) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

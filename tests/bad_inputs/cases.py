@@ -505,7 +505,14 @@ CASES = (
     Case("output_dir_holds_another_run", _output_dir_previous_run,
          ("holds another run's files (metrics.json); choose a new output_dir or pass overwrite (--overwrite)",)),
     Case("output_dir_under_a_file", _output_dir_under_file, (("cannot be created:", "plain_file is a file"),)),
-    Case("output_dir_not_writable", _output_dir_read_only, ("locked is not writable",), needs_non_root=True),
+    Case("output_dir_not_writable", _output_dir_read_only,
+         ("locked (permission denied); choose a directory you can write to",), needs_non_root=True),
+    # /proc takes no new directories, even from root (the kernel says ENOENT; to others, EACCES)
+    Case("output_dir_on_a_virtual_filesystem", _good(output_dir="/proc/philo_dataflow_out"),
+         (("output_dir='/proc/philo_dataflow_out' (--output-dir): ", "/proc", "a directory", "you can write to"),)),
+    # /sys refuses root too (EPERM)
+    Case("output_dir_in_sysfs", _good(output_dir="/sys/philo_dataflow_out/run"),
+         (("output_dir='/sys/philo_dataflow_out/run' (--output-dir): ", "/sys", "choose a directory you can write to"),)),
     Case("output_dir_filesystem_too_small", _output_dir_on_a_small_filesystem,
          (("(--output-dir): the run will write about", "2 checkpoints of 3.7 MB at the peak, the adapter 3.6 MB, the "
            "report page", "but its filesystem has 3,145,728 bytes (3.1 MB) free; free space there, or give an "

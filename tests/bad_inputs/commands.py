@@ -133,6 +133,13 @@ COMMAND_CASES = (
         "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"), "--overwrite",
         "--output-dir", _locked(work)],
                 (("busy: another run is writing there (pid ", "wait for it to end, or give another --output-dir"),)),
+    CommandCase("export_output_dir_on_a_virtual_filesystem", lambda env, work: [
+        "export", "--model-dir", env.adapter, "--no-gguf", "--output-dir", "/proc/philo_dataflow_out"],
+                (("output_dir='/proc/philo_dataflow_out' (--output-dir): ", "/proc", "you can write to"),)),
+    CommandCase("compare_output_dir_on_a_virtual_filesystem", lambda env, work: [
+        "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
+        "--output-dir", "/proc/philo_dataflow_out"],
+                (("--output-dir /proc/philo_dataflow_out: ", "/proc", "you can write to"),)),
     CommandCase("compare_max_new_tokens_above_the_window", lambda env, work: [
         "compare", env.tiny_model, "--base", env.tiny_model, "--data-path", data("good.jsonl"),
         "--max-new-tokens", "1000000000", "--output-dir", str(work / "cmp")],
