@@ -52,6 +52,7 @@ def _judged_run(output_dir: Path, rows: list[dict], **judge_inputs) -> dict:
         "model_summary": {"trainable_parameters": 1, "total_parameters": 2}, "tokenization_stats": {},
         "split_summary": {"hold_out_set": {"total": len(rows), "per_category": {}}},
         "generation_settings": dict(GREEDY), "overlong_records": {"policy": "truncate_prompt"},
+        "records_left_out": {"records": len(rows), "examples": len(rows), "reasons": {}},
         "training_log_history": [], "run_manifest": {"inputs": {"model_id": "tiny"}},
     })
 
