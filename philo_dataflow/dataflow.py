@@ -37,7 +37,7 @@ from .stages import (
     training,
 )
 from .lib.artifacts import read_manifest
-from .lib.caching import DataResultStore, cache_path
+from .lib.caching import DataResultStore, InterruptsPassTheCache, cache_path
 from .lib.inputs import ARCHITECTURES, EMBEDDED_MODEL_ID, FINETUNING_METHODS, START_MODES
 from .lib.model_sources import is_encoder_decoder
 from .lib.switches import SWITCH_DEFAULTS
@@ -74,7 +74,8 @@ def build_driver(
         ``@cache(behavior="recompute")``) and every node that writes one (tagged ``output`` other than
         ``"final"``) always run; models, Trainers and tokenizers are never stored, only fingerprinted, and
         are rebuilt. None (the default) runs without a cache. Single-process only: the ranks of a
-        multi-process run must all run the same nodes.
+        multi-process run must all run the same nodes. An interrupt (Ctrl-C, ``lib.stopping.StopRequested``)
+        leaves a node as raised (``lib.caching.InterruptsPassTheCache``).
     :raises ValueError: a config value not among its choices; a config key that names a model or adapter
         (``MODEL_SOURCE_KEYS``: pass the config through ``resolved_config``).
     """
@@ -83,7 +84,9 @@ def build_driver(
     if cache_dir is not None:
         path = cache_path(cache_dir)
         writers = [name for name, value in _tagged_outputs() if value != "final"]
-        builder = builder.with_cache(path=path, result_store=DataResultStore(str(path)), recompute=writers)
+        # The interrupt adapter goes first: Hamilton calls the adapters' hooks in order.
+        builder = builder.with_adapters(InterruptsPassTheCache()).with_cache(
+            path=path, result_store=DataResultStore(str(path)), recompute=writers)
     if adapters:
         builder = builder.with_adapters(*adapters)
     return builder.build()

@@ -1,5 +1,6 @@
 """Several processes (torchrun): ``run.py`` under ``torch.distributed.run --nproc-per-node 2`` on the CPU
-(gloo) against one process at the same global batch, and the sharded generation gathered in order.
+(gloo) against one process at the same global batch, the sharded generation gathered in order, and a stop
+signal to one process stopping both at the same step.
 
 The two runs train the tiny Llama of ``conftest.py`` for 6 optimizer steps of 4 examples, 2 processes x 2
 examples against 1 process x 4, on 24 training examples: one epoch of full batches (at an epoch's end
@@ -17,6 +18,7 @@ ones (5.41 against 10.81).
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -38,7 +40,9 @@ SUMMARY_LINE = "philo_dataflow finished in"
 
 
 def _environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONPATH: a script written elsewhere (a hook) imports this checkout's package, as run.py does.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO)}
 
 
 def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,7 +54,7 @@ def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir) -> dict:
     """The same run in two processes (2 examples each) and in one (4 examples): ``{"ddp": ..., "single": ...}``,
-    each ``{"out": Path, "process": CompletedProcess}``."""
+    each ``{"out": Path, "process": CompletedProcess}``, and ``"flags"``, the flags both share."""
     work = tmp_path_factory.mktemp("distributed")
     data = example_subset(work / "data.jsonl", 12, ("Stoicism", "Taoism", "Hedonism"))
     common = ["--model-id", tiny_model_dir, "--data-path", data, "--no-graph", "--max-steps", "6",
@@ -62,7 +66,8 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict:
     single = subprocess.run([sys.executable, str(REPO / "run.py"), *common, "--per-device-train-batch-size", "4",
                              "--no-cache", "--output-dir", str(work / "single")],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=_environment())
-    return {"ddp": {"out": work / "ddp", "process": ddp}, "single": {"out": work / "single", "process": single}}
+    return {"ddp": {"out": work / "ddp", "process": ddp}, "single": {"out": work / "single", "process": single},
+            "flags": common}
 
 
 def _listing(out: Path) -> list:
@@ -117,6 +122,52 @@ def test_two_processes_train_as_one_at_the_same_global_batch(runs):
     assert max(abs(a - b) for a, b in zip(losses, losses_single)) <= FIRST_TRAIN_LOSS_TOLERANCE, (losses, losses_single)
     loss, loss_single = _metrics(ddp)["validation"]["eval_loss"], _metrics(single)["validation"]["eval_loss"]
     assert abs(loss - loss_single) <= VALIDATION_LOSS_TOLERANCE, (loss, loss_single)
+
+
+#: run.py, sending SIGTERM to the second process only, in its second optimizer step.
+SIGNAL_ONE_PROCESS = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def training_step_that_signals(self, *args, **kwargs):
+        if self.state.global_step == 1 and os.environ["RANK"] == "1" and not getattr(self, "signalled", False):
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, *args, **kwargs)
+
+    Trainer.training_step = training_step_that_signals
+    from philo_dataflow import cli
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_a_signal_to_one_process_stops_both_at_its_step_and_resuming_gives_the_same_adapter(runs, tmp_path):
+    """Each process handles the signal the launcher passes on (torchrun sends it to every one); here only the
+    second gets it, and the first, which did not, stops at the same step (``lib.trainer.StopAtSignal``:
+    they agree at each step's end), saves the checkpoint and prints the one line. Relaunched with the
+    arguments it names, the run ends with the uninterrupted two-process run's adapter, byte for byte."""
+    script = tmp_path / "signal_one_process.py"
+    script.write_text(SIGNAL_ONE_PROCESS)
+    out = tmp_path / "stopped"
+    stopped = _torchrun(str(script), *runs["flags"], "--per-device-train-batch-size", "2", "--output-dir", str(out))
+    assert stopped.returncode != 0
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    announced = (f"philo-dataflow: stopped by SIGTERM; the checkpoint of step 2 is saved in {checkpoint}; resume with "
+                 "your launcher's command (torchrun, accelerate launch) as before, its arguments now: ")
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("philo-dataflow: stopped by")]
+    assert len(lines) == 1 and lines[0].startswith(announced), stopped.stderr[-3000:]
+    assert "exitcode  : 143" in stopped.stderr  # the first process's status: 128 + SIGTERM
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (out / ADAPTER_DIR).exists()
+
+    arguments = shlex.split(lines[0][len(announced):])
+    assert arguments[0] == str(script) and arguments[-2:] == ["--resume-from-checkpoint", "last"]
+    resumed = _torchrun(*arguments)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights = [(run / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() for run in (out, runs["ddp"]["out"])]
+    assert weights[0] == weights[1]
 
 
 SHARDED_GENERATION = textwrap.dedent("""

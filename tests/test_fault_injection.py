@@ -1,13 +1,21 @@
-"""Fault injection: training SIGKILLed in the middle of an epoch resumes to the same result; a judge
-server SIGKILLed mid-run loses no judgment it made, and a re-run asks only for the missing ones; an error
-while saving (a full disk) leaves the previous outputs byte-identical and no temporary file behind; a full
-disk, real (a small tmpfs) or injected at each write point, is one line naming the file and the bytes, with
-what was complete kept and named."""
+"""Fault injection: training SIGKILLed in the middle of an epoch resumes to the same result; training stopped
+by SIGTERM or SIGINT saves a checkpoint at that step, prints one line with the command that resumes it, and
+that command ends with the same adapter, byte for byte; a judge server SIGKILLed mid-run loses no judgment it
+made, and a re-run asks only for the missing ones; an error while saving (a full disk) leaves the previous
+outputs byte-identical and no temporary file behind; a full disk, real (a small tmpfs) or injected at
+each write point, is one line naming the file and the bytes, with what was complete kept and named.
+
+The stop signals are tested here, not in the bad-input corpus (``tests/bad_inputs``): a corpus case is a
+command that is refused before it starts (exit status 2, ``error:`` lines, nothing written), while a stop
+comes in the middle of a run, which writes a checkpoint, exits with 128 + the signal's number and prints a
+line that is no error; what it must leave behind, and that its resume command gives the uninterrupted
+result, are the questions of this module."""
 
 import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,41 +30,82 @@ from judge_servers import JudgeServerProcess
 
 import philo_dataflow
 from philo_dataflow import cli
-from philo_dataflow.stages import saving
-from philo_dataflow.lib import artifacts
+from philo_dataflow.cli import job
+from philo_dataflow.stages import loading, saving
+from philo_dataflow.lib import artifacts, stopping
 from philo_dataflow.lib.disk_space import NoSpaceLeft
 from philo_dataflow.lib.gguf_export import GGUFConversionError
 from philo_dataflow.lib.judge_protocol import PAIR_ORDERS
-from philo_dataflow.testing import tree
+from philo_dataflow.testing import example_subset, tree
 from philo_dataflow.stages.training import resume_checkpoint_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# --- training killed mid-epoch -------------------------------------------------------------------
+# --- training killed mid-epoch, or stopped by a signal ----------------------------------------------
 
-#: run.py, with two hooks: it stops for good while checkpoint-$HANG_AT_STEP is being saved (its adapter,
-#: optimizer and scheduler written, its RNG and trainer state not yet) so the test can SIGKILL it there,
-#: and it records the checkpoint ``Trainer.train`` is asked to resume from in $RESUMED_FROM.
+#: run.py with hooks, each turned on by an environment variable. It is run from a file (``hooked_run``), so
+#: the command a stopped run prints to resume it can be run as printed.
+#: - HANG_AT_STEP: it stops for good while checkpoint-$HANG_AT_STEP is being saved (its adapter, optimizer
+#:   and scheduler written, its RNG and trainer state not yet) and writes $HANG_MARKER, so the test can
+#:   SIGKILL it there;
+#: - SIGNAL_AFTER_STEP: in the optimizer step after that one it sends itself SIGTERM (so the signal comes at
+#:   the same point every time) and, with $HANG_MARKER set, then hangs in that step, for a second signal;
+#: - SIGNAL_WHILE_SAVING_ADAPTER: it sends itself that signal (SIGINT...) while ``save_best_models`` writes
+#:   the tokenizer into the adapter directory it is building;
+#: - SCRIPTED_EVAL_LOSS: JSON ``{step: loss}``, the validation loss the evaluations during training report
+#:   at those steps (to steer early stopping and the best checkpoint);
+#: - RESUMED_FROM: it records there the checkpoint ``Trainer.train`` is asked to resume from.
+#: SIGINT is handled as in a terminal even where the test runner was started ignoring it (``&`` in a script),
+#: which the child would inherit.
 _HOOKED_RUN = """
-import os, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
-from transformers import Trainer
+from transformers import PreTrainedTokenizerBase, Trainer
 
-hang_at = int(os.environ.get("HANG_AT_STEP", "0"))
-save_rng_state, train = Trainer._save_rng_state, Trainer.train
+signal.signal(signal.SIGINT, signal.default_int_handler)
+hang_at = int(os.environ.get("HANG_AT_STEP", "-1"))
+signal_after = int(os.environ.get("SIGNAL_AFTER_STEP", "-1"))
+signal_while_saving = os.environ.get("SIGNAL_WHILE_SAVING_ADAPTER")
+scripted = {int(step): loss for step, loss in json.loads(os.environ.get("SCRIPTED_EVAL_LOSS", "{}")).items()}
+save_rng_state, train, training_step = Trainer._save_rng_state, Trainer.train, Trainer.training_step
+evaluation_loop, save_tokenizer = Trainer.evaluation_loop, PreTrainedTokenizerBase.save_pretrained
+
+def hang(marker_text):
+    Path(os.environ["HANG_MARKER"]).write_text(marker_text)
+    time.sleep(600)
 
 def save_rng_state_or_hang(self, output_dir):
     if self.state.global_step == hang_at:
-        Path(os.environ["HANG_MARKER"]).write_text(output_dir)
-        time.sleep(600)
+        hang(output_dir)
     return save_rng_state(self, output_dir)
 
 def recorded_train(self, resume_from_checkpoint=None, **kwargs):
     Path(os.environ["RESUMED_FROM"]).write_text(str(resume_from_checkpoint))
     return train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+def training_step_that_signals(self, *args, **kwargs):
+    if self.state.global_step == signal_after and not getattr(self, "signalled", False):
+        self.signalled = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        if "HANG_MARKER" in os.environ:
+            hang(str(signal_after + 1))
+    return training_step(self, *args, **kwargs)
+
+def scripted_evaluation_loop(self, *args, **kwargs):
+    output = evaluation_loop(self, *args, **kwargs)
+    if self.is_in_train and self.state.global_step in scripted:
+        output.metrics["eval_loss"] = scripted[self.state.global_step]
+    return output
+
+def save_tokenizer_signalling(self, save_directory, *args, **kwargs):
+    if signal_while_saving and Path(save_directory).name.startswith(".adapter."):
+        os.kill(os.getpid(), getattr(signal, signal_while_saving))
+    return save_tokenizer(self, save_directory, *args, **kwargs)
+
 Trainer._save_rng_state, Trainer.train = save_rng_state_or_hang, recorded_train
+Trainer.training_step, Trainer.evaluation_loop = training_step_that_signals, scripted_evaluation_loop
+PreTrainedTokenizerBase.save_pretrained = save_tokenizer_signalling
 from philo_dataflow import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -67,28 +116,72 @@ sys.exit(cli.main(sys.argv[1:]))
 #: repeats the uninterrupted run's arithmetic: the measured difference is 0.0 (bitwise equal). The
 #: tolerance leaves room for another BLAS build only; resuming without the optimizer state moved it by 5e-3.
 RESUME_LOSS_TOLERANCE = 1e-6
-#: 18 train examples at batch 2: 9 optimizer steps in the epoch; a checkpoint every 2 steps.
+#: 18 train examples at batch 2: 9 optimizer steps in the epoch; a checkpoint every 2 steps. No cache: every
+#: run trains (the runs differ in their output directories only, which the cache's keys leave out).
 _TRAIN_FLAGS = (
     "--num-train-epochs", "1", "--per-device-train-batch-size", "2", "--eval-steps", "2", "--logging-steps", "1",
     "--learning-rate", "1e-2", "--max-seq-length", "256", "--max-new-tokens", "4", "--validation-fraction", "0.2",
-    "--hold-out-fraction", "0.2", "--no-graph",
+    "--hold-out-fraction", "0.2", "--no-graph", "--no-cache",
 )
 _KILL_AT_STEP = 6
+#: The step in which the stop signal comes: the run stops at its end, after step 5, which saves no
+#: checkpoint of its own, in the middle of the epoch.
+_SIGNAL_AFTER_STEP = 4
+#: The runs the stop is tested in: name -> (flags, the validation losses scripted, and the uninterrupted run's
+#: last step and kept checkpoint).
+#: - "evaluation per epoch", the default (no --eval-steps): one evaluation and checkpoint, at the epoch's end.
+#:   Were the step the run stopped at evaluated (the Trainer asks for it when it ends the epoch it broke
+#:   off), its scripted loss would make it the best checkpoint.
+#: - "early stopping", an evaluation and checkpoint every 2 steps: early stopping (patience 2) ends the
+#:   uninterrupted run at step 6, its count of evaluations without improvement begun before the stop (step 4)
+#:   and ended after it. Without that count the resumed run trains on, and step 8's loss makes it keep
+#:   another checkpoint.
+_STOP_SCENARIOS = {
+    "evaluation per epoch": (_TRAIN_FLAGS[:_TRAIN_FLAGS.index("--eval-steps")]
+                             + _TRAIN_FLAGS[_TRAIN_FLAGS.index("--eval-steps") + 2:], {"5": 0.1}, (9, "checkpoint-9")),
+    "early stopping": (_TRAIN_FLAGS, {"2": 1.0, "4": 1.1, "6": 1.2, "8": 0.5}, (6, "checkpoint-2")),
+}
 
 
-def _start_run(output_dir: Path, model_dir: str, data: str, work: Path, *extra: str, **env: str) -> subprocess.Popen:
-    command = [sys.executable, "-c", _HOOKED_RUN, "--model-id", model_dir, "--data-path", data,
-               "--output-dir", str(output_dir), *_TRAIN_FLAGS, *extra]
-    log = open(work / f"{output_dir.name}-{time.monotonic_ns()}.log", "w")  # a pipe could fill and block it
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "RESUMED_FROM": str(work / f"{output_dir.name}.resumed"), **env}
+@pytest.fixture(scope="module")
+def hooked_run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hook") / "hooked_run.py"
+    path.write_text(_HOOKED_RUN)
+    return path
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory) -> str:
+    """30 alpaca records from the example data (three schools), as ``small_jsonl`` holds them."""
+    return example_subset(tmp_path_factory.mktemp("data") / "small.jsonl", 10, ("Stoicism", "Taoism", "Hedonism"))
+
+
+def _run_command(hook: Path, output_dir: Path, model_dir: str, data: str, *extra: str, flags=_TRAIN_FLAGS) -> list:
+    return [sys.executable, str(hook), "--model-id", model_dir, "--data-path", data, "--output-dir", str(output_dir),
+            *flags, *extra]
+
+
+def _start(command: list, output_dir: Path, work: Path, **env: str) -> subprocess.Popen:
+    """``command`` started with the checkout importable (the hook file lies elsewhere), its output to a log
+    file (a pipe could fill and block it)."""
+    log = open(work / f"{output_dir.name}-{time.monotonic_ns()}.log", "w")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                   "RESUMED_FROM": str(work / f"{output_dir.name}.resumed"), **env}
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environment)
     process.log_path = Path(log.name)
     log.close()
     return process
 
 
-def _finished(process: subprocess.Popen) -> None:
-    assert process.wait(timeout=300) == 0, process.log_path.read_text()[-3000:]
+def _start_run(hook: Path, output_dir: Path, model_dir: str, data: str, work: Path, *extra: str,
+               **env: str) -> subprocess.Popen:
+    return _start(_run_command(hook, output_dir, model_dir, data, *extra), output_dir, work, **env)
+
+
+def _finished(process: subprocess.Popen, status: int = 0) -> str:
+    """The process's output, once it has ended with ``status``."""
+    assert process.wait(timeout=300) == status, process.log_path.read_text()[-3000:]
+    return process.log_path.read_text()
 
 
 def _losses(output_dir: Path) -> list:
@@ -96,11 +189,25 @@ def _losses(output_dir: Path) -> list:
     return [(e["step"], e.get("loss"), e.get("eval_loss")) for e in history if "loss" in e or "eval_loss" in e]
 
 
-def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, small_jsonl):
+def _assert_same_losses(resumed: Path, uninterrupted: Path) -> None:
+    """Every logged training and validation loss of the two runs at the same steps, within
+    ``RESUME_LOSS_TOLERANCE``."""
+    resumed_curve, reference_curve = _losses(resumed), _losses(uninterrupted)
+    assert [entry[0] for entry in resumed_curve] == [entry[0] for entry in reference_curve]
+    for (_, *got), (_, *expected) in zip(resumed_curve, reference_curve):
+        assert got == pytest.approx(expected, abs=RESUME_LOSS_TOLERANCE)
+
+
+def _adapter_weights(output_dir: Path) -> bytes:
+    return (output_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, hooked_run, tiny_model_dir,
+                                                                       training_data):
     killed, uninterrupted = tmp_path / "killed", tmp_path / "uninterrupted"
     marker = tmp_path / "hanging"
-    process = _start_run(killed, tiny_model_dir, small_jsonl, tmp_path, HANG_AT_STEP=str(_KILL_AT_STEP),
-                         HANG_MARKER=str(marker))
+    process = _start_run(hooked_run, killed, tiny_model_dir, training_data, tmp_path,
+                         HANG_AT_STEP=str(_KILL_AT_STEP), HANG_MARKER=str(marker))
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
@@ -126,22 +233,179 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path,
     with pytest.raises(ValueError, match="stopped while saving it"):
         resume_checkpoint_dir(str(killed), str(cut_off))
 
-    resumed = _start_run(killed, tiny_model_dir, small_jsonl, tmp_path, "--resume-from-checkpoint", "last")
+    resumed = _start_run(hooked_run, killed, tiny_model_dir, training_data, tmp_path,
+                         "--resume-from-checkpoint", "last")
     _finished(resumed)
     assert (tmp_path / "killed.resumed").read_text() == str(checkpoints / "checkpoint-4")  # the newest complete one
-    _finished(_start_run(uninterrupted, tiny_model_dir, small_jsonl, tmp_path))
+    _finished(_start_run(hooked_run, uninterrupted, tiny_model_dir, training_data, tmp_path))
     assert (tmp_path / "uninterrupted.resumed").read_text() == "None"
 
     final = {d: json.loads((d / "metrics.json").read_text())["validation"] for d in (killed, uninterrupted)}
     assert final[killed]["global_step"] == final[uninterrupted]["global_step"] == 9
     assert abs(final[killed]["eval_loss"] - final[uninterrupted]["eval_loss"]) <= RESUME_LOSS_TOLERANCE
-    resumed_curve, reference_curve = _losses(killed), _losses(uninterrupted)
-    assert [entry[0] for entry in resumed_curve] == [entry[0] for entry in reference_curve]
-    for (_, *got), (_, *expected) in zip(resumed_curve, reference_curve):
-        assert got == pytest.approx(expected, abs=RESUME_LOSS_TOLERANCE)
-    first_train_loss = reference_curve[0][1]
+    _assert_same_losses(killed, uninterrupted)
+    first_train_loss = _losses(uninterrupted)[0][1]
     assert first_train_loss - final[uninterrupted]["eval_loss"] > 1e-3, "the loss must move for the comparison to mean anything"
     assert (killed / "hold_out_predictions.jsonl").read_text() == (uninterrupted / "hold_out_predictions.jsonl").read_text()
+
+
+def _stop_lines(output: str) -> list:
+    return [line for line in output.splitlines() if line.startswith("philo-dataflow: stopped by")]
+
+
+@pytest.mark.parametrize("scenario", list(_STOP_SCENARIOS))
+def test_sigterm_mid_training_saves_a_checkpoint_and_its_resume_command_gives_the_same_adapter(
+        scenario, tmp_path, hooked_run, tiny_model_dir, training_data):
+    """The acceptance test of a clean stop: SIGTERM in the middle of training, then the command it prints,
+    end with the adapter an uninterrupted run saves, byte for byte (``_STOP_SCENARIOS``)."""
+    flags, losses, (last_step, kept) = _STOP_SCENARIOS[scenario]
+    scripted = {"SCRIPTED_EVAL_LOSS": json.dumps(losses)}
+    uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
+    _finished(_start(_run_command(hooked_run, uninterrupted, tiny_model_dir, training_data, flags=flags),
+                     uninterrupted, tmp_path, **scripted))
+    command = _run_command(hooked_run, stopped, tiny_model_dir, training_data, flags=flags)
+    output = _finished(_start(command, stopped, tmp_path, SIGNAL_AFTER_STEP=str(_SIGNAL_AFTER_STEP), **scripted),
+                       128 + signal.SIGTERM)
+
+    step = _SIGNAL_AFTER_STEP + 1
+    checkpoint = stopped / "checkpoints" / f"checkpoint-{step}"
+    resume = [*command, "--resume-from-checkpoint", "last"]
+    assert _stop_lines(output) == [f"philo-dataflow: stopped by SIGTERM; the checkpoint of step {step} is saved in "
+                                   f"{checkpoint}; resume with: {shlex.join(resume)}"]
+    assert "SIGTERM received: stopping once this training step ends and its checkpoint is saved" in output
+    assert "Traceback" not in output
+    # The checkpoint of the step the signal came in, complete, beside the best one; nothing else written.
+    assert sorted(p.name for p in stopped.iterdir()) == ["checkpoints"]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == step and state["epoch"] < 1
+    assert not [entry for entry in state["log_history"] if entry["step"] == step and "eval_loss" in entry]
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert (checkpoint / name).stat().st_size > 0, name
+    if scenario == "early stopping":
+        assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["checkpoint-2", checkpoint.name]
+        assert state["best_model_checkpoint"] == str(stopped / "checkpoints" / "checkpoint-2")
+        early_stopping = state["stateful_callbacks"]["EarlyStoppingCallback"]
+        assert early_stopping["attributes"]["early_stopping_patience_counter"] == 1
+    else:
+        assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == [checkpoint.name]
+
+    environment = {"RESUMED_FROM": str(tmp_path / "resumed"), **scripted}
+    printed = _stop_lines(output)[0].split("resume with: ", 1)[1]
+    _finished(_start(shlex.split(printed), stopped, tmp_path, **environment))
+    assert (tmp_path / "resumed").read_text() == str(checkpoint)
+
+    assert _adapter_weights(stopped) == _adapter_weights(uninterrupted)
+    final = {d: json.loads((d / "metrics.json").read_text())["validation"] for d in (stopped, uninterrupted)}
+    for run in final.values():
+        assert (run["global_step"], Path(run["best_model_checkpoint"]).name) == (last_step, kept)
+    assert final[stopped]["eval_loss"] == pytest.approx(final[uninterrupted]["eval_loss"], abs=RESUME_LOSS_TOLERANCE)
+    _assert_same_losses(stopped, uninterrupted)
+    if scenario == "evaluation per epoch":  # the kept checkpoint was trained after the resume: the bytes test that
+        first_train_loss = _losses(uninterrupted)[0][1]
+        assert first_train_loss - final[uninterrupted]["eval_loss"] > 1e-3, "the loss must move"
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, hooked_run, tiny_model_dir, training_data):
+    stopped, marker = tmp_path / "stopped", tmp_path / "hanging"
+    process = _start_run(hooked_run, stopped, tiny_model_dir, training_data, tmp_path, SIGNAL_AFTER_STEP="2",
+                         HANG_MARKER=str(marker))
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():  # the first SIGTERM came in step 3, which now hangs
+            assert process.poll() is None, process.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the step to be signalled in"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGTERM  # ended by the signal itself: 143 to a shell
+    output = process.log_path.read_text()
+    assert "SIGTERM received: stopping once this training step ends" in output and _stop_lines(output) == []
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_sigint_while_saving_the_adapter_finishes_it_and_resuming_trains_no_step_more(tmp_path, hooked_run,
+                                                                                      tiny_model_dir, training_data):
+    """A signal outside training stops the run at once, but not in the middle of writing an output: the
+    adapter directory being built is finished and swapped in first. Training had ended, at ``--max-steps 7``,
+    inside the epoch: resumed from that step's checkpoint, the run takes no step more
+    (``lib.trainer.ResumableTrainer``) and ends as the uninterrupted one."""
+    flags = (*_TRAIN_FLAGS, "--max-steps", "7")
+    uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
+    _finished(_start(_run_command(hooked_run, uninterrupted, tiny_model_dir, training_data, flags=flags),
+                     uninterrupted, tmp_path))
+    command = _run_command(hooked_run, stopped, tiny_model_dir, training_data, flags=flags)
+    output = _finished(_start(command, stopped, tmp_path, SIGNAL_WHILE_SAVING_ADAPTER="SIGINT"), 128 + signal.SIGINT)
+    checkpoint = stopped / "checkpoints" / "checkpoint-7"
+    assert _stop_lines(output) == [f"philo-dataflow: stopped by SIGINT; the checkpoint of step 7 is saved in "
+                                   f"{checkpoint}; resume with: "
+                                   f"{shlex.join([*command, '--resume-from-checkpoint', 'last'])}"]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert _adapter_weights(stopped) == _adapter_weights(uninterrupted)
+    assert {"tokenizer.json", "philo_dataflow_manifest.json", "training_log_history.json"} <= {
+        p.name for p in (stopped / "adapter").iterdir()}
+    assert [str(p) for p in stopped.rglob(".*")] == []  # no temporary file or directory left
+
+    resumed = tmp_path / "resumed"
+    _finished(_start(shlex.split(_stop_lines(output)[0].split("resume with: ", 1)[1]), stopped, tmp_path,
+                     RESUMED_FROM=str(resumed)))
+    assert resumed.read_text() == str(checkpoint)
+    final = {d: json.loads((d / "metrics.json").read_text())["validation"] for d in (stopped, uninterrupted)}
+    assert final[stopped]["global_step"] == final[uninterrupted]["global_step"] == 7
+    kept = {d: Path(final[d]["best_model_checkpoint"]).name for d in final}
+    assert kept[stopped] == kept[uninterrupted]
+    assert _adapter_weights(stopped) == _adapter_weights(uninterrupted)
+    _assert_same_losses(stopped, uninterrupted)
+
+
+def test_a_signal_while_loading_stops_at_once_with_the_command_to_start_again(tmp_path, tiny_model_dir, small_jsonl,
+                                                                             monkeypatch, capsys):
+    """The signal comes in a node of a run with Hamilton's cache on, whose adapter took an interrupt for a
+    result and failed with an ``AssertionError`` in its place until ``lib.caching.InterruptsPassTheCache``."""
+    read_records = loading.read_records
+
+    def signalled_read_records(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return read_records(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "read_records", signalled_read_records)
+    handlers = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
+    argv = ["--model-id", tiny_model_dir, "--data-path", small_jsonl, "--output-dir", str(tmp_path / "out"),
+            "--no-graph", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 128 + signal.SIGTERM
+    output = capsys.readouterr()
+    assert _stop_lines(output.err) == [f"philo-dataflow: stopped by SIGTERM, no checkpoint saved; "
+                                       f"start it again with: philo-dataflow {shlex.join(argv)}"]
+    assert "Traceback" not in output.err + output.out
+    assert [p for p in (tmp_path / "out").rglob("*")] == []
+    assert {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS} == handlers  # restored
+
+
+def test_a_stop_signal_raises_at_once_outside_a_held_block_and_at_its_end_inside():
+    with stopping.stop_signals_handled():
+        with pytest.raises(stopping.StopRequested) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted
+        assert raised.value.exit_status == 143 and isinstance(raised.value, KeyboardInterrupt)
+    finished = []
+    with stopping.stop_signals_handled():
+        with pytest.raises(stopping.StopRequested) as raised:
+            with stopping.stop_held():
+                with stopping.stop_held():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.1)
+                    finished.append("inner")
+                finished.append("outer")  # the stop waits for the outermost block
+        assert finished == ["inner", "outer"] and raised.value.signum == signal.SIGTERM
+    assert stopping.requested_stop() is None  # a later run starts afresh
+    assert stopping.StopRequested(signal.SIGINT).exit_status == 130
+
+
+def test_the_resume_command_replaces_the_checkpoint_it_was_given():
+    argv = ["--output-dir", "o", "--resume-from-checkpoint", "o/checkpoints/checkpoint-4", "--seed", "1",
+            "--resume-from-checkpoint=last"]
+    assert job._with_resume(argv, "last") == ["--output-dir", "o", "--seed", "1", "--resume-from-checkpoint", "last"]
 
 
 # --- judge server killed mid-run ---------------------------------------------------------------

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import difflib
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -50,7 +51,9 @@ from ..lib.inputs import (
     coerced,
     type_problem,
 )
+from ..lib.distributed import launched_processes, launched_rank
 from ..lib.problems import InputProblems, Problem, flag
+from ..lib.stopping import StopRequested, saved_checkpoint, signal_name, stop_signals_handled
 from .common import PROG, SUBCOMMANDS, configure_logging
 
 #: Nodes computed (and so validated) before any model is loaded, then handed to the full run as overrides.
@@ -434,16 +437,86 @@ def _full_disk_line(error: BaseException, output_dir: str, since: float, dr) -> 
     return full_disk_line(error, output_dir, completed_outputs(output_dir, since), flag("output_dir"), rerun)
 
 
+def _started_as(argv: list) -> list:
+    """How this process was started, less its arguments ``argv``: ``sys.orig_argv``'s interpreter, its
+    options and the script (``python run.py``) or module (``python -m philo_dataflow``); the console
+    script's name where it is the one on the PATH. The command's name where that cannot be typed again
+    (``python -c``) or ``argv`` are not the process's arguments (``main`` called in-process)."""
+    if list(argv) != sys.argv[1:]:
+        return [PROG]
+    script = sys.argv[0]
+    if Path(script).name == PROG:
+        on_path = shutil.which(PROG)
+        return [PROG] if on_path and Path(on_path).resolve() == Path(script).resolve() else [script]
+    started = list(getattr(sys, "orig_argv", []))
+    prefix = started[:len(started) - len(argv)]
+    if not prefix or started[len(prefix):] != list(argv) or "-c" in prefix or any("\n" in part for part in prefix):
+        return [PROG]
+    return prefix
+
+
+def _with_resume(argv: list, checkpoint: str) -> list:
+    """``argv`` with ``--resume-from-checkpoint checkpoint`` in place of any it had."""
+    option, kept, skip = flag("resume_from_checkpoint"), [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == option:
+            skip = True
+        elif not argument.startswith(option + "="):
+            kept.append(argument)
+    return [*kept, option, checkpoint]
+
+
+def stop_message(stop: StopRequested, argv: list) -> str:
+    """The one line a run stopped by a signal prints: the signal, the checkpoint training saved (if it did)
+    and the command that resumes the run from it: the same command line with ``--resume-from-checkpoint
+    last`` (the checkpoint's path where ``last`` would find another, newer one left by an earlier run).
+    Under a launcher (several processes), the arguments to launch again, the launcher's own being unknown
+    here."""
+    name = signal_name(stop.signum)
+    checkpoint = saved_checkpoint()
+    if checkpoint is None:
+        what, arguments = f"stopped by {name}, no checkpoint saved; start it again with", list(argv)
+    else:
+        from ..lib.trainer import LAST_CHECKPOINT, checked_resume_checkpoint  # loaded by training already
+
+        try:
+            last = checked_resume_checkpoint(str(Path(checkpoint).parent.parent), LAST_CHECKPOINT)
+        except ValueError:
+            last = None
+        resume = LAST_CHECKPOINT if last and Path(last).resolve() == Path(checkpoint).resolve() else checkpoint
+        step = checkpoint.rsplit("-", 1)[-1]
+        what = f"stopped by {name}; the checkpoint of step {step} is saved in {checkpoint}; resume with"
+        arguments = _with_resume(argv, resume)
+    if launched_processes() > 1:
+        what += " your launcher's command (torchrun, accelerate launch) as before, its arguments now"
+        return f"{PROG}: {what}: {shlex.join([sys.argv[0], *arguments])}"
+    return f"{PROG}: {what}: {shlex.join([*_started_as(argv), *arguments])}"
+
+
 def main(argv: Optional[list] = None) -> int:
     """``philo-dataflow``: the main job; returns the exit status (2: a problem with the command line, the
     input or the output directory, or a full disk, one ``error:`` line each). The output directory is locked
-    (``lib.artifacts.output_dir_lock``) from the end of the checks until the run ends."""
-    with contextlib.ExitStack() as locks:
-        return _run(argv, locks)
+    (``lib.artifacts.output_dir_lock``) from the end of the checks until the run ends.
+
+    SIGTERM and SIGINT stop it cleanly (``lib.stopping``): during training at the end of the optimizer step,
+    with a checkpoint; elsewhere at once, never in the middle of writing a file. It then prints one line,
+    the checkpoint and the command that resumes from it (``stop_message``), and returns 128 + the signal's
+    number (143 for SIGTERM, 130 for SIGINT). A second signal ends the process at once."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with stop_signals_handled():
+        try:
+            with contextlib.ExitStack() as locks:
+                return _run(argv, locks)
+        except StopRequested as stop:
+            if launched_rank() == 0:
+                print(f"\n{stop_message(stop, argv)}", file=sys.stderr, flush=True)
+            return stop.exit_status
 
 
-def _run(argv: Optional[list], locks: contextlib.ExitStack) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def _run(argv: list, locks: contextlib.ExitStack) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(args.debug)
     # torch, transformers and Hamilton only now: --help and a bad flag answer without them.
     from hamilton.plugins import h_tqdm

@@ -1,6 +1,6 @@
 """What a run writes and where: the file names under ``output_dir`` and in an adapter directory, the one
 reader of an adapter's manifest, atomic writing (by the main process only, when several run), and what a
-run left complete. Imports ``distributed`` and ``disk_space`` only."""
+run left complete. Imports ``distributed``, ``disk_space`` and ``stopping`` only."""
 
 import contextlib
 import errno
@@ -16,6 +16,7 @@ from typing import Optional
 
 from .disk_space import raise_if_out_of_space
 from .distributed import is_main_process
+from .stopping import stop_held
 
 # Files and directories under ``output_dir``.
 ADAPTER_DIR = "adapter"
@@ -135,25 +136,28 @@ def write_text_atomically(path: Path, text: str) -> str:
     crash mid-write leaves the previous file and no temporary file). The file gets the usual
     permissions (0666 minus the umask), not ``mkstemp``'s owner-only 0600. With several processes
     (torchrun, accelerate launch) only the main one writes; the others write nothing and return the
-    same path.
+    same path. A stop signal that comes meanwhile waits for the rename (``lib.stopping.stop_held``).
 
     :return: ``str(path)``.
     :raises lib.disk_space.NoSpaceLeft: (a ValueError) the disk is full; the line names ``path``, the bytes of
         ``text`` and the bytes free.
+    :raises lib.stopping.StopRequested: a stop signal came while writing (after ``path`` is written).
     """
     if not is_main_process():
         return str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~UMASK)
-        os.replace(temporary, path)
-    except BaseException as error:
-        raise_if_out_of_space(error, path, len(text.encode("utf-8")),
-                              cleanup=lambda: Path(temporary).unlink(missing_ok=True))
-        raise
+    with stop_held():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.chmod(temporary, 0o666 & ~UMASK)
+            os.replace(temporary, path)
+        except BaseException as error:
+            raise_if_out_of_space(error, path, len(text.encode("utf-8")),
+                                  cleanup=lambda: Path(temporary).unlink(missing_ok=True))
+            Path(temporary).unlink(missing_ok=True)
+            raise
     return str(path)
 
 

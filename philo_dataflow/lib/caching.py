@@ -18,6 +18,9 @@ structure but not the weights; registered here instead:
 ``DataResultStore`` stores pickled results like Hamilton's ``FileResultStore``, but never writes a value that
 holds a model, a Trainer or a tokenizer, nor one pickle cannot write (a client holding locks or sockets): such
 nodes run again, from cached inputs, in seconds. It writes each file atomically, and turns an unreadable entry into a recomputation (``ResultRetrievalError``) instead of a failure.
+
+``InterruptsPassTheCache`` lets an interrupt (Ctrl-C, a stop signal's ``lib.stopping.StopRequested``) leave a
+node of a cached run as it was raised.
 """
 
 import functools
@@ -26,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -34,6 +38,7 @@ from typing import Any, Optional
 import torch
 from datasets import Dataset
 from hamilton.caching import fingerprinting
+from hamilton.lifecycle import NodeExecutionHook
 from hamilton.caching.stores.base import ResultRetrievalError, StoredResult
 from hamilton.caching.stores.file import FileResultStore
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
@@ -229,6 +234,24 @@ class DataResultStore(FileResultStore):
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
                 ValueError, io.UnsupportedOperation) as error:
             raise ResultRetrievalError(f"cached result {data_version} cannot be read back ({error})") from error
+
+
+class InterruptsPassTheCache(NodeExecutionHook):
+    """A lifecycle adapter, given to the driver before the cache's, that lets a ``KeyboardInterrupt`` (and so
+    ``lib.stopping.StopRequested``) leave a node as it was raised. Hamilton (1.90,
+    ``execution.graph_functions.execute_lifecycle_for_node``) counts a node successful unless it raised an
+    ``Exception``, so after an interrupt it calls the cache adapter's ``post_node_execute`` as for a result;
+    that asserts the node's data version, and its ``AssertionError`` took the interrupt's place (a
+    traceback instead of the stop). This hook runs first and raises the interrupt in flight again, so the
+    cache stores nothing for the node."""
+
+    def run_before_node_execution(self, **future_kwargs: Any) -> None:
+        pass
+
+    def run_after_node_execution(self, **future_kwargs: Any) -> None:
+        interrupt = sys.exc_info()[1]  # in Hamilton's ``finally``, the exception under way
+        if isinstance(interrupt, KeyboardInterrupt):
+            raise interrupt
 
 
 @functools.cache

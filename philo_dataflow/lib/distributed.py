@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 WORLD_SIZE_ENV = "WORLD_SIZE"
 #: ... and to this process's rank on its machine.
 LOCAL_RANK_ENV = "LOCAL_RANK"
+#: ... and to this process's rank in the whole run (0: the main process).
+RANK_ENV = "RANK"
 
 
 def launched_processes() -> int:
@@ -29,6 +31,15 @@ def launched_local_rank() -> int:
     the environment only."""
     try:
         return max(0, int(os.environ.get(LOCAL_RANK_ENV, "0")))
+    except ValueError:
+        return 0
+
+
+def launched_rank() -> int:
+    """This process's rank in the run (``RANK``; 0 when unset), read from the environment only: usable where
+    no process group may be created, e.g. in a signal handler."""
+    try:
+        return max(0, int(os.environ.get(RANK_ENV, "0")))
     except ValueError:
         return 0
 
@@ -68,6 +79,22 @@ def wait_for_everyone() -> None:
     state = process_state()
     if state is not None:
         state.wait_for_everyone()
+
+
+def largest_of_every_process(value: int, device) -> int:
+    """The largest ``value`` any process of the run holds (an all-reduce with ``MAX`` over the default
+    process group, on ``device``: the CPU for gloo, the process's GPU for NCCL); ``value`` itself where no
+    process group of several processes is initialised. Every process must call it at the same point (it is
+    a collective operation)."""
+    import torch
+    import torch.distributed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def in_original_order(per_rank: Sequence[Sequence], total: int) -> list:

@@ -230,14 +230,20 @@ def ask_judgment(
 
 
 def asked_concurrently(asks: list[Callable[[], dict]], max_concurrency: int, description: str) -> list[dict]:
-    """Results of ``asks`` in order, at most ``max_concurrency`` at a time, with one progress bar."""
+    """Results of ``asks`` in order, at most ``max_concurrency`` at a time, with one progress bar. When the
+    wait is interrupted (a stop signal's ``lib.stopping.StopRequested``), the asks not yet started are
+    dropped: only those under way finish (their replies are cached) before it propagates."""
     results: list[dict] = [{}] * len(asks)
     with ThreadPoolExecutor(max_workers=max_concurrency) as pool, \
             tqdm(total=len(asks), desc=description, unit="call") as bar:
         futures = {pool.submit(ask): index for index, ask in enumerate(asks)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update()
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return results
 
 

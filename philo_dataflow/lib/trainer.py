@@ -1,7 +1,9 @@
-"""The training machinery behind the ``training`` stage: the ``Trainer`` subclass whose loss is computed
-over supervised tokens only (``cross_entropy``), regional compilation of the decoder layers and the
-eager-attention switch while compiled, the compiler and bf16 probes, the memory-saving callback, the
-search for a complete checkpoint to resume from, and the removal of one cut off by a full disk.
+"""The training machinery behind the ``training`` stage: the ``Trainer`` subclasses (one that takes no step
+past the end when resumed there; under it, one whose loss is computed over supervised tokens only,
+``cross_entropy``), regional compilation of the decoder layers and the eager-attention switch while
+compiled, the compiler and bf16 probes, the memory-saving callback, the callback that stops training at a
+signal with a checkpoint, the search for a complete checkpoint to resume from, and the removal of one cut
+off by a full disk.
 """
 
 import contextlib
@@ -26,6 +28,8 @@ from .cross_entropy import (
     supervised_causal_lm_loss,
     unwrapped_causal_lm,
 )
+from .distributed import largest_of_every_process
+from .stopping import note_checkpoint, request_stop, requested_stop
 
 #: ``resume_from_checkpoint`` value meaning "the newest complete checkpoint in ``<output_dir>/checkpoints``".
 LAST_CHECKPOINT = "last"
@@ -180,7 +184,61 @@ class ReturnFreedMemory(TrainerCallback):
             self._malloc_trim(0)
 
 
-class SupervisedTokensTrainer(Trainer):
+class StopAtSignal(TrainerCallback):
+    """Ends training at the end of the optimizer step during which a stop signal came (``lib.stopping``),
+    through the Trainer's own flags: ``should_save`` (its checkpoint of that step: adapter, optimizer,
+    scheduler, RNG and trainer state, early-stopping counter included), ``should_log`` (the training loss
+    since the last log entry, which would otherwise be lost) and ``should_training_stop``. ``Trainer.train``
+    then returns as at the end of training, and the ``stop_held`` block around it raises
+    ``StopRequested``. A step that evaluates anyway still does, before its checkpoint; an epoch broken off
+    gets no evaluation and checkpoint of its end (those ``evaluation per epoch`` asks for), the
+    uninterrupted run making none there. So the best checkpoint and early stopping are decided as in an
+    uninterrupted run.
+
+    With several processes every one asks the others at each step's end (``largest_of_every_process``, one
+    integer all-reduced), so all of them stop at the same step whichever got the signal and whenever it
+    arrived; with one process nothing is exchanged. Records every checkpoint saved
+    (``lib.stopping.note_checkpoint``) for the stop's message.
+    """
+
+    def __init__(self):
+        self._stopped_at_step = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = largest_of_every_process(requested_stop() or 0, args.device)
+        if signum:
+            request_stop(signum)
+            control.should_log = control.should_save = control.should_training_stop = True
+            self._stopped_at_step = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The Trainer ends the epoch it broke off too, and with evaluation per epoch its flow callback then asks
+        # for an evaluation and a checkpoint: an evaluation the uninterrupted run never makes, which could become
+        # the best one. Only where the stop falls on the epoch's (or training's) own end are they kept.
+        if (self._stopped_at_step == state.global_step and state.global_step < state.max_steps
+                and not float(state.epoch).is_integer()):
+            control.should_evaluate = control.should_save = False
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        note_checkpoint(str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+
+class ResumableTrainer(Trainer):
+    """``Trainer`` that takes no step past ``max_steps`` when resumed from a checkpoint of the last step: where
+    that step falls inside an epoch (fractional ``num_train_epochs``, the default 1.5, or ``max_steps``),
+    ``Trainer._inner_training_loop`` (transformers 5.25) runs the epoch it lies in, skips the steps done and
+    trains one more before it checks ``max_steps``: a run resumed after its training ended (stopped while
+    generating or saving) took a step the uninterrupted run did not, and evaluated and kept it."""
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:
+            return None  # straight to the end of training, as after an epoch's last step
+        return super()._run_epoch(*args, **kwargs)
+
+
+class SupervisedTokensTrainer(ResumableTrainer):
     """``Trainer`` whose loss is ``supervised_causal_lm_loss``: the output head (the largest matmul of a
     small model, whose logits are its largest activation) runs only where the next token is supervised,
     fused into the loss in chunks where the architecture allows it. Autocast is entered here (the

@@ -60,6 +60,7 @@ from ..lib.gguf_export import (
     quantized_gguf_file,
 )
 from ..lib.model_sources import portable_model_name
+from ..lib.stopping import stop_held
 from ..lib.switches import when
 
 logger = logging.getLogger(__name__)
@@ -282,10 +283,14 @@ def _swap_in_directory(target: Path, build, needed: int, what: str) -> None:
     With several processes (torchrun, accelerate launch) only the main one builds and writes; every
     process then waits for the others (``lib.distributed.wait_for_everyone``, also when building fails),
     so all of them find ``target`` in place when this returns. Every process must call it.
+
+    A stop signal that comes meanwhile waits for the swap (``lib.stopping.stop_held``): the new directory
+    is put in place, then ``StopRequested`` is raised.
     """
     try:
         if is_main_process():
-            _build_and_swap_in(target, build, needed, what)
+            with stop_held():
+                _build_and_swap_in(target, build, needed, what)
     finally:
         wait_for_everyone()
 

@@ -1,5 +1,6 @@
 """Training: LoRA or full fine-tuning with the transformers ``Trainer`` (a
-``lib.trainer.SupervisedTokensTrainer``; its plain ``Trainer`` for encoder-decoder models).
+``lib.trainer.SupervisedTokensTrainer``; a ``lib.trainer.ResumableTrainer``, the ``Trainer`` itself but for
+resuming at the end, for encoder-decoder models).
 
 Exactly one node, ``trained_parameters`` (``start="base"``), calls ``trainer.train()``; its result is
 plain data (the trained parameters, metrics and log), so Hamilton's cache can keep it, and
@@ -30,11 +31,14 @@ from ..lib.cross_entropy import LOSS_CHUNK_TOKENS
 from ..lib.distributed import is_main_process
 from ..lib.inputs import raise_hyperparameter_problems
 from ..lib.prompts import IGNORE_INDEX
+from ..lib.stopping import stop_held
 from ..lib.switches import when
 from ..lib.trackers import direct_tensorboard_to, reported_trackers, start_mlflow_run, tensorboard_dir
 from ..lib.trainer import (
     MEMORY_SAVING_LOSS_CHUNK_TOKENS,
+    ResumableTrainer,
     ReturnFreedMemory,
+    StopAtSignal,
     SupervisedTokensTrainer,
     checked_resume_checkpoint,
     compiler_problem,
@@ -130,6 +134,10 @@ def training_args(
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         save_total_limit=CHECKPOINTS_KEPT,
+        # A resumed run continues early stopping's count of evaluations without improvement, saved in every
+        # checkpoint with its patience (the checkpoint's patience wins); transformers' default starts the count
+        # at 0 again, so a resumed run could train longer than the uninterrupted one.
+        restore_callback_states_from_checkpoint=True,
         train_sampling_strategy="group_by_length",
         neftune_noise_alpha=neftune_noise_alpha,
         bf16=bf16_autocast,
@@ -191,8 +199,8 @@ def data_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
 
 def _trainer_arguments(model, training_args, data_collator, tokenized_train: Dataset, tokenized_validation: Dataset,
                        tokenizer, early_stopping_patience: int) -> dict:
-    """The arguments both Trainers take: the model, its arguments, the splits' training columns and early
-    stopping on validation loss."""
+    """The arguments both Trainers take: the model, its arguments, the splits' training columns, early
+    stopping on validation loss and the stop at a signal (``lib.trainer.StopAtSignal``)."""
     raise_hyperparameter_problems(early_stopping_patience=early_stopping_patience)
     return {
         "model": model,
@@ -201,7 +209,7 @@ def _trainer_arguments(model, training_args, data_collator, tokenized_train: Dat
         "train_dataset": tokenized_train.select_columns(TRAINING_COLUMNS),
         "eval_dataset": tokenized_validation.select_columns(TRAINING_COLUMNS),
         "processing_class": tokenizer,
-        "callbacks": [EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)],
+        "callbacks": [EarlyStoppingCallback(early_stopping_patience=early_stopping_patience), StopAtSignal()],
     }
 
 
@@ -244,15 +252,15 @@ def trainer__seq2seq(
     tokenizer: PreTrainedTokenizerBase,
     early_stopping_patience: int = 2,
 ) -> Trainer:
-    """The ``Trainer`` of an encoder-decoder model (the model's own cross-entropy on the target tokens;
-    the model shifts the labels right into the decoder's inputs), with early stopping on validation
-    loss; not yet trained. (``Seq2SeqTrainer`` adds only generation inside evaluation, which the
+    """The ``Trainer`` of an encoder-decoder model (a ``ResumableTrainer``: the model's own cross-entropy on
+    the target tokens; the model shifts the labels right into the decoder's inputs), with early stopping on
+    validation loss; not yet trained. (``Seq2SeqTrainer`` adds only generation inside evaluation, which the
     prediction nodes do.)
 
     :raises lib.problems.InputProblems: (a ValueError) ``early_stopping_patience`` out of range.
     """
-    return Trainer(**_trainer_arguments(trainable_model, training_args, data_collator, tokenized_train,
-                                        tokenized_validation, tokenizer, early_stopping_patience))
+    return ResumableTrainer(**_trainer_arguments(trainable_model, training_args, data_collator, tokenized_train,
+                                                 tokenized_validation, tokenizer, early_stopping_patience))
 
 
 @cache(behavior="recompute")
@@ -283,12 +291,15 @@ def trained_parameters__base(resume_checkpoint_dir: Optional[str], trainer: Trai
     :raises lib.disk_space.NoSpaceLeft: (a ValueError) the disk filled up while a checkpoint was saved; the
         cut-off checkpoint is removed, the complete ones are kept
         (``lib.trainer.raise_for_full_disk_while_checkpointing``).
+    :raises lib.stopping.StopRequested: a stop signal came while training (under ``philo-dataflow``'s
+        handlers): training ended at that optimizer step's end with a checkpoint (``lib.trainer.StopAtSignal``).
     """
-    try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint_dir)
-    except Exception as error:
-        raise_for_full_disk_while_checkpointing(trainer, error)
-        raise
+    with stop_held("this training step ends and its checkpoint is saved"):
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_checkpoint_dir)
+        except Exception as error:
+            raise_for_full_disk_while_checkpointing(trainer, error)
+            raise
     eval_metrics = trainer.evaluate()
     state = trainer.state
     eval_metrics.update(
